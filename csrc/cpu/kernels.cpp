@@ -1,0 +1,234 @@
+// C++ CPU kernels for l2t_ext (DESIGN.md section 3). See kernels.h for the contracts.
+#include "cpu/kernels.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "philox.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace l2t::cpu {
+
+bool openmp_enabled() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------- rsvd sketch
+template <typename T>
+void sketch(const T* W, int64_t B, int64_t m, int64_t n, int64_t sWb, int64_t sWm, int64_t sWn, int64_t k,
+            uint64_t seed, T* Y) {
+  constexpr int64_t LC = 64, KC = 32;
+  // Few large row blocks: each task regenerates the Omega tiles it needs, so the RNG costs
+  // (#tasks * n * k) against (B * m * n * k) multiply-adds.
+  const int64_t threads = max_threads();
+  const int64_t per_matrix = std::max<int64_t>(1, (threads + B - 1) / B);
+  const int64_t RB = std::max<int64_t>(64, (m + per_matrix - 1) / per_matrix);
+  const int64_t blocks = (m + RB - 1) / RB;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t task = 0; task < B * blocks; ++task) {
+    const int64_t b = task / blocks;
+    const int64_t i0 = (task % blocks) * RB, i1 = std::min(m, i0 + RB);
+    const T* Wb = W + b * sWb;
+    T* Yb = Y + b * m * k;
+    T tile[LC * KC];
+    for (int64_t i = i0; i < i1; ++i) std::fill(Yb + i * k, Yb + (i + 1) * k, T(0));
+    for (int64_t l0 = 0; l0 < n; l0 += LC) {
+      const int64_t lc = std::min(LC, n - l0);
+      for (int64_t j0 = 0; j0 < k; j0 += KC) {
+        const int64_t kc = std::min(KC, k - j0);
+        for (int64_t l = 0; l < lc; ++l)
+          for (int64_t j = 0; j < kc; ++j) tile[l * KC + j] = static_cast<T>(omega_normal(seed, l0 + l, j0 + j));
+        for (int64_t i = i0; i < i1; ++i) {
+          T* __restrict__ y = Yb + i * k + j0;
+          const T* w = Wb + i * sWm + l0 * sWn;
+          for (int64_t l = 0; l < lc; ++l) {
+            const T wl = w[l * sWn];
+            const T* __restrict__ t = tile + l * KC;
+#pragma omp simd
+            for (int64_t j = 0; j < kc; ++j) y[j] += wl * t[j];
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- row project
+template <typename T>
+void row_project(const T* X, int64_t sXr, int64_t sXc, const int64_t* idx, int64_t nrows, int64_t ncols,
+                 const T* V, int64_t r, T* Y) {
+  constexpr int64_t RB = 4, RC = 64;  // 4 rows share each V row load; r processed in chunks of 64
+  const int64_t blocks = (nrows + RB - 1) / RB;
+#pragma omp parallel for schedule(static)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t i0 = blk * RB, nb = std::min(RB, nrows - i0);
+    const T* xr[RB];
+    for (int64_t u = 0; u < RB; ++u) {
+      const int64_t row = u < nb ? (idx ? idx[i0 + u] : i0 + u) : (idx ? idx[i0] : i0);
+      xr[u] = X + row * sXr;
+    }
+    for (int64_t c0 = 0; c0 < r; c0 += RC) {
+      const int64_t rc = std::min(RC, r - c0);
+      alignas(64) T acc[RB][RC];
+      std::memset(acc, 0, sizeof(acc));
+      for (int64_t c = 0; c < ncols; ++c) {
+        const T* __restrict__ v = V + c * r + c0;
+        const T x0 = xr[0][c * sXc], x1 = xr[1][c * sXc], x2 = xr[2][c * sXc], x3 = xr[3][c * sXc];
+#pragma omp simd
+        for (int64_t j = 0; j < rc; ++j) {
+          acc[0][j] += x0 * v[j];
+          acc[1][j] += x1 * v[j];
+          acc[2][j] += x2 * v[j];
+          acc[3][j] += x3 * v[j];
+        }
+      }
+      for (int64_t u = 0; u < nb; ++u) std::memcpy(Y + (i0 + u) * r + c0, acc[u], rc * sizeof(T));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- chunk outer
+template <typename T>
+void chunk_outer(const T* A, const T* B, int64_t ra, int64_t rb, const int64_t* chunk_start, int64_t C, T* P) {
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t c = 0; c < C; ++c) {
+    T* __restrict__ out = P + c * ra * rb;
+    std::fill(out, out + ra * rb, T(0));
+    for (int64_t i = chunk_start[c]; i < chunk_start[c + 1]; ++i) {
+      const T* a = A + i * ra;
+      const T* __restrict__ b = B + i * rb;
+      for (int64_t x = 0; x < ra; ++x) {
+        const T ax = a[x];
+        T* __restrict__ o = out + x * rb;
+#pragma omp simd
+        for (int64_t y = 0; y < rb; ++y) o[y] += ax * b[y];
+      }
+    }
+  }
+}
+
+template <typename T>
+void segment_sum(const T* P, int64_t rr, const int64_t* seg_start, int64_t S, T* G) {
+#pragma omp parallel for schedule(static)
+  for (int64_t s = 0; s < S; ++s) {
+    T* __restrict__ g = G + s * rr;
+    std::fill(g, g + rr, T(0));
+    for (int64_t c = seg_start[s]; c < seg_start[s + 1]; ++c) {
+      const T* __restrict__ p = P + c * rr;
+#pragma omp simd
+      for (int64_t y = 0; y < rr; ++y) g[y] += p[y];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- quadform
+template <typename T>
+static inline T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t p) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < p; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename T>
+void quadform_implicit(const T* delta, const T* G, int64_t M, int64_t N, int64_t p, double inv_n, double damping,
+                       T* C, T* q) {
+  // C = delta G^T in 4x4 register tiles over a p-chunk that stays in L1/L2.
+  constexpr int64_t TM = 4, TN = 4, PC = 1024;
+  const int64_t bm = (M + TM - 1) / TM, bn = (N + TN - 1) / TN;
+#pragma omp parallel for schedule(dynamic, 4)
+  for (int64_t tile = 0; tile < bm * bn; ++tile) {
+    const int64_t m0 = (tile / bn) * TM, n0 = (tile % bn) * TN;
+    const int64_t mc = std::min(TM, M - m0), nc = std::min(TN, N - n0);
+    T acc[TM][TN] = {};
+    const T* d[TM];
+    const T* g[TN];
+    for (int64_t u = 0; u < TM; ++u) d[u] = delta + (m0 + std::min(u, mc - 1)) * p;
+    for (int64_t v = 0; v < TN; ++v) g[v] = G + (n0 + std::min(v, nc - 1)) * p;
+    for (int64_t p0 = 0; p0 < p; p0 += PC) {
+      const int64_t pc = std::min(PC, p - p0);
+      for (int64_t u = 0; u < TM; ++u)
+        for (int64_t v = 0; v < TN; ++v) acc[u][v] += dot(d[u] + p0, g[v] + p0, pc);
+    }
+    for (int64_t u = 0; u < mc; ++u)
+      for (int64_t v = 0; v < nc; ++v) C[(m0 + u) * N + n0 + v] = acc[u][v];
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t mi = 0; mi < M; ++mi) {
+    const T* c = C + mi * N;
+    const T sq = dot(c, c, N);                        // sum_j (g_j . delta_m)^2
+    const T nd = dot(delta + mi * p, delta + mi * p, p);  // ||delta_m||^2
+    q[mi] = static_cast<T>(inv_n) * sq + static_cast<T>(damping) * nd;
+  }
+}
+
+template <typename T>
+void quadform_explicit(const T* delta, const T* F, int64_t M, int64_t p, double damping, T* Y, T* q) {
+  // Y[m, i] = F[i, :] . delta[m, :]  (F rows read once per block of rows, delta rows stay in cache)
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < p; ++i)
+    for (int64_t mi = 0; mi < M; ++mi) Y[mi * p + i] = dot(F + i * p, delta + mi * p, p);
+#pragma omp parallel for schedule(static)
+  for (int64_t mi = 0; mi < M; ++mi) {
+    const T* d = delta + mi * p;
+    q[mi] = dot(d, Y + mi * p, p) + static_cast<T>(damping) * dot(d, d, p);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- gram / EMA
+template <typename T>
+void gram_ema(const T* G, int64_t N, int64_t p, const T* F_in, double decay, double scale, T* F_out) {
+  constexpr int64_t IB = 8, JB = 256;
+  const int64_t bi = (p + IB - 1) / IB, bj = (p + JB - 1) / JB;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t tile = 0; tile < bi * bj; ++tile) {
+    const int64_t i0 = (tile / bj) * IB, j0 = (tile % bj) * JB;
+    const int64_t ic = std::min(IB, p - i0), jc = std::min(JB, p - j0);
+    alignas(64) T acc[IB][JB];
+    std::memset(acc, 0, sizeof(acc));
+    for (int64_t nn = 0; nn < N; ++nn) {
+      const T* __restrict__ row = G + nn * p;
+      for (int64_t u = 0; u < ic; ++u) {
+        const T gi = row[i0 + u];
+#pragma omp simd
+        for (int64_t j = 0; j < jc; ++j) acc[u][j] += gi * row[j0 + j];
+      }
+    }
+    for (int64_t u = 0; u < ic; ++u) {
+      T* out = F_out + (i0 + u) * p + j0;
+      const T* in = F_in ? F_in + (i0 + u) * p + j0 : nullptr;
+      for (int64_t j = 0; j < jc; ++j)
+        out[j] = static_cast<T>(scale) * acc[u][j] + (in ? static_cast<T>(decay) * in[j] : T(0));
+    }
+  }
+}
+
+#define L2T_INSTANTIATE(T)                                                                                         \
+  template void sketch<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, uint64_t, T*); \
+  template void row_project<T>(const T*, int64_t, int64_t, const int64_t*, int64_t, int64_t, const T*, int64_t,   \
+                               T*);                                                                               \
+  template void chunk_outer<T>(const T*, const T*, int64_t, int64_t, const int64_t*, int64_t, T*);                \
+  template void segment_sum<T>(const T*, int64_t, const int64_t*, int64_t, T*);                                   \
+  template void quadform_implicit<T>(const T*, const T*, int64_t, int64_t, int64_t, double, double, T*, T*);      \
+  template void quadform_explicit<T>(const T*, const T*, int64_t, int64_t, double, T*, T*);                       \
+  template void gram_ema<T>(const T*, int64_t, int64_t, const T*, double, double, T*);
+
+L2T_INSTANTIATE(float)
+L2T_INSTANTIATE(double)
+
+}  // namespace l2t::cpu

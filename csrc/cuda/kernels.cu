@@ -1,0 +1,221 @@
+// CUDA kernels for l2t_ext (DESIGN.md section 3): one shared-memory tiled fp32-accumulating GEMM that also
+// generates the rsvd sketch matrix on the fly, plus deterministic segment reductions and the Fisher
+// quadratic-form epilogue. Determinism: no float atomics; every output element is reduced by one thread
+// (or one block's fixed-shape tree) in a fixed order. All launches go on the caller's stream.
+#include <cuda_bf16.h>
+
+#include "cuda/kernels.h"
+#include "philox.h"
+
+namespace l2t::cuda {
+namespace {
+
+constexpr int BM = 64, BN = 32, BK = 32, THREADS = 256;
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename TV>
+struct LoadV {
+  const TV* V;
+  int64_t sVk, sVc;
+  __device__ float operator()(int64_t l, int64_t c) const { return to_f(V[l * sVk + c * sVc]); }
+};
+
+struct OmegaV {
+  uint64_t seed;
+  __device__ float operator()(int64_t l, int64_t c) const { return omega_normal(seed, l, c); }
+};
+
+// Tile: BM rows x BN columns per block, BK-deep slices of K staged in shared memory. Thread (ty, tx) owns
+// column tx and rows ty + 8u (u < 8). Loads are remapped so the unit-stride dimension is the fast one.
+template <typename TX, typename VSrc>
+__global__ void __launch_bounds__(THREADS) gemm_kernel(const TX* __restrict__ X, int64_t sXr, int64_t sXc,
+                                                        int64_t sXz, const int64_t* __restrict__ idx,
+                                                        int64_t nrows, VSrc vsrc, bool v_k_fast, int64_t ncols,
+                                                        int64_t K, int64_t kchunk, bool split, float alpha,
+                                                        float beta, const float* __restrict__ Yin,
+                                                        float* __restrict__ Y) {
+  __shared__ float Xs[BM][BK + 1];
+  __shared__ float Vs[BK][BN + 1];
+  const int tid = threadIdx.x, tx = tid % 32, ty = tid / 32;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM, col0 = static_cast<int64_t>(blockIdx.y) * BN;
+  const int64_t z = blockIdx.z;
+  const TX* Xz = X + (split ? 0 : z * sXz);
+  const int64_t k_begin = split ? z * kchunk : 0;
+  const int64_t k_end = split ? min(K, k_begin + kchunk) : K;
+  const bool x_row_fast = (sXc != 1);  // unit stride along rows (e.g. X = G^T): make the row index fast
+  float acc[8];
+#pragma unroll
+  for (int u = 0; u < 8; ++u) acc[u] = 0.f;
+
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
+#pragma unroll
+    for (int q = 0; q < (BM * BK) / THREADS; ++q) {
+      const int e = tid + q * THREADS;
+      const int r = x_row_fast ? e % BM : e / BK, l = x_row_fast ? e / BM : e % BK;
+      const int64_t gr = row0 + r, gl = k0 + l;
+      float v = 0.f;
+      if (gr < nrows && gl < k_end) v = to_f(Xz[(idx ? idx[gr] : gr) * sXr + gl * sXc]);
+      Xs[r][l] = v;
+    }
+#pragma unroll
+    for (int q = 0; q < (BK * BN) / THREADS; ++q) {
+      const int e = tid + q * THREADS;
+      const int l = v_k_fast ? e % BK : e / BN, c = v_k_fast ? e / BK : e % BN;
+      const int64_t gl = k0 + l, gc = col0 + c;
+      Vs[l][c] = (gl < k_end && gc < ncols) ? vsrc(gl, gc) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int l = 0; l < BK; ++l) {
+      const float v = Vs[l][tx];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) acc[u] = fmaf(Xs[ty + 8 * u][l], v, acc[u]);
+    }
+    __syncthreads();
+  }
+  const int64_t gc = col0 + tx;
+  if (gc >= ncols) return;
+#pragma unroll
+  for (int u = 0; u < 8; ++u) {
+    const int64_t gr = row0 + ty + 8 * u;
+    if (gr < nrows) {
+      const int64_t o = z * nrows * ncols + gr * ncols + gc;
+      Y[o] = alpha * acc[u] + (Yin ? beta * Yin[o] : 0.f);
+    }
+  }
+}
+
+// One block per chunk (x) and per 1024 outputs (y); each thread owns up to 4 outputs of the (ra, rb) tile.
+__global__ void __launch_bounds__(THREADS) chunk_outer_kernel(const float* __restrict__ A,
+                                                               const float* __restrict__ B, int64_t ra, int64_t rb,
+                                                               const int64_t* __restrict__ start,
+                                                               float* __restrict__ P) {
+  const int64_t c = blockIdx.x, rr = ra * rb;
+  const int64_t i0 = start[c], i1 = start[c + 1];
+  int64_t e[4];
+  float acc[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    e[q] = static_cast<int64_t>(blockIdx.y) * 4 * THREADS + q * THREADS + threadIdx.x;
+    acc[q] = 0.f;
+  }
+  for (int64_t i = i0; i < i1; ++i) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      if (e[q] < rr) acc[q] = fmaf(A[i * ra + e[q] / rb], B[i * rb + e[q] % rb], acc[q]);
+  }
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+    if (e[q] < rr) P[c * rr + e[q]] = acc[q];
+}
+
+__global__ void segment_sum_kernel(const float* __restrict__ P, int64_t rr, const int64_t* __restrict__ start,
+                                   float* __restrict__ G) {
+  const int64_t s = blockIdx.x, e = static_cast<int64_t>(blockIdx.y) * THREADS + threadIdx.x;
+  if (e >= rr) return;
+  float acc = 0.f;
+  for (int64_t c = start[s]; c < start[s + 1]; ++c) acc += P[c * rr + e];
+  G[s * rr + e] = acc;
+}
+
+__device__ float block_sum(float v, float* smem) {
+  smem[threadIdx.x] = v;
+  __syncthreads();
+  for (int w = THREADS / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) smem[threadIdx.x] += smem[threadIdx.x + w];
+    __syncthreads();
+  }
+  const float out = smem[0];
+  __syncthreads();
+  return out;
+}
+
+template <typename TD>
+__global__ void __launch_bounds__(THREADS) quadform_finalize_kernel(const float* __restrict__ C, int64_t nz,
+                                                                     int64_t M, int64_t N,
+                                                                     const TD* __restrict__ delta, int64_t sDm,
+                                                                     int64_t sDp, int64_t p, bool weighted,
+                                                                     float inv_n, float damping,
+                                                                     float* __restrict__ q) {
+  __shared__ float smem[THREADS];
+  const int64_t m = blockIdx.x;
+  const TD* d = delta + m * sDm;
+  float s1 = 0.f, s2 = 0.f;
+  for (int64_t j = threadIdx.x; j < N; j += THREADS) {
+    float x = 0.f;
+    for (int64_t zz = 0; zz < nz; ++zz) x += C[(zz * M + m) * N + j];
+    s1 += weighted ? to_f(d[j * sDp]) * x : x * x;
+  }
+  for (int64_t l = threadIdx.x; l < p; l += THREADS) {
+    const float v = to_f(d[l * sDp]);
+    s2 = fmaf(v, v, s2);
+  }
+  s1 = block_sum(s1, smem);
+  s2 = block_sum(s2, smem);
+  if (threadIdx.x == 0) q[m] = inv_n * s1 + damping * s2;
+}
+
+template <typename F>
+cudaError_t with_dtype(const std::string& dt, F&& f) {
+  if (dt == "float32") return f(float{});
+  if (dt == "bfloat16") return f(__nv_bfloat16{});
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t gemm(const std::string& dtX, const void* X, int64_t sXr, int64_t sXc, int64_t sXz, const int64_t* idx,
+                 int64_t nrows, const std::string& dtV, const void* V, int64_t sVk, int64_t sVc, uint64_t seed,
+                 int64_t ncols, int64_t K, int64_t kchunk, int64_t nz, bool split, float alpha, float beta,
+                 const float* Yin, float* Y, cudaStream_t stream) {
+  if (nrows == 0 || ncols == 0 || nz == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>((nrows + BM - 1) / BM), static_cast<unsigned>((ncols + BN - 1) / BN),
+                  static_cast<unsigned>(nz));
+  return with_dtype(dtX, [&](auto tx) {
+    using TX = decltype(tx);
+    const TX* Xp = static_cast<const TX*>(X);
+    if (V == nullptr) {
+      gemm_kernel<TX, OmegaV><<<grid, THREADS, 0, stream>>>(Xp, sXr, sXc, sXz, idx, nrows, OmegaV{seed}, false,
+                                                           ncols, K, kchunk, split, alpha, beta, Yin, Y);
+      return cudaGetLastError();
+    }
+    return with_dtype(dtV, [&](auto tv) {
+      using TV = decltype(tv);
+      LoadV<TV> src{static_cast<const TV*>(V), sVk, sVc};
+      gemm_kernel<TX, LoadV<TV>><<<grid, THREADS, 0, stream>>>(Xp, sXr, sXc, sXz, idx, nrows, src, sVk == 1,
+                                                              ncols, K, kchunk, split, alpha, beta, Yin, Y);
+      return cudaGetLastError();
+    });
+  });
+}
+
+cudaError_t chunk_outer(const float* A, const float* B, int64_t ra, int64_t rb, const int64_t* start, int64_t C,
+                        float* P, cudaStream_t stream) {
+  if (C == 0 || ra * rb == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>((ra * rb + 4 * THREADS - 1) / (4 * THREADS)));
+  chunk_outer_kernel<<<grid, THREADS, 0, stream>>>(A, B, ra, rb, start, P);
+  return cudaGetLastError();
+}
+
+cudaError_t segment_sum(const float* P, int64_t rr, const int64_t* start, int64_t S, float* G, cudaStream_t stream) {
+  if (S == 0 || rr == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>((rr + THREADS - 1) / THREADS));
+  segment_sum_kernel<<<grid, THREADS, 0, stream>>>(P, rr, start, G);
+  return cudaGetLastError();
+}
+
+cudaError_t quadform_finalize(const float* C, int64_t nz, int64_t M, int64_t N, const std::string& dtD,
+                              const void* delta, int64_t sDm, int64_t sDp, int64_t p, bool weighted, float inv_n,
+                              float damping, float* q, cudaStream_t stream) {
+  if (M == 0) return cudaSuccess;
+  return with_dtype(dtD, [&](auto td) {
+    using TD = decltype(td);
+    quadform_finalize_kernel<TD><<<static_cast<unsigned>(M), THREADS, 0, stream>>>(
+        C, nz, M, N, static_cast<const TD*>(delta), sDm, sDp, p, weighted, inv_n, damping, q);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace l2t::cuda

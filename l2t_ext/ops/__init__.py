@@ -1,0 +1,11 @@
+"""Public kernel API (DESIGN.md section 3). Every op takes ``backend="auto"|"cuda"|"triton"|"cpu"|"torch"``
+and is a ``torch.library`` custom op (``torch.ops.l2t_ext.*``) with a fake implementation for torch.compile.
+``l2t_ext.ops.reference`` is the torch backend, importable by tests."""
+
+from l2t_ext.ops import reference
+from l2t_ext.ops._alloc import poison
+from l2t_ext.ops.fisher import fisher_accumulate, fisher_quadform
+from l2t_ext.ops.rsvd import project, rsvd
+from l2t_ext.ops.segment_grad_outer import segment_grad_outer
+
+__all__ = ["rsvd", "project", "segment_grad_outer", "fisher_quadform", "fisher_accumulate", "reference", "poison"]

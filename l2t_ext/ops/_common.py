@@ -1,0 +1,58 @@
+"""Validation and backend plumbing shared by the public ops (raised before any kernel runs)."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from l2t_ext._backend import resolve
+from l2t_ext.ops import reference
+
+FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_tensor(op: str, name: str, t, ndim: int | tuple[int, ...], floating: bool = True) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"l2t_ext.ops.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    dims = (ndim,) if isinstance(ndim, int) else ndim
+    if t.dim() not in dims:
+        want = " or ".join(f"{d}-D" for d in dims)
+        raise ValueError(f"l2t_ext.ops.{op}: {name} must be {want}, got shape {tuple(t.shape)}")
+    if floating and t.dtype not in FLOATS:
+        raise TypeError(f"l2t_ext.ops.{op}: {name} must be a floating tensor, got {t.dtype}")
+
+
+def check_same_device(op: str, **tensors) -> torch.device:
+    devs = {name: t.device for name, t in tensors.items() if t is not None}
+    first = next(iter(devs.values()))
+    for name, d in devs.items():
+        if d != first:
+            detail = ", ".join(f"{n} on {v}" for n, v in devs.items())
+            raise ValueError(f"l2t_ext.ops.{op}: all tensors must be on one device; {name} differs ({detail})")
+    return first
+
+
+def check_backend_arg(op: str, backend) -> None:
+    if not isinstance(backend, str) or backend not in ("auto", "cuda", "triton", "cpu", "torch"):
+        raise ValueError(f"l2t_ext.ops.{op}: backend must be 'auto', 'cuda', 'triton', 'cpu' or 'torch'; "
+                         f"got {backend!r}")
+
+
+def pick(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    check_backend_arg(op, backend)
+    return resolve(op, backend, device, dtype)
+
+
+_MODULES = {"cpu": "l2t_ext.ops._cpu", "cuda": "l2t_ext.ops._cuda", "triton": "l2t_ext.ops._triton"}
+
+
+def module(backend: str):
+    """The kernel launcher module of a compiled backend, or ``reference`` for torch."""
+    if backend == "torch":
+        return reference
+    return importlib.import_module(_MODULES[backend])
+
+
+def out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return reference.acc_dtype(dtype)

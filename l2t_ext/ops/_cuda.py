@@ -1,0 +1,117 @@
+"""The ``cuda`` backend: launchers for the CUDA kernels in ``_C_cuda`` (csrc/cuda/kernels.cu).
+
+Invariants: inputs are float32 or bfloat16 CUDA tensors on one device; accumulation, outputs and workspaces
+are float32; every launch goes on ``torch.cuda.current_stream()`` of the inputs' device, so the kernels
+order correctly with surrounding torch work without any synchronisation. X/D/W/delta/grads/fisher are read
+through their strides; small operands (U, V) are converted to contiguous float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from l2t_ext._backend import _C_cuda
+from l2t_ext.ops._alloc import empty
+
+CHUNK = 128
+F32 = torch.float32
+
+
+def _dt(t: torch.Tensor) -> str:
+    return "bfloat16" if t.dtype == torch.bfloat16 else "float32"
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _gemm(X, sXr, sXc, sXz, idx, nrows, V, sVk, sVc, ncols, K, *, nz=1, split=False, kchunk=0, seed=0,
+          alpha=1.0, beta=0.0, Yin=None, out=None, ref=None):
+    """out[z] (nrows, ncols) = alpha * X(rows) @ V + beta * Yin  (see csrc/cuda/kernels.h)."""
+    ref = X if ref is None else ref
+    Y = out if out is not None else empty((nz, nrows, ncols), F32, ref.device)
+    with torch.cuda.device(ref.device):
+        _C_cuda.gemm(_dt(X), X.data_ptr(), sXr, sXc, sXz, idx.data_ptr() if idx is not None else 0, nrows,
+                     _dt(V) if V is not None else "float32", V.data_ptr() if V is not None else 0, sVk, sVc, seed,
+                     ncols, K, kchunk or K, nz, split, alpha, beta, Yin.data_ptr() if Yin is not None else 0,
+                     Y.data_ptr(), _stream(ref))
+    return Y
+
+
+def sketch(W: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    B, m, n = W.shape
+    return _gemm(W, W.stride(1), W.stride(2), W.stride(0), None, m, None, 0, 0, k, n, nz=B, seed=seed)
+
+
+def row_project(X: torch.Tensor, idx: torch.Tensor | None, V: torch.Tensor) -> torch.Tensor:
+    V = V.to(F32).contiguous()
+    nrows = idx.numel() if idx is not None else X.shape[0]
+    return _gemm(X, X.stride(0), X.stride(1), 0, idx, nrows, V, V.stride(0), 1, V.shape[1], X.shape[1])[0]
+
+
+def chunk_outer(A: torch.Tensor, B: torch.Tensor, chunk_start: torch.Tensor) -> torch.Tensor:
+    C = chunk_start.numel() - 1
+    P = empty((C, A.shape[1], B.shape[1]), F32, A.device)
+    with torch.cuda.device(A.device):
+        _C_cuda.chunk_outer(A.data_ptr(), B.data_ptr(), A.shape[1], B.shape[1], chunk_start.data_ptr(), C,
+                            P.data_ptr(), _stream(A))
+    return P
+
+
+def segment_sum(P: torch.Tensor, seg_chunk_start: torch.Tensor) -> torch.Tensor:
+    S = seg_chunk_start.numel() - 1
+    G = empty((S,) + tuple(P.shape[1:]), F32, P.device)
+    with torch.cuda.device(P.device):
+        _C_cuda.segment_sum(P.data_ptr(), math.prod(P.shape[1:]), seg_chunk_start.data_ptr(), S, G.data_ptr(),
+                            _stream(P))
+    return G
+
+
+def _split(K: int, tiles: int, device) -> tuple[int, int]:
+    """Split-K so that the grid fills the GPU: (nz, kchunk)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    nz = max(1, min(64, (2 * sms) // max(1, tiles), K // 256))
+    kchunk = -(-K // nz)
+    kchunk = -(-kchunk // 32) * 32
+    return -(-K // kchunk), kchunk
+
+
+def _finalize(C, delta, weighted: bool, inv_n: float, damping: float):
+    nz, M, N = C.shape
+    q = empty((M,), F32, delta.device)
+    with torch.cuda.device(delta.device):
+        _C_cuda.quadform_finalize(C.data_ptr(), nz, M, N, _dt(delta), delta.data_ptr(), delta.stride(0),
+                                  delta.stride(1), delta.shape[1], weighted, inv_n, damping, q.data_ptr(),
+                                  _stream(delta))
+    return q
+
+
+def quadform_implicit(delta: torch.Tensor, grads: torch.Tensor, damping: float) -> torch.Tensor:
+    M, p = delta.shape
+    N = grads.shape[0]
+    g = grads if grads.dtype == delta.dtype else grads.to(delta.dtype)
+    nz, kchunk = _split(p, -(-M // 64) * -(-N // 32), delta.device)
+    C = _gemm(delta, delta.stride(0), delta.stride(1), 0, None, M, g, g.stride(1), g.stride(0), N, p, nz=nz,
+              split=True, kchunk=kchunk)
+    return _finalize(C, delta, False, 1.0 / N, damping)
+
+
+def quadform_explicit(delta: torch.Tensor, fisher: torch.Tensor, damping: float) -> torch.Tensor:
+    M, p = delta.shape
+    F = fisher if fisher.dtype in (F32, torch.bfloat16) else fisher.to(F32)
+    nz, kchunk = _split(p, -(-M // 64) * -(-p // 32), delta.device)
+    # Y[z, m, i] = sum_{j in chunk z} delta[m, j] F[i, j]
+    C = _gemm(delta, delta.stride(0), delta.stride(1), 0, None, M, F, F.stride(1), F.stride(0), p, p, nz=nz,
+              split=True, kchunk=kchunk)
+    return _finalize(C, delta, True, 1.0, damping)
+
+
+def gram_ema(G: torch.Tensor, F_in: torch.Tensor | None, decay: float | None) -> torch.Tensor:
+    N, p = G.shape
+    Fi = F_in.to(F32).contiguous() if F_in is not None else None
+    scale = (1.0 - decay) / N if Fi is not None else 1.0 / N
+    # F[i, j] = scale * sum_n G[n, i] G[n, j] + decay * F_in[i, j]
+    return _gemm(G, G.stride(1), G.stride(0), 0, None, p, G, G.stride(0), G.stride(1), p, N, alpha=scale,
+                 beta=decay if Fi is not None else 0.0, Yin=Fi)[0]

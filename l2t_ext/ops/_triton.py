@@ -1,0 +1,257 @@
+"""The ``triton`` backend: Triton kernels mirroring the CUDA ones (one tiled GEMM that can gather rows and
+generate the rsvd sketch matrix on the fly, deterministic chunk/segment reductions, the Fisher epilogue).
+
+Runs on CUDA tensors, or on CPU tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` (how CI
+tests it). bf16 operands use bf16 tensor-core dots with float32 accumulation; float32 operands use
+``input_precision="ieee"`` (no TF32), so float32 results carry float32 accuracy. Offsets are int64.
+Launches go on torch's current stream (Triton's default).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from l2t_ext._backend import triton_interpret
+from l2t_ext.ops._alloc import empty
+
+CHUNK = 128
+# Triton's interpreter (TRITON_INTERPRET=1, used by CI) returns garbage for tl.dot on bfloat16 operands
+# (checked with triton 3.9): there bf16 tiles are upcast to float32 before the dot instead. On a GPU the
+# bf16 tensor-core path is used.
+_BF16_DOT_OK = not triton_interpret()
+F32 = torch.float32
+
+
+@triton.jit
+def _omega(seed_lo, seed_hi, rows, cols):
+    """Omega[rows, cols] float32: Philox4x32-10 + Box-Muller, bit-compatible with csrc/philox.h."""
+    c0 = (rows & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (cols & 0xFFFFFFFF).to(tl.uint32)
+    c2 = (rows >> 32).to(tl.uint32)
+    c3 = (cols >> 32).to(tl.uint32)
+    k0 = seed_lo.to(tl.uint32)
+    k1 = seed_hi.to(tl.uint32)
+    for _ in tl.static_range(10):
+        hi0 = tl.umulhi(c0, 0xD2511F53)
+        lo0 = c0 * 0xD2511F53
+        hi1 = tl.umulhi(c2, 0xCD9E8D57)
+        lo1 = c2 * 0xCD9E8D57
+        n0 = hi1 ^ c1 ^ k0
+        n2 = hi0 ^ c3 ^ k1
+        c0 = n0
+        c1 = lo1
+        c2 = n2
+        c3 = lo0
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    u1 = ((c0 >> 8).to(tl.float64) + 0.5) * (1.0 / 16777216.0)
+    u2 = ((c1 >> 8).to(tl.float64) + 0.5) * (1.0 / 16777216.0)
+    return (tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586476925286766559 * u2)).to(tl.float32)
+
+
+@triton.jit
+def _gemm_kernel(X_PTR, IDX_PTR, V_PTR, YIN_PTR, Y_PTR, nrows, ncols, K, kchunk, s_xr, s_xc, s_xz, s_vk, s_vc,
+                 seed_lo, seed_hi, alpha, beta, HAS_IDX: tl.constexpr, OMEGA: tl.constexpr, HAS_YIN: tl.constexpr,
+                 SPLIT: tl.constexpr, BF16_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    # Y[z] = alpha * X(rows) @ V + beta * Yin[z]; contract in csrc/cuda/kernels.h (gemm).
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    z = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    mask_m = offs_m < nrows
+    mask_n = offs_n < ncols
+    if HAS_IDX:
+        rows = tl.load(IDX_PTR + offs_m, mask=mask_m, other=0)
+    else:
+        rows = offs_m
+    if SPLIT:
+        k_begin = z * kchunk
+        k_end = tl.minimum(K, k_begin + kchunk)
+        x_base = X_PTR
+    else:
+        k_begin = z * 0
+        k_end = K
+        x_base = X_PTR + z * s_xz
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = offs_k < k_end
+        x = tl.load(x_base + rows[:, None] * s_xr + offs_k[None, :] * s_xc,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        vmask = mask_k[:, None] & mask_n[None, :]
+        if OMEGA:
+            v = tl.where(vmask, _omega(seed_lo, seed_hi, offs_k[:, None], offs_n[None, :]), 0.0)
+        else:
+            v = tl.load(V_PTR + offs_k[:, None] * s_vk + offs_n[None, :] * s_vc, mask=vmask, other=0.0)
+        if BF16_DOT:
+            acc += tl.dot(x.to(tl.bfloat16), v.to(tl.bfloat16))
+        else:
+            acc += tl.dot(x.to(tl.float32), v.to(tl.float32), input_precision="ieee")
+    out = alpha * acc
+    offs_y = z * nrows * ncols + offs_m[:, None] * ncols + offs_n[None, :]
+    ymask = mask_m[:, None] & mask_n[None, :]
+    if HAS_YIN:
+        out += beta * tl.load(YIN_PTR + offs_y, mask=ymask, other=0.0)
+    tl.store(Y_PTR + offs_y, out, mask=ymask)
+
+
+@triton.jit
+def _chunk_outer_kernel(A_PTR, B_PTR, START_PTR, P_PTR, ra, rb, BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr,
+                        BLOCK_B: tl.constexpr):
+    # P[c] = sum_{i in chunk c} A[i] outer B[i], tokens in order (deterministic).
+    c = tl.program_id(0).to(tl.int64)
+    offs_a = tl.program_id(1).to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A).to(tl.int64)
+    offs_b = tl.program_id(2).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    t0 = tl.load(START_PTR + c)
+    t1 = tl.load(START_PTR + c + 1)
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for t in range(t0, t1, BLOCK_T):
+        offs_t = t + tl.arange(0, BLOCK_T).to(tl.int64)
+        mt = offs_t < t1
+        a = tl.load(A_PTR + offs_t[:, None] * ra + offs_a[None, :], mask=mt[:, None] & (offs_a[None, :] < ra),
+                    other=0.0)
+        b = tl.load(B_PTR + offs_t[:, None] * rb + offs_b[None, :], mask=mt[:, None] & (offs_b[None, :] < rb),
+                    other=0.0)
+        acc += tl.dot(tl.trans(a), b, input_precision="ieee")
+    mask = (offs_a[:, None] < ra) & (offs_b[None, :] < rb)
+    tl.store(P_PTR + c * ra * rb + offs_a[:, None] * rb + offs_b[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _segment_sum_kernel(P_PTR, START_PTR, G_PTR, rr, BLOCK: tl.constexpr):
+    # G[s] = sum of its chunks in order; empty segments store exact zeros.
+    s = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < rr
+    c0 = tl.load(START_PTR + s)
+    c1 = tl.load(START_PTR + s + 1)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c in range(c0, c1):
+        acc += tl.load(P_PTR + c * rr + offs, mask=mask, other=0.0)
+    tl.store(G_PTR + s * rr + offs, acc, mask=mask)
+
+
+@triton.jit
+def _finalize_kernel(C_PTR, D_PTR, Q_PTR, nz, M, N, p, s_dm, s_dp, inv_n, damping, WEIGHTED: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    # q[m] = inv_n * sum_j f(sum_z C[z, m, j]) + damping * ||delta_m||^2   (DESIGN.md 3.3)
+    m = tl.program_id(0).to(tl.int64)
+    s1 = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j0 in range(0, N, BLOCK):
+        offs = j0 + tl.arange(0, BLOCK).to(tl.int64)
+        mask = offs < N
+        x = tl.zeros((BLOCK,), dtype=tl.float32)
+        for zz in range(0, nz):
+            x += tl.load(C_PTR + (zz * M + m) * N + offs, mask=mask, other=0.0)
+        if WEIGHTED:
+            s1 += tl.load(D_PTR + m * s_dm + offs * s_dp, mask=mask, other=0.0).to(tl.float32) * x
+        else:
+            s1 += x * x
+    s2 = tl.zeros((BLOCK,), dtype=tl.float32)
+    for l0 in range(0, p, BLOCK):
+        offs = l0 + tl.arange(0, BLOCK).to(tl.int64)
+        d = tl.load(D_PTR + m * s_dm + offs * s_dp, mask=offs < p, other=0.0).to(tl.float32)
+        s2 += d * d
+    tl.store(Q_PTR + m, inv_n * tl.sum(s1, axis=0) + damping * tl.sum(s2, axis=0))
+
+
+def _pow2(x: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(1, x))))
+
+
+def _gemm(X, sXr, sXc, sXz, idx, nrows, V, sVk, sVc, ncols, K, *, nz=1, split=False, kchunk=0, seed=0,
+          alpha=1.0, beta=0.0, Yin=None, bf16_dot=False):
+    Y = empty((nz, nrows, ncols), F32, X.device)
+    if nrows == 0 or ncols == 0:
+        return Y
+    BM, BN, BK = 64, _pow2(ncols, 16, 64), 64
+    grid = (triton.cdiv(nrows, BM), triton.cdiv(ncols, BN), nz)
+    dummy = Y
+    _gemm_kernel[grid](X, idx if idx is not None else dummy, V if V is not None else dummy,
+                       Yin if Yin is not None else dummy, Y, nrows, ncols, K, kchunk or K, sXr, sXc, sXz, sVk, sVc,
+                       seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, alpha, beta, HAS_IDX=idx is not None,
+                       OMEGA=V is None, HAS_YIN=Yin is not None, SPLIT=split, BF16_DOT=bf16_dot and _BF16_DOT_OK,
+                       BLOCK_M=BM,
+                       BLOCK_N=BN, BLOCK_K=BK)
+    return Y
+
+
+def sketch(W: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    B, m, n = W.shape
+    return _gemm(W, W.stride(1), W.stride(2), W.stride(0), None, m, None, 0, 0, k, n, nz=B, seed=seed)
+
+
+def row_project(X: torch.Tensor, idx: torch.Tensor | None, V: torch.Tensor) -> torch.Tensor:
+    bf16 = X.dtype == torch.bfloat16 and _BF16_DOT_OK
+    V = V.to(torch.bfloat16 if bf16 else F32).contiguous()
+    nrows = idx.numel() if idx is not None else X.shape[0]
+    return _gemm(X, X.stride(0), X.stride(1), 0, idx, nrows, V, V.stride(0), 1, V.shape[1], X.shape[1],
+                 bf16_dot=bf16)[0]
+
+
+def chunk_outer(A: torch.Tensor, B: torch.Tensor, chunk_start: torch.Tensor) -> torch.Tensor:
+    C, ra, rb = chunk_start.numel() - 1, A.shape[1], B.shape[1]
+    P = empty((C, ra, rb), F32, A.device)
+    if C and ra and rb:
+        BA, BB = _pow2(ra, 16, 64), _pow2(rb, 16, 64)
+        grid = (C, triton.cdiv(ra, BA), triton.cdiv(rb, BB))
+        _chunk_outer_kernel[grid](A, B, chunk_start, P, ra, rb, BLOCK_T=32, BLOCK_A=BA, BLOCK_B=BB)
+    return P
+
+
+def segment_sum(P: torch.Tensor, seg_chunk_start: torch.Tensor) -> torch.Tensor:
+    S, rr = seg_chunk_start.numel() - 1, math.prod(P.shape[1:])
+    G = empty((S,) + tuple(P.shape[1:]), F32, P.device)
+    if S and rr:
+        BLOCK = _pow2(rr, 16, 1024)
+        _segment_sum_kernel[(S, triton.cdiv(rr, BLOCK))](P, seg_chunk_start, G, rr, BLOCK=BLOCK)
+    return G
+
+
+def _split(K: int, tiles: int, device) -> tuple[int, int]:
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    nz = max(1, min(64, (2 * sms) // max(1, tiles), K // 256))
+    kchunk = triton.cdiv(triton.cdiv(K, nz), 64) * 64
+    return -(-K // kchunk), kchunk
+
+
+def _finalize(C, delta, weighted: bool, inv_n: float, damping: float):
+    nz, M, N = C.shape
+    q = empty((M,), F32, delta.device)
+    if M:
+        _finalize_kernel[(M,)](C, delta, q, nz, M, N, delta.shape[1], delta.stride(0), delta.stride(1), inv_n,
+                               damping, WEIGHTED=weighted, BLOCK=1024)
+    return q
+
+
+def quadform_implicit(delta: torch.Tensor, grads: torch.Tensor, damping: float) -> torch.Tensor:
+    M, p = delta.shape
+    N = grads.shape[0]
+    g = grads if grads.dtype == delta.dtype else grads.to(delta.dtype)
+    nz, kchunk = _split(p, triton.cdiv(M, 64) * triton.cdiv(N, 64), delta.device)
+    C = _gemm(delta, delta.stride(0), delta.stride(1), 0, None, M, g, g.stride(1), g.stride(0), N, p, nz=nz,
+              split=True, kchunk=kchunk, bf16_dot=delta.dtype == torch.bfloat16)
+    return _finalize(C, delta, False, 1.0 / N, damping)
+
+
+def quadform_explicit(delta: torch.Tensor, fisher: torch.Tensor, damping: float) -> torch.Tensor:
+    M, p = delta.shape
+    F = fisher if fisher.dtype in (F32, torch.bfloat16) else fisher.to(F32)
+    nz, kchunk = _split(p, triton.cdiv(M, 64) * triton.cdiv(p, 64), delta.device)
+    C = _gemm(delta, delta.stride(0), delta.stride(1), 0, None, M, F, F.stride(1), F.stride(0), p, p, nz=nz,
+              split=True, kchunk=kchunk, bf16_dot=delta.dtype == torch.bfloat16 and F.dtype == torch.bfloat16)
+    return _finalize(C, delta, True, 1.0, damping)
+
+
+def gram_ema(G: torch.Tensor, F_in: torch.Tensor | None, decay: float | None) -> torch.Tensor:
+    N, p = G.shape
+    Fi = F_in.to(F32).contiguous() if F_in is not None else None
+    scale = (1.0 - decay) / N if Fi is not None else 1.0 / N
+    return _gemm(G, G.stride(1), G.stride(0), 0, None, p, G, G.stride(0), G.stride(1), p, N, alpha=scale,
+                 beta=decay if Fi is not None else 0.0, Yin=Fi, bf16_dot=G.dtype == torch.bfloat16)[0]

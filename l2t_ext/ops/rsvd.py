@@ -1,0 +1,130 @@
+"""Randomized SVD with an in-kernel counter-based sketch, and the low-rank projection U^T M V
+(DESIGN.md section 3.1).
+
+Halko-Martinsson-Tropp: Y = W Omega with Omega (n, k) ~ N(0, 1) generated inside the kernel from
+(seed, row, col) by Philox (never stored; the same seed gives the same Omega on every backend), Q = orth(Y),
+``n_iter`` power iterations Q <- orth(W orth(W^T Q)), then the small SVD of Q^T W. Orthonormalisation (QR)
+and the small SVD use torch.linalg, as the design allows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from l2t_ext.ops._common import check_same_device, check_tensor, module, out_dtype, pick
+from l2t_ext.ops._plan import rows_plan
+
+
+@torch.library.custom_op("l2t_ext::rsvd", mutates_args=())
+def _rsvd_op(W: torch.Tensor, rank: int, oversample: int, n_iter: int, seed: int,
+             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lead, (m, n) = W.shape[:-2], W.shape[-2:]
+    acc = out_dtype(W.dtype)
+    W3 = W.reshape(-1, m, n)
+    k = min(rank + oversample, m, n)
+    Y = module(backend).sketch(W3, k, seed).to(acc)  # (B, m, k) = W Omega
+    Wf = W3.to(acc)
+    Q = torch.linalg.qr(Y).Q
+    for _ in range(n_iter):  # power iterations sharpen a slowly decaying spectrum
+        Q = torch.linalg.qr(Wf.mT @ Q).Q
+        Q = torch.linalg.qr(Wf @ Q).Q
+    Ub, S, Vh = torch.linalg.svd(Q.mT @ Wf, full_matrices=False)  # small (k, n) SVD
+    U = Q @ Ub[..., :rank]
+    V = Vh[..., :rank, :].mT
+    return (U.reshape(*lead, m, rank).contiguous(), S[..., :rank].reshape(*lead, rank).contiguous(),
+            V.reshape(*lead, n, rank).contiguous())
+
+
+@_rsvd_op.register_fake
+def _(W, rank, oversample, n_iter, seed, backend):
+    lead, (m, n) = W.shape[:-2], W.shape[-2:]
+    acc = out_dtype(W.dtype)
+    return (W.new_empty((*lead, m, rank), dtype=acc), W.new_empty((*lead, rank), dtype=acc),
+            W.new_empty((*lead, n, rank), dtype=acc))
+
+
+def rsvd(W: torch.Tensor, rank: int, oversample: int = 8, n_iter: int = 2, seed: int = 0,
+         backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Randomized truncated SVD, batched over leading dims.
+
+    Args:
+        W: (..., m, n) float32/float64 (bfloat16 on cuda/triton/torch); a batch of same-shape matrices.
+        rank: r, 1 <= r <= min(m, n).
+        oversample: extra sketch columns (k = min(r + oversample, m, n)).
+        n_iter: power iterations.
+        seed: 0 <= seed < 2**64; same seed, same Omega on every backend and same result on one backend.
+        backend: "auto" | "cuda" | "triton" | "cpu" | "torch" (the sketch kernel; QR/SVD are torch.linalg).
+
+    Returns:
+        U (..., m, r) and V (..., n, r) with orthonormal columns, S (..., r) descending; float32
+        (float64 for float64 W).
+    """
+    op = "rsvd"
+    check_tensor(op, "W", W, tuple(range(2, 9)))
+    for name, val, lo in (("rank", rank, 1), ("oversample", oversample, 0), ("n_iter", n_iter, 0)):
+        if not isinstance(val, int) or isinstance(val, bool) or val < lo:
+            raise ValueError(f"l2t_ext.ops.{op}: {name} must be an int >= {lo}, got {val!r}")
+    m, n = W.shape[-2:]
+    if rank > min(m, n):
+        raise ValueError(f"l2t_ext.ops.{op}: rank={rank} exceeds min(m, n)={min(m, n)} for W of shape "
+                         f"{tuple(W.shape)}")
+    if not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"l2t_ext.ops.{op}: seed must be an int in [0, 2**64), got {seed!r}")
+    if W.numel() == 0:
+        raise ValueError(f"l2t_ext.ops.{op}: W is empty (shape {tuple(W.shape)})")
+    name = pick(op, backend, W.device, W.dtype)
+    # custom_op int args are int64: pass the seed as a signed value, the kernels read it as 64 raw bits
+    return _rsvd_op(W, rank, oversample, n_iter, seed - 2**64 if seed >= 2**63 else seed, name)
+
+
+@torch.library.custom_op("l2t_ext::project", mutates_args=())
+def _project_op(M: torch.Tensor, U: torch.Tensor, V: torch.Tensor, backend: str) -> torch.Tensor:
+    if backend == "torch":
+        return module("torch").project(M, U, V)
+    mod = module(backend)
+    acc = out_dtype(M.dtype) if backend == "cpu" else torch.float32
+    _, chunk_start, seg_start = rows_plan(M.shape[1], mod.CHUNK, M.device)
+    out = []
+    for b in range(M.shape[0]):
+        MV = mod.row_project(M[b], None, V[b])  # (m, r2) = M V
+        P = mod.chunk_outer(U[b].to(acc).contiguous(), MV, chunk_start)  # partial U^T (M V) per row chunk
+        out.append(mod.segment_sum(P, seg_start)[0])
+    return torch.stack(out)
+
+
+@_project_op.register_fake
+def _(M, U, V, backend):
+    return M.new_empty((M.shape[0], U.shape[-1], V.shape[-1]), dtype=out_dtype(M.dtype))
+
+
+def project(M: torch.Tensor, U: torch.Tensor, V: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Low-rank projection U^T M V (the paper's proxy theta~ = U^T W V), batched.
+
+    Args:
+        M: (..., m, n); U: (..., m, r1) or (m, r1); V: (..., n, r2) or (n, r2) (2-D bases are shared by
+            the batch). Float dtypes as for ``rsvd``.
+        backend: "auto" | "cuda" | "triton" | "cpu" | "torch".
+
+    Returns:
+        (..., r1, r2) float32 (float64 for float64 M).
+    """
+    op = "project"
+    check_tensor(op, "M", M, tuple(range(2, 9)))
+    check_tensor(op, "U", U, tuple(range(2, 9)))
+    check_tensor(op, "V", V, tuple(range(2, 9)))
+    device = check_same_device(op, M=M, U=U, V=V)
+    lead, (m, n) = M.shape[:-2], M.shape[-2:]
+    for name, B, rows in (("U", U, m), ("V", V, n)):
+        if B.shape[-2] != rows:
+            raise ValueError(f"l2t_ext.ops.{op}: {name} must have {rows} rows to match M {tuple(M.shape)}, got "
+                             f"{tuple(B.shape)}")
+        if B.dim() > 2 and B.shape[:-2] != lead:
+            raise ValueError(f"l2t_ext.ops.{op}: {name} batch dims {tuple(B.shape[:-2])} differ from M's "
+                             f"{tuple(lead)}")
+    if M.numel() == 0:
+        raise ValueError(f"l2t_ext.ops.{op}: M is empty (shape {tuple(M.shape)})")
+    name = pick(op, backend, device, M.dtype)
+    M3 = M.reshape(-1, m, n)
+    U3 = U.expand(*lead, *U.shape[-2:]).reshape(-1, *U.shape[-2:])
+    V3 = V.expand(*lead, *V.shape[-2:]).reshape(-1, *V.shape[-2:])
+    return _project_op(M3, U3, V3, name).reshape(*lead, U.shape[-1], V.shape[-1])

@@ -1,0 +1,83 @@
+"""Segmented projected gradient outer products (DESIGN.md section 3.2).
+
+For a Linear layer y = W x with input rows X (T, n) and output gradients D (T, m), the gradient of the loss
+restricted to the tokens of segment s, projected onto the rank-r bases U (m, r), V (n, r), is
+
+    G[s] = U^T (sum_{t: seg[t]==s} D[t] X[t]^T) V = sum_{t: seg[t]==s} (U^T D[t]) (V^T X[t])^T.
+
+The compiled backends evaluate the right-hand side: one pass over X and D projects each kept token to two
+r-vectors, then per-chunk outer products are summed per segment in a fixed order (deterministic, no float
+atomics, never a (S, m, n) gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from l2t_ext.ops._common import check_same_device, check_tensor, module, out_dtype, pick
+from l2t_ext.ops._plan import segment_plan
+
+
+@torch.library.custom_op("l2t_ext::segment_grad_outer", mutates_args=())
+def _segment_grad_outer_op(X: torch.Tensor, D: torch.Tensor, seg: torch.Tensor, num_segments: int,
+                           U: torch.Tensor, V: torch.Tensor, backend: str) -> torch.Tensor:
+    if seg.numel() and int(seg.max()) >= num_segments:  # data check before any kernel writes
+        raise ValueError(f"l2t_ext.ops.segment_grad_outer: seg contains id {int(seg.max())} >= "
+                         f"num_segments={num_segments}")
+    if backend == "torch":
+        return module("torch").segment_grad_outer(X, D, seg, num_segments, U, V)
+    mod = module(backend)
+    order, chunk_start, seg_chunk_start = segment_plan(seg, num_segments, mod.CHUNK)
+    A = mod.row_project(D, order, U)  # (T', r) = D[order] @ U
+    B = mod.row_project(X, order, V)  # (T', r) = X[order] @ V
+    P = mod.chunk_outer(A, B, chunk_start)  # (C, r, r) per-chunk sums of outer products
+    return mod.segment_sum(P, seg_chunk_start)  # (S, r, r)
+
+
+@_segment_grad_outer_op.register_fake
+def _(X, D, seg, num_segments, U, V, backend):
+    return X.new_empty((num_segments, U.shape[1], V.shape[1]), dtype=out_dtype(X.dtype))
+
+
+def segment_grad_outer(X: torch.Tensor, D: torch.Tensor, seg: torch.Tensor, num_segments: int, U: torch.Tensor,
+                       V: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Per-segment projected gradients of a Linear layer.
+
+    Args:
+        X: (T, n) layer inputs per token (float32/float64; bfloat16 on cuda/triton/torch). Read through its
+            strides (no copy).
+        D: (T, m) gradients w.r.t. the layer outputs, same dtype as X.
+        seg: (T,) int64 (or int32, converted) segment id per token; ``seg < 0`` tokens are ignored.
+        num_segments: S >= 1; every id must be < S.
+        U: (m, r) left basis; V: (n, r') right basis (used in the accumulation dtype, made contiguous).
+        backend: "auto" | "cuda" | "triton" | "cpu" | "torch".
+
+    Returns:
+        G (S, r, r') in float32 (float64 for float64 inputs); empty segments are exact zeros.
+    """
+    op = "segment_grad_outer"
+    check_tensor(op, "X", X, 2)
+    check_tensor(op, "D", D, 2)
+    check_tensor(op, "U", U, 2)
+    check_tensor(op, "V", V, 2)
+    check_tensor(op, "seg", seg, 1, floating=False)
+    device = check_same_device(op, X=X, D=D, seg=seg, U=U, V=V)
+    if seg.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"l2t_ext.ops.{op}: seg must be int64 or int32, got {seg.dtype}")
+    if not isinstance(num_segments, int) or isinstance(num_segments, bool) or num_segments < 1:
+        raise ValueError(f"l2t_ext.ops.{op}: num_segments must be an int >= 1, got {num_segments!r}")
+    T = X.shape[0]
+    if D.shape[0] != T:
+        raise ValueError(f"l2t_ext.ops.{op}: D has {D.shape[0]} rows but X has {T}")
+    if seg.shape[0] != T:
+        raise ValueError(f"l2t_ext.ops.{op}: seg has length {seg.shape[0]} but X has {T} rows")
+    if X.dtype != D.dtype:
+        raise TypeError(f"l2t_ext.ops.{op}: X and D must share a dtype, got {X.dtype} and {D.dtype}")
+    if U.shape[0] != D.shape[1]:
+        raise ValueError(f"l2t_ext.ops.{op}: U must be (m, r) with m = D.shape[1] = {D.shape[1]}, got "
+                         f"{tuple(U.shape)}")
+    if V.shape[0] != X.shape[1]:
+        raise ValueError(f"l2t_ext.ops.{op}: V must be (n, r) with n = X.shape[1] = {X.shape[1]}, got "
+                         f"{tuple(V.shape)}")
+    name = pick(op, backend, device, X.dtype)
+    return _segment_grad_outer_op(X, D, seg.to(torch.int64), num_segments, U, V, name)

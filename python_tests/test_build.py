@@ -1,0 +1,92 @@
+"""The build and the op registrations: build_info, CUDA compiled whenever nvcc was there, the `l2t info`
+command, torch.library opcheck and torch.compile tracing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import l2t_ext
+from l2t_ext import _backend, ops
+
+
+def test_build_info_keys():
+    info = l2t_ext.build_info()
+    for key in ("cuda_compiled", "cuda_version", "cuda_archs", "openmp", "backends"):
+        assert key in info
+    assert "torch" in info["backends"] and "cpu" in info["backends"]
+    assert isinstance(info["cuda_compiled"], bool)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH: the CUDA module is optional")
+def test_cuda_module_built_when_nvcc_present():
+    # A CUDA compile error would leave _C_cuda missing: with nvcc on PATH (as in CI) that must fail here.
+    if os.environ.get("L2T_CUDA", "AUTO").upper() == "OFF":
+        pytest.skip("built with L2T_CUDA=OFF on purpose")
+    info = l2t_ext.build_info()
+    assert info["nvcc_found_at_build"], "nvcc is on PATH but CMake did not find it at build time"
+    assert info["cuda_compiled"], f"_C_cuda missing: {_backend._C_CUDA_ERR}"
+    assert info["cuda_version"] and info["cuda_archs"]
+    assert all(int(a.split("-")[0]) >= 75 for a in info["cuda_archs"])
+
+
+def test_cuda_module_links_no_torch():
+    mod = _backend._C_cuda or _backend._C
+    if sys.platform != "linux" or shutil.which("ldd") is None:
+        pytest.skip("ldd check is Linux-only")
+    for m in filter(None, (_backend._C, _backend._C_cuda)):
+        out = subprocess.run(["ldd", m.__file__], capture_output=True, text=True).stdout
+        assert "libtorch" not in out and "libc10" not in out
+        if m is _backend._C_cuda:
+            assert "libcudart" not in out, "cudart must be linked statically"
+    del mod
+
+
+def test_l2t_info_cli(tmp_path):
+    # run outside the source tree so the installed package (with its compiled modules) is the one imported
+    out = subprocess.run([sys.executable, "-m", "l2t_ext.cli", "info", "--json"], capture_output=True, text=True,
+                         check=True, cwd=tmp_path).stdout
+    info = json.loads(out)
+    assert info["backends"] == l2t_ext.build_info()["backends"]
+
+
+def _opcheck_args():
+    g = torch.Generator().manual_seed(0)
+    X, D = torch.randn(20, 6, generator=g), torch.randn(20, 5, generator=g)
+    seg = torch.tensor([0, 1, 2, -1] * 5)
+    U, V = torch.randn(5, 3, generator=g), torch.randn(6, 3, generator=g)
+    return {
+        "segment_grad_outer": (X, D, seg, 4, U, V, "cpu"),
+        "rsvd": (torch.randn(12, 9, generator=g), 3, 4, 1, 5, "cpu"),
+        "project": (torch.randn(2, 5, 6, generator=g), torch.randn(2, 5, 3, generator=g),
+                    torch.randn(2, 6, 3, generator=g), "cpu"),
+        "fisher_quadform": (torch.randn(3, 8, generator=g), torch.randn(5, 8, generator=g), None, 1e-3, "cpu"),
+        "fisher_accumulate": (torch.randn(5, 8, generator=g), torch.randn(8, 8, generator=g), 0.9, "cpu"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_opcheck_args()))
+def test_opcheck(name):
+    op = getattr(torch.ops.l2t_ext, name)
+    torch.library.opcheck(op, _opcheck_args()[name])
+
+
+def test_torch_compile_traces_segment_grad_outer():
+    X, D, seg, S, U, V, _ = _opcheck_args()["segment_grad_outer"]
+
+    def f(X, D):
+        return ops.segment_grad_outer(X * 2.0, D, seg, S, U, V, backend="cpu").sum(0)
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    assert torch.allclose(compiled(X, D), f(X, D), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="backend must be"):
+        ops.fisher_accumulate(torch.randn(2, 3), backend="mps")

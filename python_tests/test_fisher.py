@@ -1,0 +1,103 @@
+"""fisher_quadform (implicit and explicit) and fisher_accumulate against explicit float64 formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _cases import cases, fp_tol, rel_err
+
+from l2t_ext import ops
+
+
+def explicit_ref(delta, grads, damping):
+    d, g = delta.double().cpu(), grads.double().cpu()
+    F = g.T @ g / g.shape[0] + damping * torch.eye(g.shape[1], dtype=torch.float64)
+    return torch.einsum("mp,pq,mq->m", d, F, d)
+
+
+def bf16_baseline_err(delta, grads, damping, ref):
+    d, g = delta.cpu().bfloat16(), grads.cpu().bfloat16()
+    q = (d @ g.T).square().mean(1) + damping * d.square().sum(1)
+    return rel_err(q, ref)
+
+
+SIZES = [(1, 1, 1), (3, 37, 5), (37, 513, 3), (8, 1000, 64)]  # (M, p, N)
+
+
+@pytest.mark.parametrize("backend,device,dtype", cases())
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "M{}_p{}_N{}".format(*s))
+def test_implicit_matches_explicit_float64(backend, device, dtype, size):
+    M, p, N = size
+    delta = torch.randn(M, p, dtype=torch.float64).to(dtype)
+    grads = torch.randn(N, p, dtype=torch.float64).to(dtype)
+    damping = 0.3
+    ref = explicit_ref(delta, grads, damping)
+    with ops.poison():
+        q = ops.fisher_quadform(delta.to(device), grads=grads.to(device), damping=damping, backend=backend)
+    assert q.shape == (M,)
+    if dtype == torch.bfloat16:
+        assert rel_err(q, ref) <= 2 * bf16_baseline_err(delta, grads, damping, ref) + 1e-6
+    else:
+        assert rel_err(q, ref) <= fp_tol(dtype) * 5
+
+
+@pytest.mark.parametrize("backend,device,dtype", cases())
+@pytest.mark.parametrize("size", [(1, 1, 1), (5, 37, 9), (16, 200, 40)], ids=lambda s: "M{}_p{}_N{}".format(*s))
+def test_explicit_fisher_form(backend, device, dtype, size):
+    M, p, N = size
+    delta = torch.randn(M, p, dtype=torch.float64)
+    grads = torch.randn(N, p, dtype=torch.float64)
+    A = torch.randn(p, p, dtype=torch.float64)  # a non-symmetric F checks the index order too
+    ref = torch.einsum("mp,pq,mq->m", delta, A, delta) + 0.1 * delta.square().sum(1)
+    F = A.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    with ops.poison():
+        q = ops.fisher_quadform(delta.to(dtype).to(device), fisher=F.to(device), damping=0.1, backend=backend)
+    if dtype == torch.bfloat16:
+        d = delta.bfloat16()
+        base = rel_err(((d @ F.bfloat16().T) * d).sum(1) + 0.1 * d.square().sum(1), ref)
+        assert rel_err(q, ref) <= 2 * base + 1e-6
+    else:
+        assert rel_err(q, ref) <= fp_tol(dtype) * 20
+    del grads
+
+
+@pytest.mark.parametrize("backend,device,dtype", cases(include_bf16=False))
+@pytest.mark.parametrize("N,p", [(1, 1), (7, 37), (64, 130)])
+def test_fisher_accumulate_build_and_ema(backend, device, dtype, N, p):
+    G = torch.randn(N, p, dtype=torch.float64)
+    F0 = torch.randn(p, p, dtype=torch.float64)
+    built = G.T @ G / N
+    with ops.poison():
+        F = ops.fisher_accumulate(G.to(dtype).to(device), backend=backend)
+        F_ema = ops.fisher_accumulate(G.to(dtype).to(device), F0.to(dtype).to(device), decay=0.9, backend=backend)
+    assert rel_err(F, built) <= fp_tol(dtype) * 5
+    assert rel_err(F_ema, 0.9 * F0 + 0.1 * built) <= fp_tol(dtype) * 5
+    # and the explicit quadform with the accumulated F equals the implicit one
+    delta = torch.randn(3, p, dtype=torch.float64).to(dtype).to(device)
+    q1 = ops.fisher_quadform(delta, fisher=F, damping=1e-5, backend=backend)
+    q2 = ops.fisher_quadform(delta, grads=G.to(dtype).to(device), damping=1e-5, backend=backend)
+    assert rel_err(q1, q2) <= fp_tol(dtype) * 20
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(), ValueError, "exactly one of grads="),
+    (dict(grads=torch.randn(4, 9)), ValueError, r"grads must be \(N, 8\)"),
+    (dict(fisher=torch.randn(8, 7)), ValueError, r"fisher must be \(8, 8\)"),
+    (dict(grads=torch.randn(0, 8)), ValueError, "at least one row"),
+    (dict(grads=torch.randn(4, 8), damping=-1.0), ValueError, "damping must be"),
+    (dict(grads=torch.randn(4, 8), damping=float("nan")), ValueError, "damping must be"),
+    (dict(grads=torch.randn(4, 8, dtype=torch.float64)), TypeError, "float64 for both"),
+    (dict(grads=torch.randn(4, 8), fisher=torch.randn(8, 8)), ValueError, "exactly one"),
+])
+def test_quadform_bad_input(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        ops.fisher_quadform(torch.randn(3, 8), backend="cpu", **kwargs)
+
+
+def test_accumulate_bad_input():
+    with pytest.raises(ValueError, match="decay must be a float in"):
+        ops.fisher_accumulate(torch.randn(3, 4), torch.zeros(4, 4), decay=1.5)
+    with pytest.raises(ValueError, match="decay=0.5 given without F"):
+        ops.fisher_accumulate(torch.randn(3, 4), decay=0.5)
+    with pytest.raises(ValueError, match=r"F must be \(4, 4\)"):
+        ops.fisher_accumulate(torch.randn(3, 4), torch.zeros(3, 3), decay=0.5)

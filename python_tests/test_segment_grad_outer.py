@@ -1,0 +1,155 @@
+"""segment_grad_outer: every runnable backend against a float64 brute-force per-segment gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _cases import HAS_GPU, cases, fp_tol, rel_err
+
+from l2t_ext import ops
+
+
+def brute_force(X, D, seg, S, U, V):
+    """Full per-segment gradient sum_t D[t] X[t]^T (m, n), then U^T G V, in float64."""
+    X, D, U, V = (t.double().cpu() for t in (X, D, U, V))
+    seg = seg.cpu()
+    G = torch.zeros(S, U.shape[1], V.shape[1], dtype=torch.float64)
+    for s in range(S):
+        sel = seg == s
+        full = D[sel].T @ X[sel]  # (m, n): the layer's weight gradient restricted to segment s
+        G[s] = U.T @ full @ V
+    return G
+
+
+def make(T, n, m, r, S, dtype, device, seed, mask_frac=0.25):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(T, n, generator=g, dtype=torch.float64)
+    D = torch.randn(T, m, generator=g, dtype=torch.float64)
+    U = torch.randn(m, r, generator=g, dtype=torch.float64)
+    V = torch.randn(n, r, generator=g, dtype=torch.float64)
+    # only half of the segment ids are used -> empty segments; some tokens masked with -1
+    used = max(1, S // 2)
+    seg = torch.randint(0, used, (T,), generator=g) * (S // used)
+    seg[torch.rand(T, generator=g) < mask_frac] = -1
+    X, D = X.to(dtype), D.to(dtype)
+    U, V = U.to(torch.float64 if dtype == torch.float64 else torch.float32), V.to(
+        torch.float64 if dtype == torch.float64 else torch.float32)
+    return [t.to(device) for t in (X, D, seg, U, V)]
+
+
+def torch_bf16_error(X, D, seg, S, U, V, ref):
+    """Relative error of the same computation done by torch entirely in bfloat16."""
+    Xb, Db, Ub, Vb = (t.cpu().bfloat16() for t in (X, D, U, V))
+    keep = seg.cpu() >= 0
+    a, b = Db[keep] @ Ub, Xb[keep] @ Vb
+    G = torch.zeros(S, U.shape[1], V.shape[1], dtype=torch.bfloat16)
+    G.index_add_(0, seg.cpu()[keep], a[:, :, None] * b[:, None, :])
+    return rel_err(G, ref)
+
+
+SHAPES = [  # (T, n, m, r, S)
+    (1, 1, 1, 1, 1),
+    (3, 3, 3, 1, 2),
+    (37, 13, 11, 3, 5),
+    (130, 37, 37, 16, 64),
+    (513, 20, 17, 5, 256),
+]
+
+
+@pytest.mark.parametrize("backend,device,dtype", cases())
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}_n{}_m{}_r{}_S{}".format(*s))
+def test_matches_float64_bruteforce(backend, device, dtype, shape):
+    T, n, m, r, S = shape
+    X, D, seg, U, V = make(T, n, m, r, S, dtype, device, seed=hash(shape) % 1000)
+    ref = brute_force(X, D, seg, S, U, V)
+    with ops.poison():
+        out = ops.segment_grad_outer(X, D, seg, S, U, V, backend=backend)
+    assert out.shape == (S, r, r)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    err = rel_err(out, ref)
+    if dtype == torch.bfloat16:
+        assert err <= 2 * torch_bf16_error(X, D, seg, S, U, V, ref) + 1e-6
+    else:
+        assert err <= fp_tol(dtype), err
+    # segments no token maps to are exact zeros, not merely small (and not NaN from the poisoned buffers)
+    used = set(seg[seg >= 0].tolist())
+    for s in range(S):
+        if s not in used:
+            assert torch.equal(out[s].cpu(), torch.zeros(r, r, dtype=out.dtype))
+
+
+@pytest.mark.parametrize("backend,device,dtype", cases(include_bf16=False))
+def test_masked_tokens_are_never_read_into_result(backend, device, dtype):
+    X, D, seg, U, V = make(64, 9, 7, 4, 6, dtype, device, seed=3, mask_frac=0.5)
+    ref = brute_force(X, D, seg, 6, U, V)
+    X, D = X.clone(), D.clone()
+    X[seg < 0] = float("nan")
+    D[seg < 0] = float("inf")
+    out = ops.segment_grad_outer(X, D, seg, 6, U, V, backend=backend)
+    assert rel_err(out, ref) <= fp_tol(dtype)
+
+
+@pytest.mark.parametrize("backend,device,dtype", cases(include_bf16=False))
+def test_deterministic_and_strided_inputs(backend, device, dtype):
+    X, D, seg, U, V = make(300, 24, 10, 6, 3, dtype, device, seed=5)
+    a = ops.segment_grad_outer(X, D, seg, 3, U, V, backend=backend)
+    b = ops.segment_grad_outer(X, D, seg, 3, U, V, backend=backend)
+    assert torch.equal(a, b)
+    # non-contiguous X (a transposed buffer) and a strided D view give the same result
+    Xt = X.T.contiguous().T
+    D2 = torch.stack([D, -D], dim=2)[:, :, 0]  # column stride 2
+    assert not Xt.is_contiguous() and not D2.is_contiguous()
+    c = ops.segment_grad_outer(Xt, D2, seg, 3, U, V, backend=backend)
+    assert rel_err(c, brute_force(X, D, seg, 3, U, V)) <= fp_tol(dtype)
+
+
+@pytest.mark.parametrize("backend,device,dtype", cases(include_bf16=False))
+def test_all_tokens_masked_gives_zeros(backend, device, dtype):
+    X, D, seg, U, V = make(10, 4, 5, 2, 3, dtype, device, seed=1)
+    seg = torch.full_like(seg, -1)
+    with ops.poison():
+        out = ops.segment_grad_outer(X, D, seg, 3, U, V, backend=backend)
+    assert torch.equal(out.cpu(), torch.zeros(3, 2, 2, dtype=out.dtype))
+
+
+def test_int32_seg_and_auto_backend_agree():
+    X, D, seg, U, V = make(50, 8, 8, 3, 4, torch.float32, "cpu", seed=2)
+    a = ops.segment_grad_outer(X, D, seg.int(), 4, U, V)
+    b = ops.segment_grad_outer(X, D, seg, 4, U, V, backend="torch")
+    assert rel_err(a, b) <= 2e-5
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (dict(X=torch.randn(5)), ValueError, "X must be 2-D"),
+    (dict(D=torch.randn(6, 4)), ValueError, "D has 6 rows"),
+    (dict(seg=torch.zeros(4, dtype=torch.int64)), ValueError, "seg has length 4"),
+    (dict(seg=torch.zeros(5)), TypeError, "seg must be int64 or int32"),
+    (dict(seg=torch.tensor([0, 1, 2, 3, 9])), ValueError, "seg contains id 9 >= num_segments=4"),
+    (dict(num_segments=0), ValueError, "num_segments must be an int >= 1"),
+    (dict(U=torch.randn(3, 2)), ValueError, "U must be"),
+    (dict(V=torch.randn(7, 2)), ValueError, "V must be"),
+    (dict(D=torch.randn(5, 4, dtype=torch.float64)), TypeError, "X and D must share a dtype"),
+    (dict(X=torch.ones(5, 3, dtype=torch.int64)), TypeError, "X must be a floating tensor"),
+    (dict(backend="gpu"), ValueError, "backend must be"),
+])
+def test_bad_input_raises_naming_the_argument(bad, exc, match):
+    args = dict(X=torch.randn(5, 3), D=torch.randn(5, 4), seg=torch.tensor([0, 1, -1, 3, 2]), num_segments=4,
+                U=torch.randn(4, 2), V=torch.randn(3, 2), backend="cpu")
+    args.update(bad)
+    with pytest.raises(exc, match=match):
+        ops.segment_grad_outer(**args)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the error raised when no GPU is present")
+def test_explicit_cuda_without_gpu_raises_real_reason():
+    X, D, seg, U, V = make(5, 3, 4, 2, 2, torch.float32, "cpu", seed=0)
+    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable: .*(CUDA tensors|built without CUDA)"):
+        ops.segment_grad_outer(X, D, seg, 2, U, V, backend="cuda")
+
+
+def test_cpu_backend_rejects_bf16_with_reason():
+    X, D, seg, U, V = make(5, 3, 4, 2, 2, torch.bfloat16, "cpu", seed=0)
+    with pytest.raises(RuntimeError, match="backend 'cpu' supports float32, float64 inputs, got bfloat16"):
+        ops.segment_grad_outer(X, D, seg, 2, U, V, backend="cpu")
+    # auto falls back silently to the torch reference
+    assert ops.segment_grad_outer(X, D, seg, 2, U, V).dtype == torch.float32
