@@ -33,7 +33,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "l2t_ext C++ CPU kernels (torch-ABI independent)";
   m.def("openmp", &l2t::cpu::openmp_enabled);
   m.def("max_threads", &max_threads);
-  m.def("omega", &l2t::omega_normal, "Omega[row, col] of the rsvd sketch for a seed", py::arg("seed"),
+  m.def("omega", &l2t::omega_entry, "Omega[row, col] of the rsvd sketch for a seed", py::arg("seed"),
         py::arg("row"), py::arg("col"));
 
   m.def(

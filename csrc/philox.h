@@ -1,11 +1,9 @@
 // Counter-based random numbers for the rsvd sketch (DESIGN.md section 3.1).
 //
-// Omega[row, col] ~ N(0, 1) is a pure function of (seed, row, col): Philox4x32-10 (Salmon et al., SC'11) on
-// counter (row_lo, col_lo, row_hi, col_hi) with key (seed_lo, seed_hi), then Box-Muller on the first two words.
-// The transcendental part runs in double and is rounded once to float, so every backend (C++, CUDA, Triton,
-// torch) produces the same float Omega; it is generated inside the kernels and never stored.
+// Omega[row, col] (mean 0, variance 1) is a pure function of (seed, row, col): Philox4x32-10 (Salmon et al.,
+// SC'11) and integer arithmetic only, so every backend (C++, CUDA, Triton, torch) produces the same float
+// Omega bit for bit; it is generated inside the kernels and never stored.
 #pragma once
-#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -42,16 +40,20 @@ L2T_HD void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3
   }
 }
 
-// One standard-normal float for sketch entry (row, col).
-L2T_HD float omega_normal(uint64_t seed, int64_t row, int64_t col) {
+// Omega[row, col]: Philox4x32-10 at counter (row_lo, col_lo, row_hi, col_hi), key (seed_lo, seed_hi); the four
+// output words give four 22-bit uniforms u_i = (w_i >> 10 + 0.5) / 2^22 and
+//   Omega = (u_0 + u_1 + u_2 + u_3 - 2) * sqrt(3)      (standardised Irwin-Hall(4): mean 0, variance 1).
+// The integer sum (S + 2 - 2^23) is exact in float, the scale by 2^-22 is exact, and the single multiply by
+// float(sqrt 3) is correctly rounded everywhere: every backend produces bit-identical Omega, with no
+// transcendental functions (a sub-Gaussian test matrix, as randomized SVD theory requires).
+L2T_HD float omega_entry(uint64_t seed, int64_t row, int64_t col) {
   uint32_t c0 = static_cast<uint32_t>(row), c1 = static_cast<uint32_t>(col);
   uint32_t c2 = static_cast<uint32_t>(static_cast<uint64_t>(row) >> 32);
   uint32_t c3 = static_cast<uint32_t>(static_cast<uint64_t>(col) >> 32);
   philox4x32_10(c0, c1, c2, c3, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  // u in (0, 1): 24-bit mantissa plus half an ulp, exact in float and double.
-  const double u1 = (static_cast<double>(c0 >> 8) + 0.5) * (1.0 / 16777216.0);
-  const double u2 = (static_cast<double>(c1 >> 8) + 0.5) * (1.0 / 16777216.0);
-  return static_cast<float>(sqrt(-2.0 * log(u1)) * cos(6.283185307179586476925286766559 * u2));
+  const int32_t S = static_cast<int32_t>((c0 >> 10) + (c1 >> 10) + (c2 >> 10) + (c3 >> 10));
+  const float centered = static_cast<float>(S + 2 - (1 << 23)) * (1.0f / 4194304.0f);  // exact
+  return centered * 1.7320508075688772f;
 }
 
 }  // namespace l2t

@@ -52,7 +52,8 @@ AUTO_ORDER = {
     "cuda": ("triton", "cuda"),
 }
 # Ops whose CPU C++ kernel loses to torch's BLAS on the benchmark shapes: auto uses torch for them.
-AUTO_CPU_PREFERS_TORCH: set[str] = set()
+# fisher_quadform is one GEMM (delta @ G^T); MKL/oneDNN beat our C++ kernel by about 4x on the README's CPU.
+AUTO_CPU_PREFERS_TORCH: set[str] = {"fisher_quadform"}
 
 _DTYPES = {
     "cpu": (torch.float32, torch.float64),

@@ -29,39 +29,67 @@ int max_threads() {
 }
 
 // ---------------------------------------------------------------------------------------------- rsvd sketch
+// For each (LC x KC) tile of Omega: all threads generate it together (each element once), then all threads
+// multiply their row blocks by it. Y is zeroed first; each Y element is accumulated by one thread in
+// l-order, so the result does not depend on the thread count.
+constexpr int64_t SK_LC = 128, SK_KC = 32;
+
+template <typename T, int KC, int RB>
+static void sketch_tile_rows(const T* W, int64_t m, int64_t sWb, int64_t sWm, int64_t sWn, int64_t rows, int64_t l0,
+                             int64_t lc, const T* tile, int64_t j0, int64_t kc, int64_t k, T* Y) {
+  const int64_t blocks = (rows + RB - 1) / RB;
+#pragma omp for schedule(static)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t g0 = blk * RB, nb = std::min<int64_t>(RB, rows - g0);
+    T acc[RB][KC];
+    const T* w[RB];
+    for (int u = 0; u < RB; ++u) {
+      const int64_t g = g0 + std::min<int64_t>(u, nb - 1);
+      w[u] = W + (g / m) * sWb + (g % m) * sWm + l0 * sWn;
+      for (int j = 0; j < KC; ++j) acc[u][j] = T(0);
+    }
+    for (int64_t l = 0; l < lc; ++l) {
+      const T* __restrict__ t = tile + l * SK_KC;
+      for (int u = 0; u < RB; ++u) {
+        const T wl = w[u][l * sWn];
+#pragma omp simd
+        for (int j = 0; j < KC; ++j) acc[u][j] += wl * t[j];
+      }
+    }
+    for (int64_t u = 0; u < nb; ++u) {
+      T* y = Y + (g0 + u) * k + j0;
+      for (int64_t j = 0; j < kc; ++j) y[j] += acc[u][j];
+    }
+  }
+}
+
 template <typename T>
 void sketch(const T* W, int64_t B, int64_t m, int64_t n, int64_t sWb, int64_t sWm, int64_t sWn, int64_t k,
             uint64_t seed, T* Y) {
-  constexpr int64_t LC = 64, KC = 32;
-  // Few large row blocks: each task regenerates the Omega tiles it needs, so the RNG costs
-  // (#tasks * n * k) against (B * m * n * k) multiply-adds.
-  const int64_t threads = max_threads();
-  const int64_t per_matrix = std::max<int64_t>(1, (threads + B - 1) / B);
-  const int64_t RB = std::max<int64_t>(64, (m + per_matrix - 1) / per_matrix);
-  const int64_t blocks = (m + RB - 1) / RB;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t task = 0; task < B * blocks; ++task) {
-    const int64_t b = task / blocks;
-    const int64_t i0 = (task % blocks) * RB, i1 = std::min(m, i0 + RB);
-    const T* Wb = W + b * sWb;
-    T* Yb = Y + b * m * k;
-    T tile[LC * KC];
-    for (int64_t i = i0; i < i1; ++i) std::fill(Yb + i * k, Yb + (i + 1) * k, T(0));
-    for (int64_t l0 = 0; l0 < n; l0 += LC) {
-      const int64_t lc = std::min(LC, n - l0);
-      for (int64_t j0 = 0; j0 < k; j0 += KC) {
-        const int64_t kc = std::min(KC, k - j0);
-        for (int64_t l = 0; l < lc; ++l)
-          for (int64_t j = 0; j < kc; ++j) tile[l * KC + j] = static_cast<T>(omega_normal(seed, l0 + l, j0 + j));
-        for (int64_t i = i0; i < i1; ++i) {
-          T* __restrict__ y = Yb + i * k + j0;
-          const T* w = Wb + i * sWm + l0 * sWn;
-          for (int64_t l = 0; l < lc; ++l) {
-            const T wl = w[l * sWn];
-            const T* __restrict__ t = tile + l * KC;
-#pragma omp simd
-            for (int64_t j = 0; j < kc; ++j) y[j] += wl * t[j];
-          }
+  alignas(64) T tile[SK_LC * SK_KC];
+  const int64_t rows = B * m;
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < rows * k; ++i) Y[i] = T(0);
+    for (int64_t j0 = 0; j0 < k; j0 += SK_KC) {
+      const int64_t kc = std::min(SK_KC, k - j0);
+      for (int64_t l0 = 0; l0 < n; l0 += SK_LC) {
+        const int64_t lc = std::min(SK_LC, n - l0);
+#pragma omp for schedule(static)
+        for (int64_t e = 0; e < SK_LC * SK_KC; ++e) {
+          const int64_t l = e / SK_KC, j = e % SK_KC;
+          tile[e] = (l < lc && j < kc) ? static_cast<T>(omega_entry(seed, l0 + l, j0 + j)) : T(0);
+        }
+        // register tile width: the 8-column multiple that covers kc (accumulators stay in registers)
+        if (kc <= 8) {
+          sketch_tile_rows<T, 8, 4>(W, m, sWb, sWm, sWn, rows, l0, lc, tile, j0, kc, k, Y);
+        } else if (kc <= 16) {
+          sketch_tile_rows<T, 16, 4>(W, m, sWb, sWm, sWn, rows, l0, lc, tile, j0, kc, k, Y);
+        } else if (kc <= 24) {
+          sketch_tile_rows<T, 24, 4>(W, m, sWb, sWm, sWn, rows, l0, lc, tile, j0, kc, k, Y);
+        } else {
+          sketch_tile_rows<T, 32, 3>(W, m, sWb, sWm, sWn, rows, l0, lc, tile, j0, kc, k, Y);
         }
       }
     }
@@ -69,35 +97,52 @@ void sketch(const T* W, int64_t B, int64_t m, int64_t n, int64_t sWb, int64_t sW
 }
 
 // ---------------------------------------------------------------------------------------------- row project
+// Register-blocked micro-kernel: RB rows x W columns of Y accumulate in registers while the K loop streams
+// the rows of X once and the matching W-wide slice of V (which stays in L1/L2).
+template <typename T, int RB, int W>
+static inline void rows_times_panel(const T* const* xr, int64_t sXc, int64_t K, const T* V, int64_t ldv, T* out[RB],
+                                    int64_t nb) {
+  T acc[RB][W];
+  for (int u = 0; u < RB; ++u)
+    for (int j = 0; j < W; ++j) acc[u][j] = T(0);
+  for (int64_t c = 0; c < K; ++c) {
+    const T* __restrict__ v = V + c * ldv;
+    for (int u = 0; u < RB; ++u) {
+      const T x = xr[u][c * sXc];
+#pragma omp simd
+      for (int j = 0; j < W; ++j) acc[u][j] += x * v[j];
+    }
+  }
+  for (int64_t u = 0; u < nb; ++u)
+    for (int j = 0; j < W; ++j) out[u][j] = acc[u][j];
+}
+
 template <typename T>
 void row_project(const T* X, int64_t sXr, int64_t sXc, const int64_t* idx, int64_t nrows, int64_t ncols,
                  const T* V, int64_t r, T* Y) {
-  constexpr int64_t RB = 4, RC = 64;  // 4 rows share each V row load; r processed in chunks of 64
+  constexpr int RB = 4;
+  constexpr int W = 32 / sizeof(T) * 2;  // two SIMD registers wide (AVX2: 16 floats / 8 doubles)
   const int64_t blocks = (nrows + RB - 1) / RB;
 #pragma omp parallel for schedule(static)
   for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t i0 = blk * RB, nb = std::min(RB, nrows - i0);
+    const int64_t i0 = blk * RB, nb = std::min<int64_t>(RB, nrows - i0);
     const T* xr[RB];
     for (int64_t u = 0; u < RB; ++u) {
-      const int64_t row = u < nb ? (idx ? idx[i0 + u] : i0 + u) : (idx ? idx[i0] : i0);
-      xr[u] = X + row * sXr;
+      const int64_t i = i0 + std::min(u, nb - 1);  // pad a short block by repeating its last row
+      xr[u] = X + (idx ? idx[i] : i) * sXr;
     }
-    for (int64_t c0 = 0; c0 < r; c0 += RC) {
-      const int64_t rc = std::min(RC, r - c0);
-      alignas(64) T acc[RB][RC];
-      std::memset(acc, 0, sizeof(acc));
-      for (int64_t c = 0; c < ncols; ++c) {
-        const T* __restrict__ v = V + c * r + c0;
-        const T x0 = xr[0][c * sXc], x1 = xr[1][c * sXc], x2 = xr[2][c * sXc], x3 = xr[3][c * sXc];
-#pragma omp simd
-        for (int64_t j = 0; j < rc; ++j) {
-          acc[0][j] += x0 * v[j];
-          acc[1][j] += x1 * v[j];
-          acc[2][j] += x2 * v[j];
-          acc[3][j] += x3 * v[j];
-        }
+    int64_t c0 = 0;
+    T* out[RB];
+    for (; c0 + W <= r; c0 += W) {
+      for (int u = 0; u < RB; ++u) out[u] = Y + (i0 + std::min<int64_t>(u, nb - 1)) * r + c0;
+      rows_times_panel<T, RB, W>(xr, sXc, ncols, V + c0, r, out, nb);
+    }
+    for (; c0 < r; ++c0) {  // remainder columns (r not a multiple of W)
+      for (int64_t u = 0; u < nb; ++u) {
+        T s = 0;
+        for (int64_t c = 0; c < ncols; ++c) s += xr[u][c * sXc] * V[c * r + c0];
+        Y[(i0 + u) * r + c0] = s;
       }
-      for (int64_t u = 0; u < nb; ++u) std::memcpy(Y + (i0 + u) * r + c0, acc[u], rc * sizeof(T));
     }
   }
 }

@@ -24,7 +24,7 @@ struct LoadV {
 
 struct OmegaV {
   uint64_t seed;
-  __device__ float operator()(int64_t l, int64_t c) const { return omega_normal(seed, l, c); }
+  __device__ float operator()(int64_t l, int64_t c) const { return omega_entry(seed, l, c); }
 };
 
 // Tile: BM rows x BN columns per block, BK-deep slices of K staged in shared memory. Thread (ty, tx) owns

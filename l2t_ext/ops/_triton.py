@@ -28,7 +28,7 @@ F32 = torch.float32
 
 @triton.jit
 def _omega(seed_lo, seed_hi, rows, cols):
-    """Omega[rows, cols] float32: Philox4x32-10 + Box-Muller, bit-compatible with csrc/philox.h."""
+    """Omega[rows, cols] float32: Philox4x32-10 + standardised Irwin-Hall(4), bit-identical to csrc/philox.h."""
     c0 = (rows & 0xFFFFFFFF).to(tl.uint32)
     c1 = (cols & 0xFFFFFFFF).to(tl.uint32)
     c2 = (rows >> 32).to(tl.uint32)
@@ -48,9 +48,9 @@ def _omega(seed_lo, seed_hi, rows, cols):
         c3 = lo0
         k0 = k0 + 0x9E3779B9
         k1 = k1 + 0xBB67AE85
-    u1 = ((c0 >> 8).to(tl.float64) + 0.5) * (1.0 / 16777216.0)
-    u2 = ((c1 >> 8).to(tl.float64) + 0.5) * (1.0 / 16777216.0)
-    return (tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586476925286766559 * u2)).to(tl.float32)
+    s = (c0 >> 10).to(tl.int32) + (c1 >> 10).to(tl.int32) + (c2 >> 10).to(tl.int32) + (c3 >> 10).to(tl.int32)
+    centered = (s + (2 - 8388608)).to(tl.float32) * (1.0 / 4194304.0)  # exact
+    return centered * 1.7320508075688772
 
 
 @triton.jit

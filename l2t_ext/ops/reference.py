@@ -6,8 +6,6 @@ the reference accumulates like the kernels do (DESIGN.md section 3, "Numerics").
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
@@ -25,7 +23,8 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def omega(n: int, k: int, seed: int, device=None) -> torch.Tensor:
-    """Omega (n, k) float32: the rsvd sketch matrix, Philox4x32-10 + Box-Muller exactly as csrc/philox.h."""
+    """Omega (n, k) float32, the rsvd test matrix, exactly as csrc/philox.h: Philox4x32-10 at counter
+    (row, col), then the standardised sum of four 22-bit uniforms (mean 0, variance 1)."""
     rows = torch.arange(n, dtype=torch.int64, device=device)[:, None].expand(n, k)
     cols = torch.arange(k, dtype=torch.int64, device=device)[None, :].expand(n, k)
     c0, c1, c2, c3 = rows & _MASK, cols & _MASK, rows >> 32, cols >> 32
@@ -35,9 +34,9 @@ def omega(n: int, k: int, seed: int, device=None) -> torch.Tensor:
         hi1, lo1 = _mulhilo(_M1, c2)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
         k0, k1 = (k0 + _W0) & _MASK, (k1 + _W1) & _MASK
-    u1 = ((c0 >> 8).double() + 0.5) * (1.0 / 16777216.0)
-    u2 = ((c1 >> 8).double() + 0.5) * (1.0 / 16777216.0)
-    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)).float()
+    s = (c0 >> 10) + (c1 >> 10) + (c2 >> 10) + (c3 >> 10)
+    centered = (s + (2 - 2**23)).to(torch.float32) * (1.0 / 4194304.0)  # exact
+    return centered * torch.tensor(3.0**0.5, dtype=torch.float32)  # one float32 rounding, as in C++
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

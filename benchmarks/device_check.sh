@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One-shot GPU check (H100/H200, CUDA 13, torch + Triton preinstalled, no network), < 8 minutes:
+#   1. build l2t_ext for one arch (sm_90) against the machine's own torch (no build isolation, no deps),
+#   2. run the whole test suite (CUDA and Triton tests run on the GPU there; nothing is interpreted),
+#   3. run the GPU kernel benchmarks (bf16 and fp32) and print the tables.
+# Logs and JSON go to $OUT (the device tool brings them back). Usage: bash benchmarks/device_check.sh
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-$REPO/device_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+T0=$(date +%s)
+stamp() { echo "[device_check +$(( $(date +%s) - T0 ))s] $*"; }
+
+stamp "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader || true
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+nvcc --version | tail -1
+
+stamp "build (L2T_CUDA=ON, L2T_CUDA_ARCHS=${L2T_CUDA_ARCHS:-90})"
+cd "$REPO"
+L2T_CUDA=ON L2T_CUDA_ARCHS=${L2T_CUDA_ARCHS:-90} $PY -m pip install --no-build-isolation --no-deps -q . \
+  > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; stamp "BUILD FAILED"; exit 1; }
+cd /tmp
+l2t info | tee "$OUT/info.txt"
+
+stamp "tests"
+timeout ${TEST_TIMEOUT:-300} $PY -m pytest -q -rfE -p no:cacheprovider "$REPO/python_tests" ${PYTEST_ARGS:-} \
+  > "$OUT/tests.log" 2>&1
+echo "pytest exit code $?"
+grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
+grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
+
+stamp "benchmarks"
+timeout ${BENCH_TIMEOUT:-240} l2t bench --device cuda ${BENCH_ARGS:-} --json "$OUT/bench_gpu.json" \
+  --markdown "$OUT/bench_gpu.md" > "$OUT/bench.log" 2>&1
+echo "bench exit code $?"
+grep -vE "^\|" "$OUT/bench.log" | grep -E "skipped|failed|above tolerance" | head -20
+stamp "tables"
+cat "$OUT/bench_gpu.md" 2>/dev/null || tail -30 "$OUT/bench.log"
+stamp "done"

@@ -1,0 +1,57 @@
+"""Benchmark suite: fisher_quadform (implicit) against an explicit Fisher and the best plain-torch form."""
+
+from __future__ import annotations
+
+import torch
+
+from l2t_ext import ops
+from l2t_ext.bench._harness import Case, Impl
+
+OP = "fisher_quadform"
+
+
+def cases(quick: bool, device: str) -> list[Case]:
+    ps = [1024, 4096, 16384] + ([65536] if device == "cuda" else [])
+    return [Case(OP, f"p{p}_N512_M64", dict(p=p, N=512, M=64), floor_bytes=0) for p in ps]
+
+
+def floor_bytes(params: dict, dtype: torch.dtype) -> int:
+    return (params["N"] + params["M"]) * params["p"] * torch.finfo(dtype).bits // 8
+
+
+def make_inputs(params: dict, device: str, dtype: torch.dtype) -> dict:
+    g = torch.Generator().manual_seed(1)
+    p, N, M = params["p"], params["N"], params["M"]
+    return dict(delta=torch.randn(M, p, generator=g).to(device=device, dtype=dtype),
+                grads=torch.randn(N, p, generator=g).to(device=device, dtype=dtype), damping=1e-5)
+
+
+def reference(inp: dict) -> torch.Tensor:
+    return ops.reference.quadform_implicit(inp["delta"].double(), inp["grads"].double(), inp["damping"])
+
+
+def _explicit_fisher(inp):
+    """Build F = G^T G / N (p x p), then delta (F + lambda I) delta^T."""
+    d, G, lam = inp["delta"], inp["grads"], inp["damping"]
+    F = G.T @ G / G.shape[0]
+    return ((d @ F) * d).sum(1) + lam * d.square().sum(1)
+
+
+def _torch_best(inp):
+    d, G, lam = inp["delta"], inp["grads"], inp["damping"]
+    return (d @ G.T).square().mean(1) + lam * d.square().sum(1)
+
+
+def est_bytes(impl: str, params: dict, dtype: torch.dtype) -> int:
+    e = torch.finfo(dtype).bits // 8
+    if impl == "explicit_fisher":
+        return params["p"] ** 2 * e * 2
+    return (params["N"] + params["M"]) * params["p"] * e
+
+
+def impls(device: str, l2t_backends: list[str]) -> list[Impl]:
+    out = [Impl(f"l2t:{b}", "l2t",
+                lambda inp, b=b: ops.fisher_quadform(inp["delta"], grads=inp["grads"], damping=inp["damping"],
+                                                     backend=b))
+           for b in l2t_backends]
+    return out + [Impl("explicit_fisher", "baseline", _explicit_fisher), Impl("torch_best", "baseline", _torch_best)]

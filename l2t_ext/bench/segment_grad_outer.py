@@ -1,0 +1,97 @@
+"""Benchmark suite: segment_grad_outer against the per-segment gradients a user would otherwise compute."""
+
+from __future__ import annotations
+
+import torch
+
+from l2t_ext import ops
+from l2t_ext.bench._harness import Case, Impl
+
+OP = "segment_grad_outer"
+
+
+def cases(quick: bool, device: str) -> list[Case]:
+    shapes = [(4096, 1024, 1024, 16, 64)]
+    if not quick or device == "cuda":
+        shapes += [(4096, 1536, 1536, 32, 64), (16384, 4096, 4096, 32, 64)]
+    out = []
+    for T, n, m, r, S in shapes:
+        p = dict(T=T, n=n, m=m, r=r, S=S)
+        out.append(Case(OP, f"T{T}_n{n}_m{m}_r{r}_S{S}", p, floor_bytes=0))
+    return out
+
+
+def floor_bytes(params: dict, dtype: torch.dtype) -> int:
+    return params["T"] * (params["n"] + params["m"]) * torch.finfo(dtype).bits // 8
+
+
+def make_inputs(params: dict, device: str, dtype: torch.dtype) -> dict:
+    g = torch.Generator().manual_seed(0)
+    T, n, m, r, S = (params[k] for k in ("T", "n", "m", "r", "S"))
+    X = torch.randn(T, n, generator=g).to(device=device, dtype=dtype)
+    D = torch.randn(T, m, generator=g).to(device=device, dtype=dtype)
+    # S contiguous episodes of random lengths; ~10% of tokens masked (prompt/padding/final answer)
+    cuts = torch.sort(torch.randperm(T - 1, generator=g)[: S - 1] + 1).values
+    seg = torch.bucketize(torch.arange(T), cuts, right=True)
+    seg[torch.rand(T, generator=g) < 0.1] = -1
+    U = torch.linalg.qr(torch.randn(m, r, generator=g)).Q.to(device)
+    V = torch.linalg.qr(torch.randn(n, r, generator=g)).Q.to(device)
+    return dict(X=X, D=D, seg=seg.to(device), S=S, U=U, V=V)
+
+
+def reference(inp: dict) -> torch.Tensor:
+    d = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inp.items()}
+    return ops.reference.segment_grad_outer(d["X"], d["D"], d["seg"], d["S"], d["U"], d["V"])
+
+
+def _torch_func(inp):
+    """vmap over segments of grad of a Linear's summed, segment-masked output loss, then U^T G V."""
+    X, D, seg, S, U, V = inp["X"], inp["D"], inp["seg"], inp["S"], inp["U"], inp["V"]
+    W = torch.zeros(D.shape[1], X.shape[1], device=X.device, dtype=X.dtype)
+
+    def loss(W, s):
+        out = torch.nn.functional.linear(X, W)  # (T, m)
+        return (out * D * (seg == s).to(X.dtype)[:, None]).sum()
+
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(W, torch.arange(S, device=X.device))
+    return U.T.to(grads.dtype) @ grads @ V.to(grads.dtype)
+
+
+def _torch_naive(inp):
+    """Full per-segment gradients D_s^T X_s (S, m, n), then the projection."""
+    X, D, seg, S, U, V = inp["X"], inp["D"], inp["seg"], inp["S"], inp["U"], inp["V"]
+    full = torch.zeros(S, D.shape[1], X.shape[1], device=X.device, dtype=X.dtype)
+    for s in range(S):
+        sel = seg == s
+        full[s] = D[sel].T @ X[sel]
+    return U.T.to(full.dtype) @ full @ V.to(full.dtype)
+
+
+def _torch_best(inp):
+    """Project X and D first, then a segment-sum of r x r outer products."""
+    X, D, seg, S, U, V = inp["X"], inp["D"], inp["seg"], inp["S"], inp["U"], inp["V"]
+    keep = seg >= 0
+    a = D[keep] @ U.to(D.dtype)
+    b = X[keep] @ V.to(X.dtype)
+    G = torch.zeros(S, U.shape[1], V.shape[1], device=X.device, dtype=X.dtype)
+    return G.index_add_(0, seg[keep], a[:, :, None] * b[:, None, :])
+
+
+def est_bytes(impl: str, params: dict, dtype: torch.dtype) -> int:
+    T, n, m, r, S = (params[k] for k in ("T", "n", "m", "r", "S"))
+    e = torch.finfo(dtype).bits // 8
+    if impl == "torch_func":
+        return S * T * m * e * 2 + S * m * n * e * 2  # batched masked outputs + per-segment gradients
+    if impl == "torch_naive":
+        return S * m * n * e * 2
+    return T * (n + m) * e
+
+
+def impls(device: str, l2t_backends: list[str]) -> list[Impl]:
+    out = [Impl(f"l2t:{b}", "l2t",
+                lambda inp, b=b: ops.segment_grad_outer(inp["X"], inp["D"], inp["seg"], inp["S"], inp["U"],
+                                                        inp["V"], backend=b))
+           for b in l2t_backends]
+    out += [Impl("torch_func", "baseline", _torch_func), Impl("torch_naive", "baseline", _torch_naive),
+            Impl("torch_best", "baseline", _torch_best)]
+    return out
