@@ -140,3 +140,11 @@ def test_project_bad_input():
         ops.project(torch.randn(5, 6), torch.randn(4, 2), torch.randn(6, 2))
     with pytest.raises(ValueError, match="V batch dims"):
         ops.project(torch.randn(2, 5, 6), torch.randn(5, 2), torch.randn(3, 6, 2))
+
+
+@pytest.mark.parametrize("backend,device,dtype", cases(include_bf16=False))
+def test_rsvd_seed_edge_values(backend, device, dtype):
+    W = decaying(30, 20, seed=0).to(dtype).to(device)
+    for seed in (0, 1, 2**32 - 1, 2**32 + 1, 2**63, 2**64 - 1):
+        U, S, V = ops.rsvd(W, 3, seed=seed, backend=backend)
+        assert torch.isfinite(U).all() and (S[:-1] >= S[1:]).all()

@@ -53,7 +53,7 @@ def _omega(seed_lo, seed_hi, rows, cols):
     return centered * 1.7320508075688772
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _gemm_kernel(X_PTR, IDX_PTR, V_PTR, YIN_PTR, Y_PTR, nrows, ncols, K, kchunk, s_xr, s_xc, s_xz, s_vk, s_vc,
                  seed_lo, seed_hi, alpha, beta, HAS_IDX: tl.constexpr, OMEGA: tl.constexpr, HAS_YIN: tl.constexpr,
                  SPLIT: tl.constexpr, BF16_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,

@@ -38,7 +38,7 @@ def _rsvd_op(W: torch.Tensor, rank: int, oversample: int, n_iter: int, seed: int
     acc = out_dtype(W.dtype)
     W3 = W.reshape(-1, m, n)
     k = min(rank + oversample, m, n)
-    Y = module(backend).sketch(W3, k, seed).to(acc)  # (B, m, k) = W Omega
+    Y = module(backend).sketch(W3, k, seed % 2**64).to(acc)  # (B, m, k) = W Omega
     Wf = W3.to(acc)
     if Wf.shape[0] == 1:  # plain 2-D matmuls: batched bmm with one matrix is slower on CPU BLAS
         Y, Wf = Y[0], Wf[0]
