@@ -45,15 +45,16 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# Per (op, device type): the order ``auto`` tries compiled backends in, fastest first, as measured by
-# ``l2t bench`` (README "Benchmarks"). ``torch`` is always the last resort.
+# Per device type (and per op where measurements differ): the order ``auto`` tries backends in, fastest first,
+# as measured by ``l2t bench`` (README "Benchmarks"); ``torch`` ends every list. On CPU, fisher_quadform is one
+# GEMM (delta @ G^T) where MKL/oneDNN beat our C++ kernel by about 4x, so auto uses torch there.
 AUTO_ORDER = {
-    "cpu": ("cpu",),
-    "cuda": ("triton", "cuda"),
+    "cpu": ("cpu", "torch"),
+    "cuda": ("triton", "cuda", "torch"),
 }
-# Ops whose CPU C++ kernel loses to torch's BLAS on the benchmark shapes: auto uses torch for them.
-# fisher_quadform is one GEMM (delta @ G^T); MKL/oneDNN beat our C++ kernel by about 4x on the README's CPU.
-AUTO_CPU_PREFERS_TORCH: set[str] = {"fisher_quadform"}
+AUTO_ORDER_BY_OP = {
+    ("fisher_quadform", "cpu"): ("torch",),
+}
 
 _DTYPES = {
     "cpu": (torch.float32, torch.float64),
@@ -101,13 +102,13 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> 
     """Return the backend that runs ``op``; raise RuntimeError if an explicit one cannot."""
     if backend == "auto":
         chosen = "torch"
-        if not (device.type == "cpu" and op in AUTO_CPU_PREFERS_TORCH):
-            for cand in AUTO_ORDER.get(device.type, ()):
-                if cand == "triton" and device.type != "cuda":
-                    continue  # never auto-select the interpreter
-                if unavailable_reason(cand, device, dtype) is None:
-                    chosen = cand
-                    break
+        order = AUTO_ORDER_BY_OP.get((op, device.type), AUTO_ORDER.get(device.type, ("torch",)))
+        for cand in order:
+            if cand == "triton" and device.type != "cuda":
+                continue  # never auto-select the interpreter
+            if unavailable_reason(cand, device, dtype) is None:
+                chosen = cand
+                break
     else:
         why = unavailable_reason(backend, device, dtype)
         if why is not None:

@@ -90,3 +90,12 @@ def test_torch_compile_traces_segment_grad_outer():
 def test_unknown_backend_name():
     with pytest.raises(ValueError, match="backend must be"):
         ops.fisher_accumulate(torch.randn(2, 3), backend="mps")
+
+
+def test_auto_dispatch_table_on_cpu():
+    cpu = torch.device("cpu")
+    # measured: our C++ kernel wins segment_grad_outer and rsvd on CPU, MKL wins the quadform GEMM
+    assert _backend.resolve("segment_grad_outer", "auto", cpu, torch.float32) == "cpu"
+    assert _backend.resolve("rsvd", "auto", cpu, torch.float64) == "cpu"
+    assert _backend.resolve("fisher_quadform", "auto", cpu, torch.float32) == "torch"
+    assert _backend.resolve("segment_grad_outer", "auto", cpu, torch.bfloat16) == "torch"

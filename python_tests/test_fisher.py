@@ -45,7 +45,7 @@ def test_implicit_matches_explicit_float64(backend, device, dtype, size):
 @pytest.mark.parametrize("size", [(1, 1, 1), (5, 37, 9), (16, 200, 40)], ids=lambda s: "M{}_p{}_N{}".format(*s))
 def test_explicit_fisher_form(backend, device, dtype, size):
     M, p, N = size
-    delta = torch.randn(M, p, dtype=torch.float64)
+    delta = torch.randn(M, p, dtype=torch.float64).to(dtype).double()  # exactly representable in dtype
     grads = torch.randn(N, p, dtype=torch.float64)
     A = torch.randn(p, p, dtype=torch.float64)  # a non-symmetric F checks the index order too
     ref = torch.einsum("mp,pq,mq->m", delta, A, delta) + 0.1 * delta.square().sum(1)

@@ -9,6 +9,7 @@ README "Benchmarks") plus markdown tables.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from types import SimpleNamespace
@@ -77,19 +78,24 @@ def run_suite(op: str, quick: bool, device: str, dtypes: list[str], log=print) -
                 row = dict(op=op, case=case.name, impl=impl.name, role=impl.role, device=device, dtype=dtname,
                            ms=None, p20_ms=None, p80_ms=None, peak_mem_mb=None, error=None, gbps=None)
                 need = suite.est(impl.name, case.params, dt)
+                if quick and impl.name == "linalg_svd" and math.prod(case.params[k] for k in "Bmn") > 4_000_000:
+                    row["note"] = "skipped in --quick: a full SVD of this size takes seconds"
+                    rows.append(row)
+                    continue
                 if need > _mem_budget(device):
                     row["note"] = f"skipped: needs about {need / 2**30:.1f} GiB"
                     rows.append(row)
                     log(f"  {op:18s} {case.name:28s} {dtname:8s} {impl.name:16s} {row['note']}")
                     continue
                 try:
-                    if op == "rsvd":  # randomized: average the accuracy over 5 sketch seeds
+                    if op == "rsvd":  # randomized methods: average the accuracy over 5 sketch seeds
                         errs, recs = [], []
-                        for seed in range(5):
+                        seeds = range(1) if impl.name == "linalg_svd" else range(5)
+                        for seed in seeds:
                             out = impl.fn({**inputs, "seed": seed})
                             errs.append(H.rel_error(out[1], ref))
                             recs.append(_rs.recon_ratio(inputs, out))
-                        row["error"], row["recon_ratio"] = sum(errs) / 5, sum(recs) / 5
+                        row["error"], row["recon_ratio"] = sum(errs) / len(errs), sum(recs) / len(recs)
                     else:
                         out = impl.fn(inputs)
                         H.sync(device)

@@ -8,6 +8,7 @@ through their strides; small operands (U, V) are converted to contiguous float32
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -69,9 +70,14 @@ def segment_sum(P: torch.Tensor, seg_chunk_start: torch.Tensor) -> torch.Tensor:
     return G
 
 
+@functools.cache
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _split(K: int, tiles: int, device) -> tuple[int, int]:
     """Split-K so that the grid fills the GPU: (nz, kchunk)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device)
     nz = max(1, min(64, (2 * sms) // max(1, tiles), K // 256))
     kchunk = -(-K // nz)
     kchunk = -(-kchunk // 32) * 32

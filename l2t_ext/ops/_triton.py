@@ -9,6 +9,7 @@ Launches go on torch's current stream (Triton's default).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -124,6 +125,29 @@ def _chunk_outer_kernel(A_PTR, B_PTR, START_PTR, P_PTR, ra, rb, BLOCK_T: tl.cons
 
 
 @triton.jit
+def _segment_outer_kernel(A_PTR, B_PTR, SEG_PTR, LO_PTR, HI_PTR, G_PTR, ra, rb, BLOCK_T: tl.constexpr,
+                          BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    # G[s] = sum_{t in [lo[s], hi[s]], seg[t] == s} A[t] outer B[t], tokens in order (deterministic). Rows of
+    # other segments (and masked tokens, whose A/B rows may hold anything) are never loaded.
+    s = tl.program_id(0).to(tl.int64)
+    offs_a = tl.program_id(1).to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A).to(tl.int64)
+    offs_b = tl.program_id(2).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    lo = tl.load(LO_PTR + s)
+    hi = tl.load(HI_PTR + s)  # empty segment: lo > hi, the loop does not run and zeros are stored
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for t in range(lo, hi + 1, BLOCK_T):
+        offs_t = t + tl.arange(0, BLOCK_T).to(tl.int64)
+        sel = tl.load(SEG_PTR + offs_t, mask=offs_t <= hi, other=-1) == s
+        a = tl.load(A_PTR + offs_t[:, None] * ra + offs_a[None, :], mask=sel[:, None] & (offs_a[None, :] < ra),
+                    other=0.0)
+        b = tl.load(B_PTR + offs_t[:, None] * rb + offs_b[None, :], mask=sel[:, None] & (offs_b[None, :] < rb),
+                    other=0.0)
+        acc += tl.dot(tl.trans(a), b, input_precision="ieee")
+    mask = (offs_a[:, None] < ra) & (offs_b[None, :] < rb)
+    tl.store(G_PTR + s * ra * rb + offs_a[:, None] * rb + offs_b[None, :], acc, mask=mask)
+
+
+@triton.jit
 def _segment_sum_kernel(P_PTR, START_PTR, G_PTR, rr, BLOCK: tl.constexpr):
     # G[s] = sum of its chunks in order; empty segments store exact zeros.
     s = tl.program_id(0).to(tl.int64)
@@ -170,7 +194,7 @@ def _gemm(X, sXr, sXc, sXz, idx, nrows, V, sVk, sVc, ncols, K, *, nz=1, split=Fa
     Y = empty((nz, nrows, ncols), F32, X.device)
     if nrows == 0 or ncols == 0:
         return Y
-    BM, BN, BK = 64, _pow2(ncols, 16, 64), 64
+    BM, BN, BK = (128 if nrows >= 8192 else 64), _pow2(ncols, 16, 64), 64
     grid = (triton.cdiv(nrows, BM), triton.cdiv(ncols, BN), nz)
     dummy = Y
     _gemm_kernel[grid](X, idx if idx is not None else dummy, V if V is not None else dummy,
@@ -195,6 +219,24 @@ def row_project(X: torch.Tensor, idx: torch.Tensor | None, V: torch.Tensor) -> t
                  bf16_dot=bf16)[0]
 
 
+def segment_grad_outer(X, D, seg, num_segments: int, U, V) -> torch.Tensor:
+    """Sync-free GPU path: project every token (one pass over X and D), then one program per segment reduces
+    the rows of its token range [first, last] in token order. No sort, no host synchronisation."""
+    T, S = seg.numel(), num_segments
+    A = row_project(D, None, U)  # (T, r) float32
+    B = row_project(X, None, V)  # (T, r') float32
+    pos = torch.arange(T, device=seg.device)
+    bins = torch.where(seg >= 0, seg, S)  # masked tokens go to an extra bin that is dropped
+    lo = torch.full((S + 1,), T, dtype=torch.int64, device=seg.device).scatter_reduce_(0, bins, pos, "amin")
+    hi = torch.full((S + 1,), -1, dtype=torch.int64, device=seg.device).scatter_reduce_(0, bins, pos, "amax")
+    ra, rb = A.shape[1], B.shape[1]
+    G = empty((S, ra, rb), F32, X.device)
+    BA, BB = _pow2(ra, 16, 64), _pow2(rb, 16, 64)
+    _segment_outer_kernel[(S, triton.cdiv(ra, BA), triton.cdiv(rb, BB))](A, B, seg, lo, hi, G, ra, rb, BLOCK_T=64,
+                                                                         BLOCK_A=BA, BLOCK_B=BB)
+    return G
+
+
 def chunk_outer(A: torch.Tensor, B: torch.Tensor, chunk_start: torch.Tensor) -> torch.Tensor:
     C, ra, rb = chunk_start.numel() - 1, A.shape[1], B.shape[1]
     P = empty((C, ra, rb), F32, A.device)
@@ -214,8 +256,13 @@ def segment_sum(P: torch.Tensor, seg_chunk_start: torch.Tensor) -> torch.Tensor:
     return G
 
 
+@functools.cache
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _split(K: int, tiles: int, device) -> tuple[int, int]:
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = _sm_count(device)
     nz = max(1, min(64, (2 * sms) // max(1, tiles), K // 256))
     kchunk = triton.cdiv(triton.cdiv(K, nz), 64) * 64
     return -(-K // kchunk), kchunk

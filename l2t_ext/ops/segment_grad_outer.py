@@ -27,6 +27,8 @@ def _segment_grad_outer_op(X: torch.Tensor, D: torch.Tensor, seg: torch.Tensor, 
     if backend == "torch":
         return module("torch").segment_grad_outer(X, D, seg, num_segments, U, V)
     mod = module(backend)
+    if hasattr(mod, "segment_grad_outer"):  # the backend has its own (sync-free) path
+        return mod.segment_grad_outer(X, D, seg, num_segments, U, V)
     order, chunk_start, seg_chunk_start = segment_plan(seg, num_segments, mod.CHUNK)
     A = mod.row_project(D, order, U)  # (T', r) = D[order] @ U
     B = mod.row_project(X, order, V)  # (T', r) = X[order] @ V
