@@ -109,7 +109,9 @@ def cpu_peak_mb(op: str, params: dict, impl: str, dtype: str) -> float | None:
 
 
 def child_peak(inputs: dict, impl_fn: Callable[[dict], object]) -> float:
-    """In a fresh process: peak RSS during one call minus the RSS just before it (inputs already built)."""
+    """In a fresh process: peak RSS during one call minus the RSS just before it (inputs already built, one
+    warm-up call done so one-time lazy initialisation is not counted)."""
+    impl_fn(inputs)
     if not _reset_peak_rss():
         raise RuntimeError("cannot reset peak RSS (/proc/self/clear_refs)")
     before = _rss_mb("VmRSS")

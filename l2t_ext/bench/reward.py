@@ -1,0 +1,151 @@
+"""Cost of the L2T reward against one PPO training step's forward+backward on the same batch.
+
+CPU: a tiny Qwen2 (the demo's size class). GPU: a randomly initialised model with Qwen2-0.5B shapes in bf16.
+Timed: (a) step = forward + backward of the response log-likelihood through all parameters (what every PPO
+step pays), (b) penalty = FisherTracker.episode_grads + compression_penalty, (c) Jr = AnswerLikelihoodJr
+probes, (d) the whole DenseProcessReward call. Peak memory of (a) and (d) likewise.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from l2t_ext.bench import _harness as H
+
+MARKER = 7
+
+CONFIGS = {
+    "cpu": dict(model=dict(vocab_size=64, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2),
+                batch=dict(B=16, prompt=32, L=192, episode=16, answer=4, cue=3), dtype="float32"),
+    "cuda": dict(model=dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                            num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+                 batch=dict(B=8, prompt=128, L=1024, episode=64, answer=8, cue=4), dtype="bfloat16"),
+}
+
+
+def build(device: str):
+    import transformers
+
+    from l2t_ext.reward import AnswerLikelihoodJr, DenseProcessReward, FisherTracker, Rollouts, segment_episodes
+
+    cfg = CONFIGS[device]
+    torch.manual_seed(0)
+    mcfg = transformers.Qwen2Config(max_position_embeddings=4096, attn_implementation="sdpa", **cfg["model"])
+    model = transformers.Qwen2ForCausalLM(mcfg).to(device=device, dtype=getattr(torch, cfg["dtype"])).eval()
+    b = cfg["batch"]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(10, min(cfg["model"]["vocab_size"], 1000), (b["B"], b["L"]), generator=g)
+    resp = torch.zeros(b["B"], b["L"], dtype=torch.bool)
+    resp[:, b["prompt"]:] = True
+    for p in range(b["prompt"] + b["episode"] - 1, b["L"] - 8, b["episode"]):
+        ids[:, p] = MARKER  # episodes of b["episode"] tokens, then a short final answer
+    ids, resp = ids.to(device), resp.to(device)
+    am = torch.ones_like(ids)
+    ep = segment_episodes(ids, resp, [[MARKER]])
+    answers = [[11 + (i % 5)] * b["answer"] for i in range(b["B"])]
+    r = Rollouts(ids, am, resp, ep, answer_ids=answers)
+    tracker = FisherTracker(model, rank=16)
+    jr = AnswerLikelihoodJr(model, cue_ids=list(range(20, 20 + b["cue"])))
+    reward = DenseProcessReward(jr, tracker)
+    return model, r, tracker, jr, reward
+
+
+def _fns(device):
+    from l2t_ext.reward import compression_penalty
+    from l2t_ext.reward.fisher import position_ids_from_mask, token_logprobs
+
+    model, r, tracker, jr, reward = build(device)
+    pos = position_ids_from_mask(r.attention_mask)
+    mask = r.response_mask.clone()
+    mask[:, :-1] = r.response_mask[:, 1:]  # position t predicts token t+1
+    mask[:, -1] = False
+
+    def step():
+        out = model(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=pos)
+        lp = token_logprobs(out.logits, r.input_ids)
+        loss = -(lp * mask).sum() / mask.sum()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    K = r.num_episodes
+    valid = torch.arange(K, device=r.input_ids.device)[None] < (r.episode_ids.max(1).values + 1)[:, None]
+
+    def penalty():
+        g = tracker.episode_grads(r.input_ids, r.attention_mask, r.episode_ids, num_episodes=K)
+        return compression_penalty(g, valid)
+
+    @torch.no_grad()
+    def forward():  # the rollout's old log-probs: what the loop pays anyway, and what the reward returns
+        out = model(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=pos)
+        return token_logprobs(out.logits, r.input_ids)
+
+    return {"step": step, "forward": forward, "penalty": penalty, "jr": lambda: jr(r)[0],
+            "reward": lambda: reward(r).r_prg}, r
+
+
+def _child(name: str) -> float:
+    fns, _ = _fns("cpu")
+    return H.child_peak({}, lambda _inputs: fns[name]())
+
+
+def run(device: str) -> dict:
+    fns, r = _fns(device)
+    machine = H.machine_info(device)
+    res = {"machine": machine, "config": CONFIGS[device], "episodes_per_row": r.num_episodes, "results": {}}
+    for name, fn in fns.items():
+        t = H.time_fn(fn, device, budget_s=3.0, max_reps=20)
+        if device == "cuda":
+            mem = H.cuda_peak_mb(fn)
+        else:
+            code = "import sys; from l2t_ext.bench.reward import _child; print(_child(sys.argv[1]))"
+            out = subprocess.run([sys.executable, "-c", code, name], capture_output=True, text=True)
+            mem = float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+        res["results"][name] = dict(ms=t["ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"], peak_mem_mb=mem)
+    R = res["results"]
+    step = R["step"]["ms"]
+    res["ratios"] = {k: R[k]["ms"] / step for k in ("penalty", "jr", "reward")}
+    # the reward's forward replaces the old-log-prob forward the loop needs anyway
+    res["ratios"]["reward_net_of_old_logprob_forward"] = (R["reward"]["ms"] - R["forward"]["ms"]) / step
+    res["ratios"]["penalty_net_of_old_logprob_forward"] = (R["penalty"]["ms"] - R["forward"]["ms"]) / step
+    if R["step"]["peak_mem_mb"] and R["reward"]["peak_mem_mb"] is not None:
+        res["extra_peak_mem_frac"] = max(0.0, R["reward"]["peak_mem_mb"] - R["step"]["peak_mem_mb"]) / \
+            R["step"]["peak_mem_mb"]
+    return res
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = [f"Reward cost on {m.get('gpu') or m['cpu']} ({m['cpu_cores']} cores), torch {m['torch']}; "
+             f"{res['config']['dtype']}, batch {res['config']['batch']}, {res['episodes_per_row']} episodes/row", "",
+             "| part | ms (p20-p80) | peak MB | x of step |", "|---|---|---|---|"]
+    step = res["results"]["step"]["ms"]
+    for k, v in res["results"].items():
+        mem = "-" if v["peak_mem_mb"] is None else f"{v['peak_mem_mb']:.0f}"
+        lines.append(f"| {k} | {v['ms']:.2f} ({v['p20_ms']:.2f}-{v['p80_ms']:.2f}) | {mem} | {v['ms'] / step:.2f} |")
+    rt = res["ratios"]
+    lines.append(f"\nNet of the old-log-prob forward the reward replaces: reward "
+                 f"{rt['reward_net_of_old_logprob_forward']:.2f}x, penalty "
+                 f"{rt['penalty_net_of_old_logprob_forward']:.2f}x of the step")
+    if "extra_peak_mem_frac" in res:
+        lines.append(f"\nExtra peak memory of the reward over the step: {100 * res['extra_peak_mem_frac']:.1f}%")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default="bench_reward.json")
+    args = p.parse_args(argv)
+    res = run(args.device)
+    print(markdown(res))
+    with open(args.json, "w") as f:
+        json.dump(res, f, indent=1)
+    return 0

@@ -1,0 +1,85 @@
+"""The dense process reward (paper Definition 4.1, Theorem 4.2; DESIGN.md section 4):
+
+    r_prg[k] = (Jr(s_k + z_k) - Jr(s_k)) - beta * Pbar[k]
+    reward to optimise: r_out + alpha * sum_k r_prg[k]          (alpha = 0.8, beta = 0.6)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from l2t_ext import ops
+from l2t_ext.reward.fisher import FisherTracker, compression_penalty
+from l2t_ext.reward.jr import AnswerLikelihoodJr, Rollouts
+
+
+@dataclasses.dataclass
+class RewardOutput:
+    r_prg: torch.Tensor  # (B, K) dense process reward, 0 where ~valid
+    valid: torch.Tensor  # (B, K) episode exists
+    jr_before: torch.Tensor  # (B, K) Jr(s_k)
+    jr_after: torch.Tensor  # (B, K) Jr(s_k + z_k)
+    jr_gain: torch.Tensor  # (B, K) fitting gain jr_after - jr_before
+    penalty: torch.Tensor  # (B, K) raw compression penalty g^T (F + lambda I) g
+    penalty_normalized: torch.Tensor  # (B, K) Pbar = P / mean over valid episodes
+    token_logprobs: torch.Tensor  # (B, L) log pi(x_{t+1} | x_<=t) at t from the tracker's forward (detached)
+
+    def total(self, r_out: torch.Tensor, alpha: float) -> torch.Tensor:
+        """r_out + alpha * sum_k r_prg[k] per rollout (Eq. 5)."""
+        return r_out.to(self.r_prg.dtype) + alpha * self.r_prg.sum(1)
+
+
+class DenseProcessReward:
+    """Per-episode L2T rewards for a batch of rollouts.
+
+    Args:
+        jr: a Jr estimator (``AnswerLikelihoodJr``, ``ForcedAnswerJr``, ``CallableJr``) or any callable
+            ``Rollouts -> (jr (B, K+1), valid (B, K+1))``.
+        tracker: ``FisherTracker`` over the policy.
+        alpha, beta: weights of the process reward and of the compression penalty (paper defaults).
+        penalty_mode: "batch" (empirical Fisher of the batch's episodes) or "self" (Theorem 4.2 literally).
+        damping: Fisher damping lambda.
+        fisher_decay: if set (in [0, 1)), keep an explicit EMA Fisher across calls
+            (``ops.fisher_accumulate``) and use it instead of the batch's implicit Fisher.
+    """
+
+    def __init__(self, jr, tracker: FisherTracker, alpha: float = 0.8, beta: float = 0.6,
+                 penalty_mode: str = "batch", damping: float = 1e-5, normalize: bool = True,
+                 fisher_decay: float | None = None):
+        if penalty_mode not in ("batch", "self"):
+            raise ValueError(f"DenseProcessReward: penalty_mode must be 'batch' or 'self', got {penalty_mode!r}")
+        if fisher_decay is not None and not 0.0 <= fisher_decay < 1.0:
+            raise ValueError(f"DenseProcessReward: fisher_decay must be in [0, 1), got {fisher_decay!r}")
+        self.jr, self.tracker = jr, tracker
+        self.alpha, self.beta, self.penalty_mode, self.damping = alpha, beta, penalty_mode, damping
+        self.normalize, self.fisher_decay = normalize, fisher_decay
+        self.fisher: torch.Tensor | None = None
+
+    def __call__(self, r: Rollouts) -> RewardOutput:
+        K = r.num_episodes
+        # one forward: per-episode gradients, the rollout's token log-probs and its KV cache for the Jr probes
+        g, token_lp, cache = self.tracker.episode_grads(r.input_ids, r.attention_mask, r.episode_ids, num_episodes=K,
+                                                        return_logprobs=True, return_cache=True)
+        jr_all, jr_valid = self.jr(r, cache=cache) if isinstance(self.jr, AnswerLikelihoodJr) else self.jr(r)
+        del cache
+        if jr_all.shape[1] != K + 1:
+            raise ValueError(f"DenseProcessReward: Jr returned {jr_all.shape[1]} columns for K={K} episodes")
+        valid = jr_valid[:, 1:] & jr_valid[:, :1]
+        valid = valid & (torch.arange(K, device=valid.device)[None] < (r.episode_ids.max(1).values + 1)[:, None])
+        fisher = None
+        if self.fisher_decay is not None and self.penalty_mode == "batch" and bool(valid.any()):
+            gv = g[valid]
+            self.fisher = ops.fisher_accumulate(gv, self.fisher, self.fisher_decay if self.fisher is not None
+                                                else None)
+            fisher = self.fisher
+        P = compression_penalty(g, valid, self.penalty_mode, self.damping, normalize=False, fisher=fisher)
+        Pbar = P / (P[valid].mean() + 1e-12) if (self.normalize and bool(valid.any())) else P
+        dt = P.dtype
+        jr_before = torch.where(valid, jr_all[:, :-1].to(dt), torch.zeros((), dtype=dt, device=P.device))
+        jr_after = torch.where(valid, jr_all[:, 1:].to(dt), torch.zeros((), dtype=dt, device=P.device))
+        gain = jr_after - jr_before
+        r_prg = torch.where(valid, gain - self.beta * Pbar, torch.zeros((), dtype=dt, device=P.device))
+        return RewardOutput(r_prg=r_prg, valid=valid, jr_before=jr_before, jr_after=jr_after, jr_gain=gain,
+                            penalty=P, penalty_normalized=Pbar, token_logprobs=token_lp)

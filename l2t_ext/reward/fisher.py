@@ -1,0 +1,305 @@
+"""Per-episode gradients in a low-rank parameter proxy, and the Fisher compression penalty
+(DESIGN.md section 4; paper Theorem 4.2, appendix A).
+
+For each tracked ``nn.Linear`` weight W (m, n): bases U (m, r), V (n, r) from ``ops.rsvd`` and the proxy
+theta~ = U^T W V. One forward with hooks captures every tracked layer's input X; one backward of the summed
+response log-likelihood gives the output gradients D; ``ops.segment_grad_outer`` turns (X, D, episode id) into
+per-episode proxy gradients g~[k] = vec(U^T (d/dW sum_{t in k} log pi(x_t | x_<t)) V), concatenated over
+layers.
+
+Exactness: position t's hidden state produces token t+1, so the token at t+1 is charged to position t. For
+layers after the last attention mixing (the default: o_proj, gate_proj, up_proj, down_proj of the last
+block) the output at a position only feeds that position's logits, so this equals the exact per-episode
+gradient. For earlier layers it is token-local attribution: position t's contribution D[t] X[t]^T (from one
+backward of the whole response log-likelihood) is charged to the episode of the token it predicts, so effects
+that travel to later positions through attention are charged to the position they flow from, and the share
+of positions that predict no episode token (the prompt) is left out. ``exact=True`` runs one backward per
+episode and is exact for every layer (its episodes sum to the full gradient).
+
+Cost: the forward below the first tracked layer runs without autograd and the backward starts from a leaf at
+the first tracked layer's output, so no gradient flows through lower layers; gradients never touch
+``param.grad``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from l2t_ext import ops
+
+DEFAULT_SUFFIXES = ("o_proj", "gate_proj", "up_proj", "down_proj")
+_BLOCK_RE = re.compile(r"^(.*\.)?(layers|h|blocks)\.(\d+)\.")
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    """Linear layers of the last transformer block after its attention mixing."""
+    names = _linear_names(model)
+    blocks = {}
+    for n in names:
+        mt = _BLOCK_RE.match(n)
+        if mt:
+            blocks.setdefault(int(mt.group(3)), []).append(n)
+    if not blocks:
+        raise ValueError("FisherTracker: could not find transformer blocks ('...layers.<i>.') among the model's "
+                         f"Linear layers {names[:8]}...; pass layers= (a regex or a list of module names)")
+    last = blocks[max(blocks)]
+    chosen = [n for suf in DEFAULT_SUFFIXES for n in last if n.endswith("." + suf)]
+    if not chosen:
+        raise ValueError(f"FisherTracker: the last block has no {DEFAULT_SUFFIXES} Linear layers (found {last}); "
+                         "pass layers=")
+    return chosen
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding (what HF generate uses)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) log pi(x_{t+1} | x_<=t) at position t (last position: 0), in float32 or float64."""
+    lp = torch.log_softmax(logits[:, :-1].to(torch.float64 if logits.dtype == torch.float64 else torch.float32),
+                           -1)
+    out = lp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return torch.cat([out, out.new_zeros(out.shape[0], 1)], 1)
+
+
+class FisherTracker:
+    """Low-rank proxy bases for a set of Linear layers and per-episode proxy gradients.
+
+    Args:
+        model: any causal LM whose forward(input_ids, attention_mask, position_ids) returns ``.logits``
+            (Hugging Face Qwen2/Llama/Mistral families) and whose projections are ``nn.Linear``.
+        layers: None (default: last block's o_proj/gate_proj/up_proj/down_proj), a regex matched against
+            Linear module names (``re.search``), or a list of module names.
+        rank: r per layer (1 <= r <= min(m, n) of every tracked layer).
+        seed: rsvd sketch seed.
+        refresh_every: recompute the bases every this many ``step()`` calls (optimizer steps).
+        backend: kernel backend for rsvd / segment_grad_outer.
+    """
+
+    def __init__(self, model: nn.Module, layers: str | Sequence[str] | None = None, rank: int = 16, seed: int = 0,
+                 refresh_every: int = 10, oversample: int = 8, n_iter: int = 2, backend: str = "auto"):
+        self.model = model
+        mods = dict(model.named_modules())
+        if layers is None:
+            names = default_layers(model)
+        elif isinstance(layers, str):
+            pat = re.compile(layers)
+            names = [n for n in _linear_names(model) if pat.search(n)]
+        else:
+            names = list(layers)
+            for n in names:
+                if n not in mods or not isinstance(mods[n], nn.Linear):
+                    raise ValueError(f"FisherTracker: {n!r} is not an nn.Linear module of the model")
+        if not names:
+            raise ValueError(f"FisherTracker: no nn.Linear layer matches layers={layers!r}; Linear layers are "
+                             f"{_linear_names(model)[:12]}...")
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"FisherTracker: rank must be an int >= 1, got {rank!r}")
+        for n in names:
+            m, k = mods[n].weight.shape
+            if rank > min(m, k):
+                raise ValueError(f"FisherTracker: rank={rank} exceeds min(m, n)={min(m, k)} of layer {n!r} "
+                                 f"(weight {m}x{k})")
+        if not isinstance(refresh_every, int) or refresh_every < 1:
+            raise ValueError(f"FisherTracker: refresh_every must be an int >= 1, got {refresh_every!r}")
+        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+        self.layer_names = sorted(names, key=order.__getitem__)  # forward order
+        self.modules = [mods[n] for n in self.layer_names]
+        self.rank, self.seed, self.oversample, self.n_iter = rank, seed, oversample, n_iter
+        self.refresh_every, self.backend = refresh_every, backend
+        self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._steps = 0
+        self.refresh()
+
+    @property
+    def p(self) -> int:
+        return len(self.layer_names) * self.rank * self.rank
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute U, V for every tracked layer (same-shape layers share one batched rsvd call)."""
+        groups: dict[tuple, list[str]] = {}
+        for n, mod in zip(self.layer_names, self.modules):
+            groups.setdefault((tuple(mod.weight.shape), mod.weight.dtype, mod.weight.device), []).append(n)
+        mods = dict(zip(self.layer_names, self.modules))
+        for names in groups.values():
+            W = torch.stack([mods[n].weight.detach() for n in names])
+            U, _, V = ops.rsvd(W, self.rank, oversample=self.oversample, n_iter=self.n_iter, seed=self.seed,
+                               backend=self.backend)
+            for i, n in enumerate(names):
+                self.bases[n] = (U[i], V[i])
+
+    def step(self) -> bool:
+        """Count one optimizer step; refresh the bases when due. Returns True if refreshed."""
+        self._steps += 1
+        if self._steps % self.refresh_every == 0:
+            self.refresh()
+            return True
+        return False
+
+    def proxy(self) -> torch.Tensor:
+        """theta~ = concat over layers of vec(U^T W V), (p,)."""
+        return torch.cat([ops.project(m.weight.detach(), *self.bases[n], backend=self.backend).flatten()
+                          for n, m in zip(self.layer_names, self.modules)])
+
+    # ----------------------------------------------------------------------------------------- gradients
+    def _capture_forward(self, input_ids, attention_mask, position_ids, use_cache=False):
+        """Forward with autograd only from the first tracked layer on. Returns (logits, X list, out list,
+        KV cache or None)."""
+        xs: list[torch.Tensor] = [None] * len(self.modules)
+        outs: list[torch.Tensor] = [None] * len(self.modules)
+        first = self.modules[0]
+        handles = []
+
+        def pre_first(mod, args):
+            torch.set_grad_enabled(True)  # everything below ran without building a graph
+
+        def make_hook(i):
+            def hook(mod, args, out):
+                xs[i] = args[0].detach()
+                if mod is first:
+                    out = out.detach().requires_grad_(True)  # a leaf: the backward stops here
+                outs[i] = out
+                return out
+            return hook
+
+        handles.append(first.register_forward_pre_hook(pre_first))
+        for i, mod in enumerate(self.modules):
+            handles.append(mod.register_forward_hook(make_hook(i)))
+        prev = torch.is_grad_enabled()
+        try:
+            torch.set_grad_enabled(False)
+            kw = {"use_cache": True} if use_cache else {}
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
+            logits = out.logits if hasattr(out, "logits") else out[0]
+            cache = (getattr(out, "cache", None) or getattr(out, "past_key_values", None)) if use_cache else None
+        finally:
+            torch.set_grad_enabled(prev)
+            for h in handles:
+                h.remove()
+        if any(o is None for o in outs):
+            missing = [n for n, o in zip(self.layer_names, outs) if o is None]
+            raise RuntimeError(f"FisherTracker: tracked layers {missing} did not run in the forward pass")
+        return logits, xs, outs, cache
+
+    def episode_grads(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, episode_ids: torch.Tensor,
+                      num_episodes: int | None = None, exact: bool = False, return_logprobs: bool = False,
+                      return_cache: bool = False):
+        """Per-episode proxy gradients g (B, K, p).
+
+        Args:
+            input_ids, attention_mask: (B, L) the rollouts (prompt + response, padded).
+            episode_ids: (B, L) from ``segment_episodes`` (-1: not part of any episode).
+            num_episodes: K (default: max episode id + 1 over the batch).
+            exact: one backward per episode (slow; for tests and non-default layers).
+            return_logprobs: also return the (B, L) token log-probs log pi(x_{t+1} | x_<=t) at position t
+                (detached), reusable as the rollout's old log-probs.
+            return_cache: also return the forward's KV cache (reused by ``AnswerLikelihoodJr`` probes).
+
+        Returns:
+            g (B, K, p) float32 (float64 for a float64 model), p = len(layer_names) * rank**2, blocks in
+            ``layer_names`` order, each the row-major flattened r x r matrix U^T dW V; followed by the token
+            log-probs and the KV cache when asked for.
+        """
+        if input_ids.shape != episode_ids.shape or input_ids.shape != attention_mask.shape:
+            raise ValueError(f"episode_grads: input_ids {tuple(input_ids.shape)}, attention_mask "
+                             f"{tuple(attention_mask.shape)} and episode_ids {tuple(episode_ids.shape)} must match")
+        B, L = input_ids.shape
+        K = int(episode_ids.max()) + 1 if num_episodes is None else int(num_episodes)
+        K = max(K, 0)
+        dev = input_ids.device
+        logits, xs, outs, cache = self._capture_forward(input_ids, attention_mask,
+                                                        position_ids_from_mask(attention_mask), return_cache)
+        lp = token_logprobs(logits, input_ids)
+
+        def result(g):
+            extra = ((lp.detach(),) if return_logprobs else ()) + ((cache,) if return_cache else ())
+            return (g, *extra) if extra else g
+
+        # the token at t+1 is produced at position t: its episode is charged to position t
+        seg = torch.full_like(episode_ids, -1)
+        seg[:, :-1] = episode_ids[:, 1:]
+        seg = torch.where(seg >= K, torch.full_like(seg, -1), seg)
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        g = torch.zeros(B, K, self.p, dtype=acc, device=dev)
+        if K == 0 or not bool((seg >= 0).any()):
+            return result(g)
+        rr = self.rank * self.rank
+        if not exact:
+            loss = lp[seg >= 0].sum()
+            Ds = torch.autograd.grad(loss, outs)  # only the tracked outputs: param.grad untouched
+            flat_seg = torch.where(seg >= 0, seg + K * torch.arange(B, device=dev)[:, None], -1).reshape(-1)
+            for i, n in enumerate(self.layer_names):
+                U, V = self.bases[n]
+                X = xs[i].reshape(B * L, -1)
+                D = Ds[i].reshape(B * L, -1)
+                G = ops.segment_grad_outer(X, D, flat_seg, B * K, U, V, backend=self.backend)  # (B*K, r, r)
+                g[:, :, i * rr:(i + 1) * rr] = G.reshape(B, K, rr).to(acc)
+        else:
+            for k in range(K):
+                sel = seg == k
+                if not bool(sel.any()):
+                    continue
+                Ds = torch.autograd.grad(lp[sel].sum(), outs, retain_graph=True, allow_unused=True)
+                rows = torch.where(sel.any(1), torch.arange(B, device=dev), -1)  # one segment per row
+                rowseg = rows[:, None].expand(B, L).reshape(-1)
+                for i, n in enumerate(self.layer_names):
+                    if Ds[i] is None:
+                        continue
+                    U, V = self.bases[n]
+                    G = ops.segment_grad_outer(xs[i].reshape(B * L, -1), Ds[i].reshape(B * L, -1), rowseg, B, U, V,
+                                               backend=self.backend)
+                    g[:, k, i * rr:(i + 1) * rr] = G.reshape(B, rr).to(acc) * sel.any(1, keepdim=True)
+        return result(g)
+
+
+def compression_penalty(g: torch.Tensor, valid: torch.Tensor, mode: str = "batch", damping: float = 1e-5,
+                        normalize: bool = True, fisher: torch.Tensor | None = None, eps: float = 1e-12,
+                        backend: str = "auto") -> torch.Tensor:
+    """Compression penalty P[b, k] = dtheta~^T (F + damping I) dtheta~ with dtheta~ = g[b, k] (Theorem 4.2).
+
+    Args:
+        g: (B, K, p) per-episode proxy gradients.
+        valid: (B, K) bool, which episodes exist.
+        mode: "batch" - F = empirical Fisher of all valid episodes in the batch (implicit, never p x p),
+            or the explicit ``fisher`` (p, p) when given (e.g. an EMA from ``ops.fisher_accumulate``);
+            "self" - F = g g^T per episode (Theorem 4.2 read literally): P = ||g||^4 + damping ||g||^2.
+        normalize: divide by the mean over valid episodes (+eps), so beta is unit-free (DESIGN.md 4).
+
+    Returns:
+        P (B, K), 0 at invalid entries; all zeros if no entry is valid.
+    """
+    if g.dim() != 3:
+        raise ValueError(f"compression_penalty: g must be (B, K, p), got {tuple(g.shape)}")
+    if valid.shape != g.shape[:2]:
+        raise ValueError(f"compression_penalty: valid must be {tuple(g.shape[:2])}, got {tuple(valid.shape)}")
+    if mode not in ("batch", "self"):
+        raise ValueError(f"compression_penalty: mode must be 'batch' or 'self', got {mode!r}")
+    if fisher is not None and mode != "batch":
+        raise ValueError("compression_penalty: fisher= is only used with mode='batch'")
+    valid = valid.to(torch.bool)
+    P = torch.zeros(g.shape[:2], dtype=g.dtype, device=g.device)
+    if not bool(valid.any()):
+        return P
+    gv = g[valid]  # (N, p)
+    if mode == "self":
+        n2 = gv.square().sum(-1)
+        q = n2.square() + damping * n2
+    elif fisher is not None:
+        q = ops.fisher_quadform(gv, fisher=fisher, damping=damping, backend=backend)
+    else:
+        q = ops.fisher_quadform(gv, grads=gv, damping=damping, backend=backend)
+    q = q.to(g.dtype)
+    if normalize:
+        q = q / (q.mean() + eps)
+    P[valid] = q
+    return P

@@ -1,0 +1,301 @@
+"""Jr(s): the policy's own estimate of the probability that context s leads to a correct answer
+(DESIGN.md section 4; paper Definition 4.1 and the Acc(k) probe of section 3 / appendix F.1).
+
+Every estimator takes a ``Rollouts`` batch and returns ``(jr (B, K+1), valid (B, K+1))`` where column k is
+Jr(s_k): s_0 is the prompt, s_k (k >= 1) the context through the last token of episode k-1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Sequence
+
+import torch
+
+from l2t_ext.reward.episodes import boundary_positions, episode_counts
+from l2t_ext.reward.fisher import position_ids_from_mask, token_logprobs
+
+FORCED_ANSWER_CUE = "Please output the final answer directly based on the above steps"
+
+
+@dataclasses.dataclass
+class Rollouts:
+    """A batch of rollouts. Tensors are (B, L); rows may be left- or right-padded (attention_mask 0)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    episode_ids: torch.Tensor
+    answers: Sequence[str] | None = None  # reference answers (text), for verifier/callable estimators
+    answer_ids: Sequence[Sequence[int]] | None = None  # reference answers (token ids), for AnswerLikelihoodJr
+
+    def __post_init__(self):
+        shp = self.input_ids.shape
+        for name in ("attention_mask", "response_mask", "episode_ids"):
+            t = getattr(self, name)
+            if not torch.is_tensor(t) or t.shape != shp:
+                raise ValueError(f"Rollouts: {name} must have input_ids' shape {tuple(shp)}, got "
+                                 f"{getattr(t, 'shape', type(t))}")
+        for name in ("answers", "answer_ids"):
+            v = getattr(self, name)
+            if v is not None and len(v) != shp[0]:
+                raise ValueError(f"Rollouts: {name} has {len(v)} entries for {shp[0]} rows")
+
+    @property
+    def num_episodes(self) -> int:
+        return int(episode_counts(self.episode_ids).max()) if self.input_ids.shape[0] else 0
+
+
+def _cache_kwarg(module) -> str:
+    """Name of the KV-cache argument (transformers >= 5.2x renamed past_key_values to cache)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def _row_tokens(r: Rollouts, b: int):
+    """Real (unpadded) tokens of row b and their episode ids / response flags, in order."""
+    keep = r.attention_mask[b].bool()
+    return r.input_ids[b][keep], r.episode_ids[b][keep], r.response_mask[b][keep].bool(), keep.nonzero().squeeze(1)
+
+
+class AnswerLikelihoodJr:
+    """Jr(s_k) = exp(mean log p(answer tokens | s_k + cue)) by teacher forcing (the default estimator).
+
+    All K+1 probes of a rollout cost about one forward: the probe blocks ``cue + answer`` are packed behind
+    the rollout; block k attends only to the rollout's first pos_k + 1 tokens and causally to itself, with
+    position ids continuing from pos_k, so each probe sees exactly what a separate forward of
+    ``prefix_k + cue + answer`` would see. Needs a model that accepts a 4-D boolean attention mask (Hugging
+    Face models with ``attn_implementation`` "sdpa" or "eager").
+
+    Only the answer positions go through the output layer when the model exposes ``get_decoder()`` and
+    ``get_output_embeddings()`` with logits = lm_head(last hidden state) (Qwen2/Llama/Mistral): the
+    (B, P, vocab) logits of the packed sequence are never formed.
+
+    Args:
+        model: causal LM. cue_ids: token ids of the answer cue (e.g. "\\nFinal answer: "), may be empty.
+        pad_id: token id used for padding the packed batch (never attended to).
+        return_token_logprobs: also keep the rollout's own token log-probs from the packed forward in
+            ``last_token_logprobs`` (forms full logits over the rollout part).
+    """
+
+    def __init__(self, model, cue_ids: Sequence[int], pad_id: int = 0, return_token_logprobs: bool = False):
+        self.model = model
+        self.cue_ids = [int(t) for t in cue_ids]
+        self.pad_id = int(pad_id)
+        self.return_token_logprobs = return_token_logprobs
+        self.last_token_logprobs: torch.Tensor | None = None
+
+    def _pack(self, r: Rollouts, K: int):
+        B, dev = r.input_ids.shape[0], r.input_ids.device
+        c = len(self.cue_ids)
+        pos_all, valid = boundary_positions(r.episode_ids, r.response_mask)  # in padded coordinates
+        rows = []
+        for b in range(B):
+            toks, _, _, where = _row_tokens(r, b)
+            ans = [int(t) for t in r.answer_ids[b]]
+            if not ans:
+                raise ValueError(f"AnswerLikelihoodJr: answer_ids[{b}] is empty")
+            # boundary positions in compact (unpadded) coordinates
+            comp = torch.full((K + 1,), -1, dtype=torch.int64)
+            for k in range(K + 1):
+                if valid[b, k]:
+                    comp[k] = int((where == pos_all[b, k]).nonzero()[0, 0])
+            rows.append((toks, ans, comp, where))
+        a_max = max(len(x[1]) for x in rows)
+        blk = c + a_max
+        n_max = max(x[0].numel() for x in rows)
+        P = n_max + (K + 1) * blk
+        ids = torch.full((B, P), self.pad_id, dtype=torch.int64, device=dev)
+        pos = torch.zeros((B, P), dtype=torch.int64, device=dev)
+        mask = torch.zeros((B, P, P), dtype=torch.bool, device=dev)
+        score_at = torch.zeros((B, K + 1, a_max), dtype=torch.int64, device=dev)  # predictor index
+        score_tok = torch.zeros((B, K + 1, a_max), dtype=torch.int64, device=dev)
+        score_ok = torch.zeros((B, K + 1, a_max), dtype=torch.bool, device=dev)
+        causal = torch.ones(n_max, n_max, dtype=torch.bool, device=dev).tril()
+        ar_blk = torch.ones(blk, blk, dtype=torch.bool, device=dev).tril()
+        for b, (toks, ans, comp, _) in enumerate(rows):
+            n, a = toks.numel(), len(ans)
+            ids[b, :n] = toks
+            pos[b, :n] = torch.arange(n, device=dev)
+            mask[b, :n, :n] = causal[:n, :n]
+            mask[b, n:, 0] = True  # unused slots attend somewhere (keeps softmax finite); never read
+            block = torch.tensor(self.cue_ids + ans + [self.pad_id] * (a_max - a), dtype=torch.int64, device=dev)
+            for k in range(K + 1):
+                pk = int(comp[k])
+                if pk < 0:
+                    continue
+                s = n_max + k * blk
+                ids[b, s:s + blk] = block
+                pos[b, s:s + blk] = torch.arange(pk + 1, pk + 1 + blk, device=dev)
+                mask[b, s:s + blk, :] = False
+                mask[b, s:s + blk, :pk + 1] = True
+                mask[b, s:s + blk, s:s + blk] = ar_blk
+                for j in range(a):
+                    score_at[b, k, j] = s + c + j - 1 if c + j >= 1 else pk
+                    score_tok[b, k, j] = ans[j]
+                    score_ok[b, k, j] = True
+        return ids, pos, mask, score_at, score_tok, score_ok, valid, rows
+
+    def _from_cache(self, r: Rollouts, K: int):
+        """Probe blocks only, attending to the rollout's KV cache: (K+1) * (|cue| + |answer|) tokens per row
+        instead of the whole rollout again. Returns (ids, pos, mask (B, Q, L + Q), at, tok, ok, valid)."""
+        B, L = r.input_ids.shape
+        dev = r.input_ids.device
+        c = len(self.cue_ids)
+        lens = [len(a) for a in r.answer_ids]
+        if min(lens) == 0:
+            raise ValueError(f"AnswerLikelihoodJr: answer_ids[{lens.index(0)}] is empty")
+        a_max = max(lens)
+        blk, K1 = c + a_max, K + 1
+        Q = K1 * blk
+        pos_all, valid = boundary_positions(r.episode_ids, r.response_mask)  # (B, K+1) padded coordinates
+        real_pos = position_ids_from_mask(r.attention_mask)
+        ans = torch.tensor([list(a) + [self.pad_id] * (a_max - len(a)) for a in r.answer_ids], device=dev)
+        block = torch.cat([torch.tensor(self.cue_ids, device=dev, dtype=torch.int64).expand(B, c), ans], 1)
+        ids = torch.where(valid[:, :, None], block[:, None, :], self.pad_id).reshape(B, Q)
+        start = real_pos.gather(1, pos_all.clamp(min=0)) + 1  # (B, K+1) position of each block's first token
+        pos = (torch.where(valid, start, 0)[:, :, None] + torch.arange(blk, device=dev)).reshape(B, Q)
+        cols = torch.arange(L, device=dev)
+        see_ctx = (cols[None, None, :] <= pos_all[:, :, None]) & r.attention_mask.bool()[:, None, :] \
+            & valid[:, :, None]  # (B, K+1, L)
+        mask = torch.zeros((B, Q, L + Q), dtype=torch.bool, device=dev)
+        mask[:, :, :L] = see_ctx[:, :, None, :].expand(B, K1, blk, L).reshape(B, Q, L)
+        own = torch.block_diag(*([torch.ones(blk, blk, dtype=torch.bool, device=dev).tril()] * K1))  # (Q, Q)
+        mask[:, :, L:] = own & valid.repeat_interleave(blk, 1)[:, :, None]
+        mask[:, torch.arange(Q), L + torch.arange(Q)] = True  # every row sees itself (unused slots stay finite)
+        j = torch.arange(a_max, device=dev)
+        at = (torch.arange(K1, device=dev)[:, None] * blk + c - 1 + j).expand(B, K1, a_max)
+        tok = ans[:, None, :].expand(B, K1, a_max)
+        ok = (j[None, None, :] < torch.tensor(lens, device=dev)[:, None, None]) & valid[:, :, None]
+        return ids, pos, mask, at, tok, ok, valid
+
+    @torch.no_grad()
+    def __call__(self, r: Rollouts, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Jr for every boundary. ``cache``: the rollout forward's KV cache (e.g. from
+        ``FisherTracker.episode_grads(..., return_cache=True)``); the probes then only run their own tokens.
+        The cache is extended in place and must not be reused afterwards."""
+        if r.answer_ids is None:
+            raise ValueError("AnswerLikelihoodJr needs Rollouts.answer_ids (reference answers as token ids)")
+        K = r.num_episodes
+        B = r.input_ids.shape[0]
+        dec = getattr(self.model, "get_decoder", lambda: None)()
+        head = getattr(self.model, "get_output_embeddings", lambda: None)()
+        if cache is not None and self.cue_ids and dec is not None and head is not None:
+            ids, pos, mask, at, tok, ok, valid = self._from_cache(r, K)
+            h = dec(input_ids=ids, attention_mask=mask[:, None], position_ids=pos, use_cache=True,
+                    **{_cache_kwarg(dec): cache}).last_hidden_state
+            sel = head(h.gather(1, at.reshape(B, -1, 1).expand(-1, -1, h.shape[-1])))
+            lp = torch.log_softmax(sel.to(torch.float64 if sel.dtype == torch.float64 else torch.float32), -1)
+            tok_lp = lp.reshape(*at.shape, -1).gather(-1, tok[..., None]).squeeze(-1)
+            jr = torch.exp((tok_lp * ok).sum(-1) / ok.sum(-1).clamp(min=1))
+            return torch.where(valid, jr, torch.zeros_like(jr)), valid
+        ids, pos, mask, at, tok, ok, valid, rows = self._pack(r, K)
+        flat_at = at.reshape(B, -1, 1)
+        if dec is not None and head is not None and not self.return_token_logprobs:
+            h = dec(input_ids=ids, attention_mask=mask[:, None], position_ids=pos).last_hidden_state
+            sel = head(h.gather(1, flat_at.expand(-1, -1, h.shape[-1])))  # (B, (K+1) * a_max, vocab)
+            logits = None
+        else:
+            logits = self.model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos).logits
+            sel = logits.gather(1, flat_at.expand(-1, -1, logits.shape[-1]))
+        lp = torch.log_softmax(sel.to(torch.float64 if sel.dtype == torch.float64 else torch.float32), -1)
+        tok_lp = lp.reshape(*at.shape, -1).gather(-1, tok[..., None]).squeeze(-1)  # (B, K+1, a_max)
+        cnt = ok.sum(-1).clamp(min=1)
+        jr = torch.exp((tok_lp * ok).sum(-1) / cnt)
+        jr = torch.where(valid, jr, torch.zeros_like(jr))
+        if logits is None:
+            return jr, valid
+        # the rollout part of the packed forward is the plain causal forward: keep its token log-probs
+        tl = torch.zeros(r.input_ids.shape, dtype=jr.dtype, device=jr.device)
+        for b, (toks, _, _, where) in enumerate(rows):
+            n = toks.numel()
+            row_lp = token_logprobs(logits[b:b + 1, :n], ids[b:b + 1, :n])[0]
+            tl[b, where] = row_lp
+        self.last_token_logprobs = tl
+        return jr, valid
+
+
+class _TextJr:
+    """Shared decoding of (prompt, prefix_k) texts for the text-level estimators."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def _texts(self, r: Rollouts):
+        if r.answers is None:
+            raise ValueError(f"{type(self).__name__} needs Rollouts.answers (reference answers as text)")
+        K = r.num_episodes
+        pos, valid = boundary_positions(r.episode_ids, r.response_mask)
+        items = []  # (b, k, prompt_text, prefix_text, prefix_ids)
+        for b in range(r.input_ids.shape[0]):
+            toks, _, resp, where = _row_tokens(r, b)
+            n_prompt = int((~resp).long().cumprod(0).sum())  # tokens before the first response token
+            for k in range(K + 1):
+                if not valid[b, k]:
+                    continue
+                end = int((where == pos[b, k]).nonzero()[0, 0]) + 1
+                items.append((b, k, self.tokenizer.decode(toks[:n_prompt].tolist(), skip_special_tokens=True),
+                              self.tokenizer.decode(toks[n_prompt:end].tolist(), skip_special_tokens=True),
+                              toks[:end].tolist()))
+        return K, valid, items
+
+
+class ForcedAnswerJr(_TextJr):
+    """The paper's Acc(k) probe: stop at the boundary, append the answer cue, sample ``m`` short answers and
+    grade them with ``verifier(completion, reference) -> float in [0, 1]``; Jr = mean grade."""
+
+    def __init__(self, model, tokenizer, verifier: Callable[[str, str], float], m: int = 4,
+                 cue: str = FORCED_ANSWER_CUE, max_new_tokens: int = 32, temperature: float = 1.0,
+                 top_p: float = 1.0, batch_size: int = 64):
+        super().__init__(tokenizer)
+        if m < 1:
+            raise ValueError(f"ForcedAnswerJr: m must be >= 1, got {m}")
+        self.model, self.verifier, self.m = model, verifier, m
+        self.cue_ids = tokenizer.encode("\n" + cue + "\n", add_special_tokens=False)
+        self.max_new_tokens, self.temperature, self.top_p, self.batch_size = max_new_tokens, temperature, top_p, \
+            batch_size
+
+    @torch.no_grad()
+    def __call__(self, r: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
+        K, valid, items = self._texts(r)
+        dev = r.input_ids.device
+        jr = torch.zeros(valid.shape, dtype=torch.float32, device=dev)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        for i0 in range(0, len(items), self.batch_size):
+            chunk = items[i0:i0 + self.batch_size]
+            seqs = [it[4] + self.cue_ids for it in chunk]
+            n = max(map(len, seqs))
+            ids = torch.tensor([[pad] * (n - len(s)) + s for s in seqs], device=dev)
+            am = torch.tensor([[0] * (n - len(s)) + [1] * len(s) for s in seqs], device=dev)
+            out = self.model.generate(input_ids=ids, attention_mask=am, do_sample=True,
+                                      temperature=self.temperature, top_p=self.top_p,
+                                      max_new_tokens=self.max_new_tokens, num_return_sequences=self.m,
+                                      pad_token_id=pad)
+            texts = self.tokenizer.batch_decode(out[:, n:], skip_special_tokens=True)
+            for j, (b, k, *_rest) in enumerate(chunk):
+                grades = [float(self.verifier(t, r.answers[b])) for t in texts[j * self.m:(j + 1) * self.m]]
+                jr[b, k] = sum(grades) / self.m
+        return jr, valid
+
+
+class CallableJr(_TextJr):
+    """Any ``fn(prompts, prefixes, answers) -> probabilities`` (e.g. an external process reward model)."""
+
+    def __init__(self, fn: Callable[[list[str], list[str], list[str]], Sequence[float]], tokenizer):
+        super().__init__(tokenizer)
+        self.fn = fn
+
+    @torch.no_grad()
+    def __call__(self, r: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
+        K, valid, items = self._texts(r)
+        jr = torch.zeros(valid.shape, dtype=torch.float32, device=r.input_ids.device)
+        if items:
+            probs = list(self.fn([it[2] for it in items], [it[3] for it in items], [r.answers[it[0]] for it in items]))
+            if len(probs) != len(items):
+                raise ValueError(f"CallableJr: the callable returned {len(probs)} values for {len(items)} probes")
+            for (b, k, *_rest), p in zip(items, probs):
+                p = float(p)
+                if not 0.0 <= p <= 1.0:
+                    raise ValueError(f"CallableJr: probability {p} outside [0, 1]")
+                jr[b, k] = p
+        return jr, valid

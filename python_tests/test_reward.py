@@ -1,0 +1,361 @@
+"""The L2T dense process reward on tiny random Hugging Face models (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from l2t_ext import ops  # noqa: E402
+from l2t_ext.reward import (  # noqa: E402
+    AnswerLikelihoodJr,
+    CallableJr,
+    DenseProcessReward,
+    FisherTracker,
+    Rollouts,
+    compression_penalty,
+    segment_episodes,
+)
+
+M = 7  # marker token id used by the synthetic rollouts ("</think>")
+
+
+def tiny_model(kind="qwen2", dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa")
+    if kind == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    return model.to(dtype).eval()
+
+
+def rollouts(B=3, L=24, seed=0, left_pad=True):
+    """Prompt (5 tokens) + response with markers; rows of different lengths, padded."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 40, (B, L), generator=g)
+    am = torch.ones(B, L, dtype=torch.long)
+    resp = torch.zeros(B, L, dtype=torch.bool)
+    for b in range(B):
+        pad = 2 * b
+        start = pad if left_pad else 0
+        end = L if left_pad else L - pad
+        am[b, :start] = 0
+        am[b, end:] = 0
+        resp[b, start + 5:end] = True
+        for p in range(start + 7, end - 2, 4 + b):  # markers every few tokens, then a final answer
+            ids[b, p] = M
+    ids[am == 0] = 0
+    return ids, am, resp
+
+
+# ------------------------------------------------------------------------------------------- episodes
+def test_segment_episodes_basic_and_final_answer():
+    ids = torch.tensor([[1, 2, 3, 4, M, 5, 6, M, 8, 9]])
+    resp = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    ep = segment_episodes(ids, resp, [[M]])
+    assert ep.tolist() == [[-1, -1, 0, 0, 0, 1, 1, 1, -1, -1]]
+
+
+def test_segment_episodes_edge_cases():
+    resp = torch.ones(1, 6, dtype=torch.bool)
+    # no marker: one episode
+    assert segment_episodes(torch.tensor([[1, 2, 3, 4, 5, 6]]), resp, [[M]]).tolist() == [[0] * 6]
+    # marker first and last response token; nothing after the last marker -> no final answer
+    assert segment_episodes(torch.tensor([[M, 2, 3, 4, 5, M]]), resp, [[M]]).tolist() == [[0, 1, 1, 1, 1, 1]]
+    # multi-token marker matched as a sequence; a lone first token is not a marker
+    ids = torch.tensor([[1, 30, 2, 30, 31, 3, 30, 31, 4]])
+    assert segment_episodes(ids, torch.ones(1, 9, dtype=torch.bool), [[30, 31]]).tolist() == \
+        [[0, 0, 0, 0, 0, 1, 1, 1, -1]]
+    # a marker in the prompt does not count; padding and all-padding rows are -1
+    ids = torch.tensor([[M, 1, 2, M, 3], [0, 0, 0, 0, 0]])
+    resp = torch.tensor([[0, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert segment_episodes(ids, resp, [[M]]).tolist() == [[-1, 0, 0, 0, -1], [-1] * 5]
+    # max_episodes merges the tail into the last episode (the final answer stays -1)
+    ids = torch.tensor([[M, M, M, M, 9]])
+    assert segment_episodes(ids, torch.ones(1, 5, dtype=torch.bool), [[M]], max_episodes=2).tolist() == \
+        [[0, 1, 1, 1, -1]]
+    # several markers
+    ids = torch.tensor([[1, M, 2, 33, 3]])
+    assert segment_episodes(ids, torch.ones(1, 5, dtype=torch.bool), [[M], [33]]).tolist() == [[0, 0, 1, 1, -1]]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(marker_ids=[]), "marker_ids must be a non-empty"),
+    (dict(marker_ids=[[]]), r"marker_ids\[0\]"),
+    (dict(max_episodes=0), "max_episodes"),
+    (dict(response_mask=torch.ones(2, 3, dtype=torch.bool)), "response_mask"),
+])
+def test_segment_episodes_bad_input(kwargs, match):
+    args = dict(input_ids=torch.ones(2, 4, dtype=torch.long), response_mask=torch.ones(2, 4, dtype=torch.bool),
+                marker_ids=[[M]])
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        segment_episodes(**args)
+
+
+# ------------------------------------------------------------------------------------------- tracker
+def brute_force_grads(model, tracker, ids, am, ep, K):
+    """Per (row, episode) autograd of sum_{t in episode} log pi(x_t | x_<t) w.r.t. each tracked weight."""
+    from l2t_ext.reward.fisher import position_ids_from_mask, token_logprobs
+
+    B = ids.shape[0]
+    weights = [m.weight for m in tracker.modules]
+    out = model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am))
+    lp = token_logprobs(out.logits, ids)  # position t predicts token t+1
+    seg = torch.full_like(ep, -1)
+    seg[:, :-1] = ep[:, 1:]
+    g = torch.zeros(B, K, tracker.p, dtype=torch.float64)
+    full = [torch.zeros_like(w) for w in weights]
+    rr = tracker.rank ** 2
+    for b in range(B):
+        for k in range(K):
+            sel = torch.zeros_like(seg, dtype=torch.bool)
+            sel[b] = seg[b] == k
+            if not sel.any():
+                continue
+            grads = torch.autograd.grad(lp[sel].sum(), weights, retain_graph=True)
+            for i, (n, gw) in enumerate(zip(tracker.layer_names, grads)):
+                U, V = tracker.bases[n]
+                g[b, k, i * rr:(i + 1) * rr] = (U.T @ gw @ V).flatten()
+                full[i] += gw
+    return g, full
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_episode_grads_equal_bruteforce_default_layers(kind):
+    model = tiny_model(kind)
+    tracker = FisherTracker(model, rank=4, backend="cpu")
+    assert [n.split(".")[-1] for n in tracker.layer_names] == ["o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert all(".layers.1." in n for n in tracker.layer_names)
+    ids, am, resp = rollouts()
+    ep = segment_episodes(ids, resp, [[M]])
+    K = int(ep.max()) + 1
+    g = tracker.episode_grads(ids, am, ep)
+    assert g.shape == (3, K, 4 * 16) and g.dtype == torch.float64
+    ref, _ = brute_force_grads(model, tracker, ids, am, ep, K)
+    assert (g - ref).abs().max() <= 1e-8 * max(1.0, ref.abs().max().item())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def _check_sum_equals_full(tracker, g, full):
+    rr = tracker.rank ** 2
+    for i, n in enumerate(tracker.layer_names):
+        U, V = tracker.bases[n]
+        want = (U.T @ full[i] @ V).flatten()
+        got = g[:, :, i * rr:(i + 1) * rr].sum((0, 1))
+        assert (got - want).abs().max() <= 1e-8 * max(1.0, want.abs().max().item()), n
+
+
+def test_sum_over_episodes_equals_projected_full_gradient():
+    model = tiny_model("qwen2")
+    ids, am, resp = rollouts(B=2, seed=1)
+    ep = segment_episodes(ids, resp, [[M]])
+    K = int(ep.max()) + 1
+    # default layers: the one-backward token-local result is exact, so it sums to the full gradient
+    tracker = FisherTracker(model, rank=3, backend="cpu")
+    _, full = brute_force_grads(model, tracker, ids, am, ep, K)
+    _check_sum_equals_full(tracker, tracker.episode_grads(ids, am, ep), full)
+    # every Linear layer of the model, including those before attention mixing: exact mode (one backward
+    # per episode) equals brute force per episode and sums to the full gradient
+    tracker = FisherTracker(model, layers=r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$", rank=3,
+                            backend="cpu")
+    assert len(tracker.layer_names) == 14
+    ref, full = brute_force_grads(model, tracker, ids, am, ep, K)
+    ge = tracker.episode_grads(ids, am, ep, exact=True)
+    assert (ge - ref).abs().max() <= 1e-8 * max(1.0, ref.abs().max().item())
+    _check_sum_equals_full(tracker, ge, full)
+    # token-local attribution agrees with exact on the layers after the last attention mixing
+    gt = tracker.episode_grads(ids, am, ep)
+    late = [i for i, n in enumerate(tracker.layer_names) if ".layers.1." in n and "self_attn.o_proj" in n or
+            ".layers.1.mlp." in n]
+    for i in late:
+        assert (gt[:, :, i * 9:(i + 1) * 9] - ge[:, :, i * 9:(i + 1) * 9]).abs().max() <= 1e-8
+
+
+def test_backward_does_not_reach_lower_layers():
+    model = tiny_model("qwen2")
+    tracker = FisherTracker(model, rank=4, backend="cpu")
+    seen = {}
+
+    def record(mod, args, out):
+        seen["layer0_requires_grad"] = (out[0] if isinstance(out, tuple) else out).requires_grad
+
+    h = model.model.layers[0].register_forward_hook(record)
+    ids, am, resp = rollouts()
+    tracker.episode_grads(ids, am, segment_episodes(ids, resp, [[M]]))
+    h.remove()
+    assert seen["layer0_requires_grad"] is False  # no graph was built below the first tracked layer
+
+
+def test_tracker_bad_input():
+    model = tiny_model("qwen2")
+    with pytest.raises(ValueError, match="no nn.Linear layer matches"):
+        FisherTracker(model, layers="nonexistent_proj")
+    with pytest.raises(ValueError, match="rank=64 exceeds"):
+        FisherTracker(model, rank=64)
+    with pytest.raises(ValueError, match="is not an nn.Linear"):
+        FisherTracker(model, layers=["model.norm"])
+    with pytest.raises(ValueError, match="could not find transformer blocks"):
+        FisherTracker(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    tracker = FisherTracker(model, rank=2, backend="cpu")
+    ids, am, resp = rollouts()
+    with pytest.raises(ValueError, match="must match"):
+        tracker.episode_grads(ids, am[:, :-1], segment_episodes(ids, resp, [[M]]))
+    # K = 0 (no response tokens): well-defined empty output
+    g = tracker.episode_grads(ids, am, torch.full_like(ids, -1))
+    assert g.shape == (3, 0, tracker.p)
+
+
+def test_refresh_schedule_and_proxy():
+    model = tiny_model("qwen2")
+    tracker = FisherTracker(model, rank=3, refresh_every=2, backend="cpu")
+    before = {n: U.clone() for n, (U, _) in tracker.bases.items()}
+    with torch.no_grad():
+        for m in tracker.modules:
+            m.weight.add_(torch.randn_like(m.weight))
+    assert tracker.step() is False and tracker.step() is True
+    assert any(not torch.equal(before[n], tracker.bases[n][0]) for n in before)
+    assert tracker.proxy().shape == (tracker.p,)
+
+
+# ------------------------------------------------------------------------------------------- penalty
+def test_compression_penalty_matches_explicit_formula():
+    g = torch.randn(3, 4, 10, dtype=torch.float64)
+    valid = torch.rand(3, 4) > 0.3
+    valid[0, 0] = True
+    lam = 1e-2
+    gv = g[valid]
+    F = gv.T @ gv / gv.shape[0]
+    want = torch.einsum("np,pq,nq->n", gv, F + lam * torch.eye(10, dtype=torch.float64), gv)
+    P = compression_penalty(g, valid, "batch", damping=lam, normalize=False, backend="cpu")
+    assert torch.allclose(P[valid], want, rtol=1e-12) and (P[~valid] == 0).all()
+    Pn = compression_penalty(g, valid, "batch", damping=lam, normalize=True)
+    assert torch.allclose(Pn[valid], want / want.mean(), rtol=1e-10)
+    # self mode: F = g g^T per episode
+    want_self = torch.stack([v @ (torch.outer(v, v) + lam * torch.eye(10, dtype=torch.float64)) @ v for v in gv])
+    assert torch.allclose(compression_penalty(g, valid, "self", damping=lam, normalize=False)[valid], want_self)
+    # explicit EMA Fisher path
+    Pf = compression_penalty(g, valid, "batch", damping=lam, normalize=False, fisher=F)
+    assert torch.allclose(Pf[valid], want, rtol=1e-10)
+    # nothing valid -> zeros, never NaN
+    assert (compression_penalty(g, torch.zeros(3, 4, dtype=torch.bool)) == 0).all()
+    with pytest.raises(ValueError, match="valid must be"):
+        compression_penalty(g, valid[:, :2])
+
+
+# ------------------------------------------------------------------------------------------- Jr
+def test_packed_probes_equal_separate_forwards():
+    model = tiny_model("qwen2", dtype=torch.float32)
+    ids, am, resp = rollouts(B=3, seed=2)
+    ep = segment_episodes(ids, resp, [[M]])
+    cue, answers = [11, 12, 13], [[20, 21], [22], [23, 24, 25]]
+    jr_est = AnswerLikelihoodJr(model, cue_ids=cue, return_token_logprobs=True)
+    r = Rollouts(ids, am, resp, ep, answer_ids=answers)
+    jr, valid = jr_est(r)
+    # the fast path (lm_head only at the answer positions) gives the same probabilities
+    jr_fast, _ = AnswerLikelihoodJr(model, cue_ids=cue)(r)
+    assert (jr_fast - jr).abs().max() <= 1e-6
+    # and so do probes that reuse the rollout forward's KV cache (as DenseProcessReward runs them)
+    tracker = FisherTracker(model, rank=4)
+    _, cache = tracker.episode_grads(ids, am, ep, return_cache=True)
+    jr_cache, _ = AnswerLikelihoodJr(model, cue_ids=cue)(r, cache=cache)
+    assert (jr_cache - jr).abs().max() <= 1e-5
+    from l2t_ext.reward import boundary_positions
+
+    pos, v2 = boundary_positions(ep, resp)
+    assert torch.equal(valid, v2)
+    for b in range(3):
+        start = int(am[b].nonzero()[0])
+        for k in range(jr.shape[1]):
+            if not valid[b, k]:
+                assert jr[b, k] == 0
+                continue
+            prefix = ids[b, start:int(pos[b, k]) + 1].tolist()
+            seq = torch.tensor([prefix + cue + answers[b]])
+            with torch.no_grad():
+                lp = torch.log_softmax(model(seq).logits.float(), -1)[0]
+            n0 = len(prefix) + len(cue)
+            want = torch.exp(torch.stack([lp[n0 + j - 1, answers[b][j]] for j in range(len(answers[b]))]).mean())
+            assert abs(jr[b, k].item() - want.item()) <= 1e-5
+    # the packed forward also returns the rollout's own token log-probs
+    from l2t_ext.reward.fisher import position_ids_from_mask, token_logprobs
+
+    with torch.no_grad():
+        full = token_logprobs(model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am)).logits,
+                              ids)
+    real = am.bool().clone()
+    real[:, -1] = False
+    assert (jr_est.last_token_logprobs[real] - full[real]).abs().max() <= 1e-5
+
+
+def test_callable_jr_and_dense_reward_end_to_end():
+    model = tiny_model("qwen2", dtype=torch.float32)
+
+    class Tok:  # decode-only stand-in tokenizer
+        pad_token_id = 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    seen = []
+
+    def prm(prompts, prefixes, answers):
+        seen.append(len(prefixes))
+        return [min(1.0, 0.1 * len(p.split()) / 4) for p in prefixes]
+
+    ids, am, resp = rollouts(B=3, seed=3)
+    ep = segment_episodes(ids, resp, [[M]])
+    r = Rollouts(ids, am, resp, ep, answers=["1", "2", "3"])
+    tracker = FisherTracker(model, rank=4)
+    reward = DenseProcessReward(CallableJr(prm, Tok()), tracker, alpha=0.8, beta=0.6)
+    out = reward(r)
+    K = r.num_episodes
+    assert out.r_prg.shape == (3, K) and torch.isfinite(out.r_prg).all()
+    assert seen == [int(out.valid.sum()) + 3]
+    v = out.valid
+    assert torch.allclose(out.r_prg[v], (out.jr_after - out.jr_before)[v] - 0.6 * out.penalty_normalized[v])
+    assert torch.allclose(out.penalty_normalized[v].mean(), torch.tensor(1.0), atol=1e-5)
+    assert (out.r_prg[~v] == 0).all()
+    total = out.total(torch.tensor([1.0, 0.0, 1.0]), alpha=0.8)
+    assert torch.allclose(total, torch.tensor([1.0, 0.0, 1.0]) + 0.8 * out.r_prg.sum(1))
+    # EMA Fisher variant runs and keeps a p x p Fisher
+    ema = DenseProcessReward(CallableJr(prm, Tok()), tracker, fisher_decay=0.9)
+    ema(r)
+    out2 = ema(r)
+    assert ema.fisher.shape == (tracker.p, tracker.p) and torch.isfinite(out2.r_prg).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_dense_reward_dtypes_with_answer_likelihood(dtype):
+    model = tiny_model("llama", dtype=dtype)
+    ids, am, resp = rollouts(B=2, seed=4)
+    ep = segment_episodes(ids, resp, [[M]])
+    r = Rollouts(ids, am, resp, ep, answer_ids=[[20, 21], [22]])
+    reward = DenseProcessReward(AnswerLikelihoodJr(model, cue_ids=[11]), FisherTracker(model, rank=4))
+    out = reward(r)
+    assert torch.isfinite(out.r_prg).all() and torch.isfinite(out.penalty).all()
+    assert ((out.jr_before >= 0) & (out.jr_before <= 1)).all()
+
+
+def test_rollouts_validation():
+    ids, am, resp = rollouts(B=2)
+    with pytest.raises(ValueError, match="episode_ids must have"):
+        Rollouts(ids, am, resp, torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="answers has 1 entries for 2 rows"):
+        Rollouts(ids, am, resp, segment_episodes(ids, resp, [[M]]), answers=["x"])
+    with pytest.raises(ValueError, match="needs Rollouts.answer_ids"):
+        AnswerLikelihoodJr(tiny_model(), cue_ids=[1])(Rollouts(ids, am, resp, segment_episodes(ids, resp, [[M]])))
+
+
+def test_ops_project_matches_tracker_proxy():
+    model = tiny_model("qwen2")
+    tracker = FisherTracker(model, rank=3, backend="cpu")
+    n = tracker.layer_names[0]
+    U, V = tracker.bases[n]
+    W = tracker.modules[0].weight.detach()
+    assert torch.allclose(tracker.proxy()[:9], (U.T @ W @ V).flatten())
+    assert torch.allclose(ops.project(W, U, V).flatten(), (U.T @ W @ V).flatten())
