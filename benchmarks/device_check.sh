@@ -2,7 +2,7 @@
 # One-shot GPU check (H100/H200, CUDA 13, torch + Triton preinstalled, no network), < 8 minutes:
 #   1. build l2t_ext for one arch (sm_90) against the machine's own torch (no build isolation, no deps),
 #   2. run the whole test suite (CUDA and Triton tests run on the GPU there; nothing is interpreted),
-#   3. run the GPU kernel benchmarks (bf16 and fp32) and print the tables.
+#   3. run the reward cost benchmark and the GPU kernel benchmarks (bf16 and fp32), print the tables.
 # Logs and JSON go to $OUT (the device tool brings them back). Usage: bash benchmarks/device_check.sh
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,14 +26,20 @@ cd /tmp
 l2t info | tee "$OUT/info.txt"
 
 stamp "tests"
-timeout ${TEST_TIMEOUT:-300} $PY -m pytest -q -rfE -p no:cacheprovider "$REPO/python_tests" ${PYTEST_ARGS:-} \
+timeout ${TEST_TIMEOUT:-150} $PY -m pytest -q -rfE -p no:cacheprovider "$REPO/python_tests" ${PYTEST_ARGS:-} \
   > "$OUT/tests.log" 2>&1
 echo "pytest exit code $?"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
 
-stamp "benchmarks"
-timeout ${BENCH_TIMEOUT:-240} l2t bench --device cuda ${BENCH_ARGS:-} --json "$OUT/bench_gpu.json" \
+stamp "reward cost benchmark (Qwen2-0.5B shapes, bf16)"
+timeout ${REWARD_TIMEOUT:-120} $PY "$REPO/benchmarks/bench_reward.py" --device cuda --json "$OUT/bench_reward_gpu.json" \
+  > "$OUT/bench_reward.log" 2>&1
+echo "reward bench exit code $?"
+tail -14 "$OUT/bench_reward.log"
+
+stamp "kernel benchmarks"
+timeout ${BENCH_TIMEOUT:-200} l2t bench --device cuda ${BENCH_ARGS:---quick} --json "$OUT/bench_gpu.json" \
   --markdown "$OUT/bench_gpu.md" > "$OUT/bench.log" 2>&1
 echo "bench exit code $?"
 grep -vE "^\|" "$OUT/bench.log" | grep -E "skipped|failed|above tolerance" | head -20
