@@ -45,16 +45,31 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# Per device type (and per op where measurements differ): the order ``auto`` tries backends in, fastest first,
-# as measured by ``l2t bench`` (README "Benchmarks"); ``torch`` ends every list. On CPU, fisher_quadform is one
-# GEMM (delta @ G^T) where MKL/oneDNN beat our C++ kernel by about 4x, so auto uses torch there.
+# The order ``auto`` tries backends in, fastest first, per device type, op and shape class, as measured by
+# ``l2t bench`` in one run per machine (README "Benchmarks": 2-core AMD EPYC; NVIDIA H200). ``torch`` is in
+# every list, so a compiled backend that lost to torch on that class is listed after it and never picked.
+# CPU: our C++ kernels win segment_grad_outer and rsvd; fisher_quadform is one GEMM where MKL wins.
+# CUDA: Triton wins segment_grad_outer (the CUDA C++ kernel, an fp32 CUDA-core GEMM, loses to torch) and rsvd;
+# fisher_quadform depends on p (see _quadform_cuda_order).
 AUTO_ORDER = {
     "cpu": ("cpu", "torch"),
-    "cuda": ("triton", "cuda", "torch"),
+    "cuda": ("triton", "torch", "cuda"),
 }
 AUTO_ORDER_BY_OP = {
     ("fisher_quadform", "cpu"): ("torch",),
+    ("rsvd", "cuda"): ("triton", "cuda", "torch"),
 }
+
+
+def _quadform_cuda_order(dtype: torch.dtype, size: int | None) -> tuple[str, ...]:
+    """fisher_quadform on an H200 (M=64, N=512): the CUDA kernel wins for p <= 4096, Triton for larger p,
+    except float32 at p >= 65536 where cuBLAS (torch) wins."""
+    if size is not None and size <= 8192:
+        return ("cuda", "triton", "torch")
+    if dtype == torch.float32 and size is not None and size > 32768:
+        return ("torch", "triton", "cuda")
+    return ("triton", "torch", "cuda")
+
 
 _DTYPES = {
     "cpu": (torch.float32, torch.float64),
@@ -98,11 +113,15 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
 _logged: set[tuple[str, str]] = set()
 
 
-def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Return the backend that runs ``op``; raise RuntimeError if an explicit one cannot."""
+def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype, size: int | None = None) -> str:
+    """Return the backend that runs ``op``; raise RuntimeError if an explicit one cannot. ``size`` is the
+    op's shape-class hint for ``auto`` (fisher_quadform: p)."""
     if backend == "auto":
         chosen = "torch"
-        order = AUTO_ORDER_BY_OP.get((op, device.type), AUTO_ORDER.get(device.type, ("torch",)))
+        if op == "fisher_quadform" and device.type == "cuda":
+            order = _quadform_cuda_order(dtype, size)
+        else:
+            order = AUTO_ORDER_BY_OP.get((op, device.type), AUTO_ORDER.get(device.type, ("torch",)))
         for cand in order:
             if cand == "triton" and device.type != "cuda":
                 continue  # never auto-select the interpreter

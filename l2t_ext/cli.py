@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     pb = sub.add_parser("bench", help="kernel benchmarks against the baselines users would write")
     pb.add_argument("--quick", action="store_true", help="small shape set (< 5 min on 2 CPU cores)")
     pb.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    pb.add_argument("--ops", default="segment_grad_outer,fisher_quadform,rsvd",
+    pb.add_argument("--ops", default="segment_grad_outer,fisher_quadform,rsvd,project",
                     help="comma-separated ops to benchmark")
     pb.add_argument("--dtype", default=None, help="float32 | bfloat16 | both (GPU default: both)")
     pb.add_argument("--json", dest="json_path", default=None, help="write results JSON here")

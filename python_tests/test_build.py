@@ -99,3 +99,14 @@ def test_auto_dispatch_table_on_cpu():
     assert _backend.resolve("rsvd", "auto", cpu, torch.float64) == "cpu"
     assert _backend.resolve("fisher_quadform", "auto", cpu, torch.float32) == "torch"
     assert _backend.resolve("segment_grad_outer", "auto", cpu, torch.bfloat16) == "torch"
+
+
+def test_auto_dispatch_table_on_cuda_shape_classes():
+    # the table is data (README "Benchmarks"); check its shape-class rules without needing a GPU
+    order = _backend._quadform_cuda_order
+    assert order(torch.float32, 4096)[0] == "cuda"
+    assert order(torch.float32, 16384)[0] == "triton"
+    assert order(torch.float32, 65536)[0] == "torch"
+    assert order(torch.bfloat16, 65536)[0] == "triton"
+    cuda_default = _backend.AUTO_ORDER["cuda"]
+    assert cuda_default.index("torch") < cuda_default.index("cuda")  # the CUDA C++ sgo kernel lost to torch

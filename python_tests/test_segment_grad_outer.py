@@ -94,7 +94,11 @@ def test_deterministic_and_strided_inputs(backend, device, dtype):
     X, D, seg, U, V = make(300, 24, 10, 6, 3, dtype, device, seed=5)
     a = ops.segment_grad_outer(X, D, seg, 3, U, V, backend=backend)
     b = ops.segment_grad_outer(X, D, seg, 3, U, V, backend=backend)
-    assert torch.equal(a, b)
+    if backend == "torch" and device == "cuda":
+        # the torch reference uses index_add_, whose CUDA kernel accumulates with float atomics (documented)
+        assert rel_err(a, b) <= fp_tol(dtype)
+    else:
+        assert torch.equal(a, b)  # our kernels: fixed reduction order, bitwise reproducible
     # non-contiguous X (a transposed buffer) and a strided D view give the same result
     Xt = X.T.contiguous().T
     D2 = torch.stack([D, -D], dim=2)[:, :, 0]  # column stride 2

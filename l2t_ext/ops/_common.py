@@ -39,9 +39,9 @@ def check_backend_arg(op: str, backend) -> None:
                          f"got {backend!r}")
 
 
-def pick(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+def pick(op: str, backend: str, device: torch.device, dtype: torch.dtype, size: int | None = None) -> str:
     check_backend_arg(op, backend)
-    return resolve(op, backend, device, dtype)
+    return resolve(op, backend, device, dtype, size)
 
 
 _MODULES = {"cpu": "l2t_ext.ops._cpu", "cuda": "l2t_ext.ops._cuda", "triton": "l2t_ext.ops._triton"}

@@ -67,7 +67,7 @@ def fisher_quadform(delta: torch.Tensor, grads: torch.Tensor | None = None, fish
     if (delta.dtype == torch.float64) != (other.dtype == torch.float64):
         raise TypeError(f"l2t_ext.ops.{op}: delta is {delta.dtype} but {'grads' if grads is not None else 'fisher'} "
                         f"is {other.dtype}; use float64 for both or neither")
-    name = pick(op, backend, device, delta.dtype)
+    name = pick(op, backend, device, delta.dtype, size=p)
     return _fisher_quadform_op(delta, grads, fisher, float(damping), name)
 
 
