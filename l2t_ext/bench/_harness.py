@@ -101,8 +101,11 @@ def cpu_peak_mb(op: str, params: dict, impl: str, dtype: str) -> float | None:
     """Peak RSS growth of one call, measured in a fresh subprocess (None if the child failed)."""
     code = ("import json,sys; from l2t_ext.bench import _child_peak; "
             "print(json.dumps(_child_peak(*json.loads(sys.argv[1]))))")
+    # fixed glibc mmap threshold: large blocks are mmap'ed and returned on free, so the measured call's
+    # working set shows up in RSS even though a warm-up call ran (and freed) first
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     res = subprocess.run([sys.executable, "-c", code, json.dumps([op, params, impl, dtype])], capture_output=True,
-                         text=True)
+                         text=True, env=env)
     if res.returncode != 0:
         return None
     return float(res.stdout.strip().splitlines()[-1])

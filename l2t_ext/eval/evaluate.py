@@ -1,0 +1,166 @@
+"""Evaluation of a policy on verifiable problems (issue: loop / ``l2t eval``; paper section 3 and F.1).
+
+- pass@1: mean verifier score over ``n_samples`` sampled responses per question; maj@k: the majority final
+  answer of the k samples graded once.
+- response tokens: mean generated tokens; tokens per correct answer: total tokens / number of correct samples.
+- accuracy vs token budget B: each sampled response is cut at B tokens; if it had not answered by then,
+  the answer cue is appended and the answer decoded greedily, then graded.
+- Acc(k) / T(k): force-stop each response at its k-th episode marker, append the answer cue, decode the
+  answer greedily and grade; T(k) is the number of response tokens up to that marker. Responses with fewer
+  than k episodes keep their own answer and length. Reported per difficulty tier.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+import torch
+
+from l2t_ext.rl.rollout import generate
+
+
+@torch.no_grad()
+def _force_answers(model, tokenizer, prefixes: list[list[int]], cue_ids: list[int], max_answer_tokens: int,
+                   batch: int = 256) -> list[str]:
+    dev = next(model.parameters()).device
+    outs = []
+    for i in range(0, len(prefixes), batch):
+        chunk = [p + cue_ids for p in prefixes[i:i + batch]]
+        n = max(map(len, chunk))
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (n - len(c)) + c for c in chunk], device=dev)
+        am = torch.tensor([[0] * (n - len(c)) + [1] * len(c) for c in chunk], device=dev)
+        out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=max_answer_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        outs += tokenizer.batch_decode(out[:, n:], skip_special_tokens=True)
+    return outs
+
+
+def evaluate(model, tokenizer, problems: list[dict], verify, extract, n_samples: int = 4, max_new_tokens: int = 256,
+             budgets: tuple[int, ...] = (16, 32, 48, 64, 96, 128), max_depth: int = 8, answer_cue: str = "A:",
+             marker: str = "</think>", temperature: float = 1.0, batch_prompts: int = 32,
+             max_answer_tokens: int = 6) -> dict:
+    """``problems``: dicts with ``prompt``, ``answer`` and optional ``tier``. Returns a JSON-able dict."""
+    model.eval()
+    cue_ids = tokenizer.encode(answer_cue, add_special_tokens=False)
+    marker_ids = tokenizer.encode(marker, add_special_tokens=False)
+    samples = []  # (problem index, prompt ids, response ids, completion text, score)
+    for i in range(0, len(problems), batch_prompts):
+        chunk = problems[i:i + batch_prompts]
+        rb = generate(model, tokenizer, [p["prompt"] for p in chunk], n_samples, max_new_tokens, temperature)
+        for j, text in enumerate(rb.completions):
+            pi = i + j // n_samples
+            row = rb.input_ids[j]
+            prompt_ids = row[:rb.prompt_len][rb.attention_mask[j, :rb.prompt_len].bool()].tolist()
+            resp_ids = row[rb.response_mask[j]].tolist()
+            if resp_ids and resp_ids[-1] == tokenizer.eos_token_id:
+                resp_ids = resp_ids[:-1]
+            samples.append((pi, prompt_ids, resp_ids, text, float(verify(text, problems[pi]["answer"]))))
+    # pass@1, maj@k, tokens
+    by_problem = collections.defaultdict(list)
+    for s in samples:
+        by_problem[s[0]].append(s)
+    tiers = sorted({p.get("tier", 0) for p in problems})
+
+    def summary(idx: list[int]) -> dict:
+        ss = [s for i in idx for s in by_problem[i]]
+        correct = sum(s[4] for s in ss)
+        toks = sum(len(s[2]) for s in ss)
+        maj = 0.0
+        for i in idx:
+            answers = [extract(s[3]) for s in by_problem[i]]
+            answers = [a for a in answers if a is not None]
+            if answers:
+                top = collections.Counter(answers).most_common(1)[0][0]
+                maj += float(verify(answer_cue + str(top), problems[i]["answer"]))
+        return {"pass@1": correct / max(1, len(ss)), f"maj@{n_samples}": maj / max(1, len(idx)),
+                "response_tokens": toks / max(1, len(ss)), "tokens_per_correct": toks / correct if correct else None,
+                "n_questions": len(idx)}
+
+    all_idx = list(range(len(problems)))
+    result = {"overall": summary(all_idx),
+              "per_tier": {str(t): summary([i for i in all_idx if problems[i].get("tier", 0) == t]) for t in tiers}}
+    # accuracy vs budget
+    prefixes, where = [], []
+    budget_scores = {b: [0.0] * len(samples) for b in budgets}
+    for si, (_pi, pids, rids, _text, score) in enumerate(samples):
+        for b in budgets:
+            if len(rids) <= b:
+                budget_scores[b][si] = score
+            else:
+                prefixes.append(pids + rids[:b])
+                where.append((b, si))
+    for (b, si), ans in zip(where, _force_answers(model, tokenizer, prefixes, cue_ids, max_answer_tokens)):
+        pi, _, rids, _, _ = samples[si]
+        budget_scores[b][si] = float(verify(marker + answer_cue + ans, problems[pi]["answer"]))
+    result["accuracy_vs_budget"] = {str(b): sum(v) / max(1, len(v)) for b, v in budget_scores.items()}
+    # Acc(k), T(k) per tier
+    depth_prefix, depth_where = [], []
+    acc = {t: {k: [] for k in range(1, max_depth + 1)} for t in tiers}
+    tok = {t: {k: [] for k in range(1, max_depth + 1)} for t in tiers}
+    for pi, pids, rids, _text, score in samples:
+        t = problems[pi].get("tier", 0)
+        ends = [j for j in range(len(rids)) if rids[j:j + len(marker_ids)] == marker_ids]
+        for k in range(1, max_depth + 1):
+            if k <= len(ends):
+                cut = ends[k - 1] + len(marker_ids)
+                depth_prefix.append(pids + rids[:cut])
+                depth_where.append((t, k, pi))
+                tok[t][k].append(cut)
+            else:
+                acc[t][k].append(score)
+                tok[t][k].append(len(rids))
+    for (t, k, pi), ans in zip(depth_where, _force_answers(model, tokenizer, depth_prefix, cue_ids,
+                                                           max_answer_tokens)):
+        acc[t][k].append(float(verify(marker + answer_cue + ans, problems[pi]["answer"])))
+    result["acc_by_depth"] = {str(t): {str(k): sum(v) / max(1, len(v)) for k, v in acc[t].items()} for t in tiers}
+    result["tokens_by_depth"] = {str(t): {str(k): sum(v) / max(1, len(v)) for k, v in tok[t].items()}
+                                 for t in tiers}
+    result["n_samples"] = n_samples
+    return result
+
+
+def plot_report(results: dict[str, dict], out_dir: str, prefix: str = "") -> list[str]:
+    """PNG plots (headless): accuracy vs token budget per method; Acc(k) and T(k) vs depth per tier.
+    ``results``: {method name: evaluate() output}. Returns the written paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, r in results.items():
+        bs = sorted(r["accuracy_vs_budget"], key=int)
+        ax.plot([int(b) for b in bs], [r["accuracy_vs_budget"][b] for b in bs], marker="o", label=name)
+    ax.set_xlabel("token budget")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Accuracy vs token budget")
+    ax.legend()
+    fig.tight_layout()
+    p = os.path.join(out_dir, f"{prefix}accuracy_vs_budget.png")
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    paths.append(p)
+    tiers = sorted(next(iter(results.values()))["acc_by_depth"], key=int)
+    fig, axes = plt.subplots(2, len(tiers), figsize=(3.2 * len(tiers), 5.5), squeeze=False)
+    for j, t in enumerate(tiers):
+        for name, r in results.items():
+            ks = sorted(r["acc_by_depth"][t], key=int)
+            axes[0][j].plot([int(k) for k in ks], [r["acc_by_depth"][t][k] for k in ks], marker=".", label=name)
+            axes[1][j].plot([int(k) for k in ks], [r["tokens_by_depth"][t][k] for k in ks], marker=".", label=name)
+        axes[0][j].set_title(f"tier {t}: Acc(k)")
+        axes[1][j].set_title(f"tier {t}: T(k)")
+        axes[1][j].set_xlabel("episode depth k")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    p = os.path.join(out_dir, f"{prefix}acc_tokens_by_depth.png")
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    paths.append(p)
+    with open(os.path.join(out_dir, f"{prefix}eval.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return paths

@@ -1,0 +1,65 @@
+"""Advantages for the loop's methods (DESIGN.md section 5; paper Eq. 5 and Algorithm 1).
+
+Rollouts are laid out group-major: rows g*G .. g*G + G - 1 answer prompt g.
+- grpo:            A = (r_out - mean_group) / (std_group + eps), the same for every response token.
+- length_penalty:  r = r_out - coef * (len - mean_group(len)) / (std_group(len) + eps), then group-normalised.
+- l2t:             A_t = A_out + alpha * A_prg_t: the group's valid episode rewards r_prg are normalised
+                   (mean/std over all valid episodes of the group's G rollouts); a token of episode k gets the
+                   sum of the normalised rewards of episodes k..K of its rollout; final-answer tokens get 0.
+- ppo (any method): token rewards (outcome on the last response token, alpha * r_prg on each episode's last
+                   token for l2t, the length term on the last token for length_penalty) and GAE over a value
+                   head.
+std is the population standard deviation of the group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-6
+
+
+def group_normalize(x: torch.Tensor, group_size: int, eps: float = EPS) -> torch.Tensor:
+    """(N,) -> (N,) normalised within consecutive groups of ``group_size``."""
+    g = x.reshape(-1, group_size)
+    return ((g - g.mean(1, keepdim=True)) / (g.std(1, unbiased=False, keepdim=True) + eps)).reshape(-1)
+
+
+def length_penalized(r_out: torch.Tensor, lengths: torch.Tensor, group_size: int, coef: float) -> torch.Tensor:
+    """Outcome minus a group-normalised length term (per rollout)."""
+    return r_out - coef * group_normalize(lengths.to(r_out.dtype), group_size)
+
+
+def process_token_advantages(r_prg: torch.Tensor, valid: torch.Tensor, episode_ids: torch.Tensor,
+                             group_size: int, eps: float = EPS) -> torch.Tensor:
+    """(B, L) process advantage: normalise each group's valid episode rewards, then give every token of
+    episode k the suffix sum over episodes k..K of its rollout; tokens outside episodes get 0."""
+    B, K = r_prg.shape
+    vf = valid.to(r_prg.dtype)
+    rg, vg = r_prg.reshape(-1, group_size, K), vf.reshape(-1, group_size, K)
+    cnt = vg.sum((1, 2), keepdim=True).clamp(min=1)
+    mean = (rg * vg).sum((1, 2), keepdim=True) / cnt
+    std = (((rg - mean) ** 2 * vg).sum((1, 2), keepdim=True) / cnt).sqrt()
+    norm = ((rg - mean) / (std + eps) * vg).reshape(B, K)
+    suffix = norm.flip(1).cumsum(1).flip(1)  # suffix[b, k] = sum_{j >= k} norm[b, j]
+    idx = episode_ids.clamp(min=0, max=max(K - 1, 0))
+    adv = suffix.gather(1, idx) if K else torch.zeros_like(episode_ids, dtype=r_prg.dtype)
+    return torch.where(episode_ids >= 0, adv, torch.zeros_like(adv))
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over response tokens. rewards, values, mask: (B, L), mask True on each
+    row's contiguous response; the episode ends after the last response token (V = 0 beyond).
+    Returns (advantages, returns), 0 outside the mask."""
+    B, L = rewards.shape
+    m = mask.to(rewards.dtype)
+    zero = torch.zeros(B, 1, dtype=rewards.dtype, device=rewards.device)
+    m_next = torch.cat([m[:, 1:], zero], 1)
+    v_next = torch.cat([values[:, 1:], zero], 1) * m_next
+    delta = (rewards + gamma * v_next - values) * m
+    adv = torch.zeros_like(rewards)
+    running = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in range(L - 1, -1, -1):
+        running = delta[:, t] + gamma * lam * running * m_next[:, t]
+        adv[:, t] = running * m[:, t]
+    return adv, (adv + values) * m

@@ -1,0 +1,88 @@
+"""Models and tokenizers for the loop: a character-level tokenizer and tiny Qwen2 built from a config (the CPU
+presets and the demo), or any local Hugging Face causal LM directory through ``from_pretrained`` (never a
+hub download)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+SPECIALS = ("<pad>", "<eos>")
+THINK_TOKENS = ("<think>", "</think>")
+CHARS = "0123456789+-*/=()., :?QAabcdefghijklmnopqrstuvwxyz\n"
+
+
+def char_tokenizer(chars: str = CHARS):
+    """A character-level tokenizer (``tokenizers`` WordLevel) in which ``<think>``/``</think>`` are single
+    tokens, wrapped as a transformers ``PreTrainedTokenizerFast``."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(list(SPECIALS) + list(THINK_TOKENS) + sorted(set(chars)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"<think>|</think>|<pad>|<eos>|[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    fast.padding_side = "left"
+    return fast
+
+
+def tiny_qwen2(tokenizer, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4, kv_heads: int = 2,
+               intermediate_size: int = 352, max_positions: int = 512, seed: int = 0):
+    """A randomly initialised Qwen2ForCausalLM sized for a laptop CPU (about 1M parameters by default)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                      num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=max_positions, tie_word_embeddings=True,
+                      bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(cfg)
+
+
+def load_local(path: str, dtype: torch.dtype | None = None):
+    """(model, tokenizer) from a local directory via ``from_pretrained`` (local files only)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory not found: {path} (l2t never downloads; pass a local path "
+                                "or a preset such as 'tiny')")
+    tok = _load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                                 attn_implementation="sdpa")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return model, tok
+
+
+def _load_tokenizer(path: str):
+    """AutoTokenizer, except for a generic tokenizers-backed tokenizer (like ``char_tokenizer``), which
+    AutoTokenizer would replace by the model type's own class when config.json sits next to it."""
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg_path = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            cls = json.load(f).get("tokenizer_class")
+        if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def marker_ids(tokenizer, markers: list[str]) -> list[list[int]]:
+    """Token-id sequences of the episode markers; error (with the fix) if the tokenizer cannot represent one."""
+    out = []
+    for m in markers:
+        ids = tokenizer.encode(m, add_special_tokens=False)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if not ids or (unk is not None and unk in ids) or tokenizer.decode(ids) != m:
+            raise ValueError(f"tokenizer cannot represent the episode marker {m!r} (got ids {ids}); add it with "
+                             f"tokenizer.add_tokens([{m!r}]) and model.resize_token_embeddings(len(tokenizer)), "
+                             "then save both")
+        out.append(ids)
+    return out

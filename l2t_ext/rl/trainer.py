@@ -1,0 +1,332 @@
+"""The L2T / GRPO / length-penalty training loop (paper Eq. 5, Algorithm 1; DESIGN.md section 5).
+
+One training step, top to bottom (``Trainer.step``):
+  1. sample ``prompts_per_step`` prompts and ``group_size`` rollouts each with HF ``generate``;
+  2. grade every rollout with the verifier: r_out in {0, 1};
+  3. split responses into episodes at the marker token ids (``segment_episodes``);
+  4. l2t: the dense process reward per episode (Jr probes + Fisher compression penalty), computed from the
+     same forward that yields the rollouts' old log-probs; other methods: a plain no-grad forward;
+  5. advantages: group-normalised outcome (grpo), outcome minus a group-normalised length term
+     (length_penalty), outcome + alpha * process-supervised episode advantages (l2t); with ``ppo`` a value
+     head and GAE over the same token rewards instead;
+  6. PPO clipped update: ``ppo_epochs`` passes over the rollouts in micro-batches with gradient accumulation,
+     optional k3 KL to the frozen initial policy, gradient clipping, AdamW, cosine schedule with warm-up;
+  7. refresh the SVD bases on schedule; log one JSON line; checkpoint atomically on schedule.
+
+What it simplifies: a single process (rank-aware printing only; ``torchrun``/FSDP is future work), HF
+``generate`` for rollouts (no vLLM yet), one optimizer step per training step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+from l2t_ext.reward import AnswerLikelihoodJr, DenseProcessReward, FisherTracker, Rollouts, segment_episodes
+from l2t_ext.reward.fisher import position_ids_from_mask, token_logprobs
+from l2t_ext.rl import advantages as adv_lib
+from l2t_ext.rl import checkpoint
+from l2t_ext.rl.config import TrainConfig
+from l2t_ext.rl.loss import ppo_loss
+from l2t_ext.rl.modeling import char_tokenizer, load_local, marker_ids, tiny_qwen2
+from l2t_ext.rl.rollout import generate
+from l2t_ext.tasks import arith, load_verifier
+
+RANK = int(os.environ.get("RANK", "0"))
+
+
+def log(*a):
+    if RANK == 0:  # rank-aware printing, ready for torchrun
+        print(*a, file=sys.stderr, flush=True)
+
+
+class PromptSource:
+    """Prompts with reference answers: the synthetic arithmetic task, or a {question, answer} file."""
+
+    def __init__(self, cfg: TrainConfig, seed: int):
+        self.rng = random.Random(seed)
+        self.cfg = cfg
+        if cfg.task == "arith":
+            self.rows = None
+        else:
+            from l2t_ext.tasks.math import load_dataset
+
+            self.rows = [{"prompt": r["question"] + "\n", "answer": r["answer"]} for r in load_dataset(cfg.task)]
+
+    def sample(self, n: int) -> list[dict]:
+        if self.rows is None:
+            out = []
+            for _ in range(n):
+                p = arith.generate_problem(self.rng, self.rng.choice(list(self.cfg.tiers)))
+                out.append({"prompt": p.prompt, "answer": p.answer, "tier": p.tier})
+            return out
+        return [self.rng.choice(self.rows) for _ in range(n)]
+
+
+class ValueHead(torch.nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.v = torch.nn.Linear(hidden, 1)
+        torch.nn.init.zeros_(self.v.weight)
+        torch.nn.init.zeros_(self.v.bias)
+
+    def forward(self, h):
+        return self.v(h.float()).squeeze(-1)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: str | None = None):
+        self.cfg = cfg
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        dev = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(dev)
+        self.verify = load_verifier(cfg.verifier)
+        # ---- model and tokenizer (a local directory via from_pretrained, or the tiny preset from a config)
+        ckpt = checkpoint.resolve(resume) if resume else None
+        if ckpt:
+            self.model, self.tok = load_local(ckpt)
+        elif cfg.model == "tiny":
+            self.tok = char_tokenizer()
+            self.model = tiny_qwen2(self.tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, seed=cfg.seed)
+        else:
+            self.model, self.tok = load_local(cfg.model)
+        self.model.to(self.device)
+        self.marker_ids = marker_ids(self.tok, list(cfg.markers))
+        self.cue_ids = self.tok.encode(cfg.answer_cue, add_special_tokens=False)
+        self.ref_model = None
+        if cfg.kl_coef > 0:
+            import copy
+
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.value_head = ValueHead(self.model.config.hidden_size).to(self.device) if cfg.ppo else None
+        params = list(self.model.parameters()) + (list(self.value_head.parameters()) if self.value_head else [])
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warm = max(1, int(cfg.warmup_ratio * cfg.steps))
+        cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm) * cosine(s))
+        self.prompts = PromptSource(cfg, cfg.seed)
+        self.step_idx = 0
+        self.tracker = self.reward = None
+        if cfg.method == "l2t":
+            self.tracker = FisherTracker(self.model, layers=cfg.layers, rank=cfg.rank, seed=cfg.seed,
+                                         refresh_every=cfg.refresh_every)
+            self.reward = DenseProcessReward(AnswerLikelihoodJr(self.model, self.cue_ids, self.tok.pad_token_id),
+                                             self.tracker, alpha=cfg.alpha, beta=cfg.beta,
+                                             penalty_mode=cfg.penalty_mode, damping=cfg.damping,
+                                             fisher_decay=cfg.fisher_decay)
+        if ckpt:
+            self._restore(ckpt)
+        elif cfg.sft_steps > 0:
+            from l2t_ext.rl.sft import warm_start
+
+            warm_start(self.model, self.tok, cfg.sft_steps, cfg.sft_lr, cfg.sft_batch, cfg.tiers, cfg.seed,
+                       self.device, log=log)
+            if self.tracker is not None:
+                self.tracker.refresh()
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            f.write(cfg.to_json())
+
+    # ------------------------------------------------------------------------------------ one step
+    def autocast(self):
+        if self.device.type == "cuda" and self.cfg.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def step(self) -> dict:
+        cfg, t0 = self.cfg, time.time()
+        G = cfg.group_size
+        # 1. rollouts
+        probs = self.prompts.sample(cfg.prompts_per_step)
+        self.model.eval()
+        with self.autocast():
+            rb = generate(self.model, self.tok, [p["prompt"] for p in probs], G, cfg.max_new_tokens,
+                          cfg.temperature, cfg.top_p)
+        answers = [p["answer"] for p in probs for _ in range(G)]
+        # 2. outcome reward
+        r_out = torch.tensor([float(self.verify(c, a)) for c, a in zip(rb.completions, answers)],
+                             device=self.device)
+        # 3. episodes (token ids, never re-tokenised text)
+        ep = segment_episodes(rb.input_ids, rb.response_mask, self.marker_ids, cfg.max_episodes)
+        resp = rb.response_mask
+        # position t predicts token t+1: the loss mask and advantages live on the predicting positions
+        pred_mask = torch.zeros_like(resp)
+        pred_mask[:, :-1] = resp[:, 1:]
+        ep_pred = torch.full_like(ep, -1)
+        ep_pred[:, :-1] = ep[:, 1:]
+        lengths = resp.sum(1).to(torch.float32)
+        # 4. dense process reward (l2t) and the old log-probs from the same forward
+        stats = {"penalty_mean": 0.0, "jr_gain_mean": 0.0}
+        r_prg = valid = None
+        with self.autocast():
+            if self.reward is not None:
+                ro = Rollouts(rb.input_ids, rb.attention_mask, resp, ep,
+                              answer_ids=[self.tok.encode(a, add_special_tokens=False) for a in answers])
+                out = self.reward(ro)
+                r_prg, valid, old_lp = out.r_prg.float(), out.valid, out.token_logprobs.float()
+                if bool(valid.any()):
+                    stats["penalty_mean"] = float(out.penalty[valid].mean())
+                    stats["jr_gain_mean"] = float(out.jr_gain[valid].mean())
+            else:
+                old_lp = self._logprobs(rb.input_ids, rb.attention_mask, grad=False)[0]
+            ref_lp = self._logprobs(rb.input_ids, rb.attention_mask, grad=False, model=self.ref_model)[0] \
+                if self.ref_model is not None else None
+        # 5. advantages
+        if cfg.method == "length_penalty":
+            seq_r = adv_lib.length_penalized(r_out, lengths, G, cfg.length_coef)
+        else:
+            seq_r = r_out
+        if cfg.ppo:
+            tok_r = self._token_rewards(seq_r, r_prg, valid, ep_pred, pred_mask)
+            with torch.no_grad(), self.autocast():
+                values = self._logprobs(rb.input_ids, rb.attention_mask, grad=False, values=True)[1]
+            adv, returns = adv_lib.gae(tok_r, values, pred_mask, cfg.gamma, cfg.lam)
+        else:
+            adv = adv_lib.group_normalize(seq_r, G)[:, None].expand_as(old_lp) * pred_mask
+            if cfg.method == "l2t":
+                adv = adv + cfg.alpha * adv_lib.process_token_advantages(r_prg, valid, ep_pred, G)
+            returns = None
+        # 6. PPO update
+        loss_val, clip_fracs, kls = self._update(rb, old_lp, ref_lp, adv, returns, pred_mask)
+        if self.tracker is not None and self.tracker.step():
+            log(f"step {self.step_idx + 1}: refreshed SVD bases")
+        self.step_idx += 1
+        # 7. metrics
+        n_eps = (ep.max(1).values + 1).float()
+        return {"step": self.step_idx, "accuracy": float(r_out.mean()), "reward_mean": float(seq_r.mean()),
+                "response_tokens_mean": float(lengths.mean()), "episodes_mean": float(n_eps.mean()),
+                "loss": loss_val, "kl": sum(kls) / len(kls), "clip_frac": sum(clip_fracs) / len(clip_fracs),
+                **stats, "lr": self.sched.get_last_lr()[0], "time_s": time.time() - t0}
+
+    def _logprobs(self, ids, am, grad: bool, model=None, values: bool = False):
+        model = model or self.model
+        ctx = contextlib.nullcontext() if grad else torch.no_grad()
+        with ctx:
+            out = model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am),
+                        output_hidden_states=values)
+            lp = token_logprobs(out.logits, ids).float()
+            v = self.value_head(out.hidden_states[-1]) if values else None
+        return lp, v
+
+    def _token_rewards(self, seq_r, r_prg, valid, ep_pred, pred_mask):
+        """PPO token rewards: the sequence reward on the last response token, alpha * r_prg[k] on each
+        episode's last token (l2t)."""
+        B, L = pred_mask.shape
+        tok_r = torch.zeros(B, L, device=pred_mask.device)
+        last = (pred_mask.long() * torch.arange(L, device=pred_mask.device)).max(1).values
+        tok_r[torch.arange(B), last] = seq_r.float()
+        if r_prg is not None:
+            for k in range(r_prg.shape[1]):
+                pos = torch.where(ep_pred == k, torch.arange(L, device=pred_mask.device), -1).max(1).values
+                ok = (pos >= 0) & valid[:, k]
+                tok_r[torch.arange(B)[ok], pos[ok]] += self.cfg.alpha * r_prg[ok, k]
+        return tok_r
+
+    def _update(self, rb, old_lp, ref_lp, adv, returns, mask):
+        cfg = self.cfg
+        self.model.train()
+        B = rb.input_ids.shape[0]
+        total_tok = mask.sum().clamp(min=1)
+        loss_sum, clip_fracs, kls = 0.0, [], []
+        for _ in range(cfg.ppo_epochs):
+            self.opt.zero_grad(set_to_none=True)
+            for s in range(0, B, cfg.micro_batch):
+                sl = slice(s, s + cfg.micro_batch)
+                with self.autocast():
+                    lp, v = self._logprobs(rb.input_ids[sl], rb.attention_mask[sl], grad=True, values=cfg.ppo)
+                    loss, st = ppo_loss(lp, old_lp[sl], adv[sl], mask[sl], cfg.clip_eps_low, cfg.clip_eps_high,
+                                        cfg.loss_agg, None if ref_lp is None else ref_lp[sl], cfg.kl_coef)
+                    # micro-batch share of the step's token-mean / sequence-mean
+                    w = mask[sl].sum() / total_tok if cfg.loss_agg == "token-mean" else (lp.shape[0] / B)
+                    loss = loss * w
+                    if cfg.ppo:
+                        m = mask[sl].float()
+                        loss = loss + cfg.vf_coef * w * ((v - returns[sl]) ** 2 * m).sum() / m.sum().clamp(min=1)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss at step {self.step_idx + 1}; stopping (the last "
+                                             f"good checkpoint in {cfg.out}/checkpoints is kept)")
+                loss.backward()
+                loss_sum += float(loss.detach())
+                clip_fracs.append(st["clip_frac"])
+                kls.append(st["kl"])
+            params = [p for g in self.opt.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            self.opt.step()
+        self.sched.step()
+        self.model.eval()
+        return loss_sum / cfg.ppo_epochs, clip_fracs, kls
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def save(self) -> str:
+        tensors = {}
+        if self.tracker is not None:
+            for n, (U, V) in self.tracker.bases.items():
+                tensors[f"bases.{n}.U"], tensors[f"bases.{n}.V"] = U, V
+        if self.value_head is not None:
+            for n, p in self.value_head.state_dict().items():
+                tensors[f"value_head.{n}"] = p
+        if self.reward is not None and self.reward.fisher is not None:
+            tensors["fisher"] = self.reward.fisher
+        state = {"step": self.step_idx, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                 "rng": checkpoint.rng_state(), "prompt_rng": self.prompts.rng.getstate(),
+                 "tracker_steps": self.tracker._steps if self.tracker else 0, "config": self.cfg.to_json()}
+        return checkpoint.save(self.cfg.out, self.step_idx, self.model, self.tok, state, tensors)
+
+    def _restore(self, ckpt: str) -> None:
+        state, extra = checkpoint.load_state(ckpt)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.step_idx = state["step"]
+        self.prompts.rng.setstate(state["prompt_rng"])
+        if self.tracker is not None:
+            self.tracker._steps = state["tracker_steps"]
+            for n in self.tracker.layer_names:
+                self.tracker.bases[n] = (extra[f"bases.{n}.U"].to(self.device), extra[f"bases.{n}.V"].to(self.device))
+        if self.value_head is not None:
+            self.value_head.load_state_dict({k[len("value_head."):]: v for k, v in extra.items()
+                                             if k.startswith("value_head.")})
+        if self.reward is not None and "fisher" in extra:
+            self.reward.fisher = extra["fisher"].to(self.device)
+        checkpoint.set_rng_state(state["rng"])
+        log(f"resumed from {ckpt} at step {self.step_idx}")
+
+    # ------------------------------------------------------------------------------------ the run
+    def train(self, stop_at: int | None = None) -> list[dict]:
+        """Run until ``cfg.steps`` (or ``stop_at``, for a deliberate early stop); returns the metric rows."""
+        cfg = self.cfg
+        last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+        metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+        rows = []
+        bar = _progress(cfg.steps, self.step_idx)
+        with open(metrics_path, "a") as f:
+            while self.step_idx < last:
+                m = self.step()
+                rows.append(m)
+                f.write(json.dumps(m) + "\n")
+                f.flush()
+                bar(m)
+                if self.step_idx % cfg.save_every == 0 or self.step_idx == last:
+                    self.save()
+        return rows
+
+
+def _progress(total: int, start: int):
+    """A tqdm bar on a terminal (main rank only), silent otherwise."""
+    if RANK != 0 or not sys.stderr.isatty():
+        return lambda m: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start, desc="l2t train", dynamic_ncols=True)
+
+    def update(m):
+        bar.update(1)
+        bar.set_postfix(acc=f"{m['accuracy']:.2f}", tok=f"{m['response_tokens_mean']:.0f}", loss=f"{m['loss']:.3f}")
+    return update

@@ -1,0 +1,116 @@
+"""Synthetic multi-step arithmetic reasoning (the embedded default task, DESIGN.md section 6).
+
+A problem is a start value and a chain of operations applied left to right, e.g. ``Q:3+5*2-4`` means
+((3 + 5) * 2) - 4. Difficulty tier t in 1..4 has t + 1 operations. Values stay in 0..99 so every
+intermediate is short. A reference trace puts one step per ``<think>...</think>`` episode and then the
+final answer: ``<think>3+5=8</think><think>8*2=16</think><think>16-4=12</think>A:12``.
+
+Trace styles for the supervised warm start (so RL has something to learn):
+- concise: one step per episode;
+- verbose: concise plus redundant re-check episodes (``<think>check 8*2=16</think>``) that add nothing;
+- terse: several steps merged into one episode (``<think>3+5*2=16</think>``), which a small model gets
+  wrong more often on long chains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+
+THINK, END_THINK = "<think>", "</think>"
+ANSWER_CUE = "A:"
+STYLES = ("concise", "verbose", "terse")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    start: int
+    ops: tuple[tuple[str, int], ...]
+    tier: int
+
+    @property
+    def prompt(self) -> str:
+        return "Q:" + str(self.start) + "".join(f"{o}{d}" for o, d in self.ops) + "\n"
+
+    def steps(self) -> list[tuple[int, str, int, int]]:
+        """(left, op, operand, result) per operation."""
+        out, v = [], self.start
+        for o, d in self.ops:
+            r = _apply(v, o, d)
+            out.append((v, o, d, r))
+            v = r
+        return out
+
+    @property
+    def answer(self) -> str:
+        return str(self.steps()[-1][3])
+
+
+def _apply(v: int, o: str, d: int) -> int:
+    return v + d if o == "+" else v - d if o == "-" else v * d
+
+
+def generate_problem(rng: random.Random, tier: int) -> Problem:
+    """A problem of ``tier + 1`` operations whose intermediates all stay in 0..99."""
+    if tier not in (1, 2, 3, 4):
+        raise ValueError(f"tier must be 1..4, got {tier!r}")
+    v = rng.randint(1, 9)
+    start, ops = v, []
+    for _ in range(tier + 1):
+        choices = [("+", d) for d in range(1, 10) if v + d <= 99]
+        choices += [("-", d) for d in range(1, 10) if v - d >= 0]
+        choices += [("*", d) for d in range(2, 10) if v * d <= 99 and v > 0]
+        o, d = rng.choice(choices)
+        ops.append((o, d))
+        v = _apply(v, o, d)
+    return Problem(start, tuple(ops), tier)
+
+
+def trace(problem: Problem, style: str = "concise", rng: random.Random | None = None) -> str:
+    """The response text (after the prompt) in a given style, ending with ``A:<answer>``."""
+    rng = rng or random.Random(0)
+    steps = problem.steps()
+    eps: list[str] = []
+    if style == "concise":
+        eps = [f"{a}{o}{d}={r}" for a, o, d, r in steps]
+    elif style == "verbose":
+        for a, o, d, r in steps:
+            eps.append(f"{a}{o}{d}={r}")
+            if rng.random() < 0.6:
+                eps.append(f"check {a}{o}{d}={r}")
+    elif style == "terse":
+        i = 0
+        while i < len(steps):
+            n = min(len(steps) - i, rng.choice((2, 3)))
+            a = steps[i][0]
+            expr = str(a) + "".join(f"{o}{d}" for _, o, d, _ in steps[i:i + n])
+            eps.append(f"{expr}={steps[i + n - 1][3]}")
+            i += n
+    else:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    return "".join(f"{THINK}{e}{END_THINK}" for e in eps) + f"{ANSWER_CUE}{problem.answer}"
+
+
+def dataset(n: int, seed: int, tiers=(1, 2, 3, 4)) -> list[Problem]:
+    rng = random.Random(seed)
+    return [generate_problem(rng, tiers[i % len(tiers)]) for i in range(n)]
+
+
+_ANS_RE = re.compile(r"A:\s*(-?\d+)")
+
+
+def extract_answer(completion: str) -> str | None:
+    """The integer after the last ``A:`` that follows the last ``</think>`` (None if absent)."""
+    tail = completion.rsplit(END_THINK, 1)[-1]
+    found = _ANS_RE.findall(tail)
+    return found[-1] if found else None
+
+
+def verify(completion: str, reference: str) -> float:
+    """1.0 if the final answer equals the reference integer exactly, else 0.0 (never raises)."""
+    try:
+        got = extract_answer(completion)
+        return 1.0 if got is not None and int(got) == int(str(reference).strip()) else 0.0
+    except (ValueError, TypeError):
+        return 0.0

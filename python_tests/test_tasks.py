@@ -1,0 +1,76 @@
+"""Task generators and verifiers."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from l2t_ext.tasks import arith, load_verifier
+from l2t_ext.tasks import math as mt
+
+
+@pytest.mark.parametrize("tier", [1, 2, 3, 4])
+def test_arith_generator_tiers_and_traces(tier):
+    rng = random.Random(tier)
+    for _ in range(50):
+        p = arith.generate_problem(rng, tier)
+        assert len(p.ops) == tier + 1
+        assert all(0 <= r <= 99 for *_, r in p.steps())
+        for style in arith.STYLES:
+            t = arith.trace(p, style, rng)
+            assert arith.verify(t, p.answer) == 1.0
+            assert t.count(arith.END_THINK) >= 1 and t.endswith("A:" + p.answer)
+        concise = arith.trace(p, "concise")
+        assert concise.count(arith.END_THINK) == tier + 1
+    assert arith.trace(p, "terse", rng).count(arith.END_THINK) <= tier + 1
+
+
+def test_arith_verifier_cases():
+    assert arith.verify("<think>1+1=2</think>A:2", "2") == 1.0
+    assert arith.verify("<think>1+1=2</think>A:3", "2") == 0.0
+    assert arith.verify("<think>A:2</think>no answer", "2") == 0.0  # the answer must follow the last marker
+    assert arith.verify("", "2") == 0.0 and arith.verify("garbage", "x") == 0.0
+    assert arith.verify("A:2", "2") == 1.0  # no episodes at all is still gradable
+    with pytest.raises(ValueError, match="tier must be"):
+        arith.generate_problem(random.Random(0), 5)
+
+
+@pytest.mark.parametrize("completion,reference,score", [
+    ("so \\boxed{\\frac{1}{2}}", "0.5", 1.0),
+    ("\\boxed{\\frac{1}{2}}", "1/2", 1.0),
+    ("x = \\boxed{{3}}", "3", 1.0),  # nested braces
+    ("first \\boxed{2} then \\boxed{4}", "4", 1.0),  # the last box counts
+    ("The answer is #### 1,234", "1234", 1.0),
+    ("#### 72", "71", 0.0),
+    ("it is 12.50 dollars", "12.5", 1.0),
+    ("no digits here", "5", 0.0),
+    ("\\boxed{", "5", 0.0),  # unbalanced: unparseable scores 0, never raises
+    ("\\boxed{x^2+}", "x^2", 0.0),
+])
+def test_math_verifier(completion, reference, score):
+    assert mt.verify(completion, reference) == score
+
+
+def test_math_loader(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"question": "1+1?", "answer": "steps #### 2"}) + "\n" +
+                 json.dumps({"question": "2+2?", "answer": "4"}) + "\n")
+    rows = mt.load_dataset(str(f))
+    assert rows == [{"question": "1+1?", "answer": "2"}, {"question": "2+2?", "answer": "4"}]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(ValueError, match="row 0 has no"):
+        mt.load_dataset(str(bad))
+    with pytest.raises(FileNotFoundError):
+        mt.load_dataset(str(tmp_path / "missing.jsonl"))
+
+
+def test_load_verifier():
+    assert load_verifier("arith") is arith.verify
+    assert load_verifier("l2t_ext.tasks.math:verify") is mt.verify
+    with pytest.raises(ValueError, match="cannot load verifier"):
+        load_verifier("nope.module:fn")
+    with pytest.raises(ValueError, match="module:function"):
+        load_verifier("something")
