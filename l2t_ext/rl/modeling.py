@@ -44,7 +44,7 @@ def tiny_qwen2(tokenizer, hidden_size: int = 128, num_layers: int = 4, num_heads
 
 def load_local(path: str, dtype: torch.dtype | None = None):
     """(model, tokenizer) from a local directory via ``from_pretrained`` (local files only)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory not found: {path} (l2t never downloads; pass a local path "
