@@ -118,6 +118,14 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from l2t_ext.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, seeds=args.seeds, threads=args.threads)
+    print(f"report: {os.path.join(args.out, 'report.md')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="l2t", description="Learning to Think (L2T) toolkit")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -157,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--seed", type=int, default=0)
     pe.add_argument("--out", default="l2t_eval")
     pe.set_defaults(func=_cmd_eval)
+
+    pd = sub.add_parser("demo", help="L2T vs GRPO vs length penalty on a synthetic task (CPU, minutes)")
+    pd.add_argument("--quick", action="store_true", help="< 2 minutes; results are noisy")
+    pd.add_argument("--seeds", type=int, default=1)
+    pd.add_argument("--out", default="l2t_demo")
+    pd.add_argument("--threads", type=int, default=None)
+    pd.set_defaults(func=_cmd_demo)
     return p
 
 

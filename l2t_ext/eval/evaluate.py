@@ -41,15 +41,17 @@ def _force_answers(model, tokenizer, prefixes: list[list[int]], cue_ids: list[in
 def evaluate(model, tokenizer, problems: list[dict], verify, extract, n_samples: int = 4, max_new_tokens: int = 256,
              budgets: tuple[int, ...] = (16, 32, 48, 64, 96, 128), max_depth: int = 8, answer_cue: str = "A:",
              marker: str = "</think>", temperature: float = 1.0, batch_prompts: int = 32,
-             max_answer_tokens: int = 6) -> dict:
-    """``problems``: dicts with ``prompt``, ``answer`` and optional ``tier``. Returns a JSON-able dict."""
+             max_answer_tokens: int = 6, do_sample: bool = True) -> dict:
+    """``problems``: dicts with ``prompt``, ``answer`` and optional ``tier``; ``do_sample=False`` decodes
+    greedily (then use n_samples=1). Returns a JSON-able dict."""
     model.eval()
     cue_ids = tokenizer.encode(answer_cue, add_special_tokens=False)
     marker_ids = tokenizer.encode(marker, add_special_tokens=False)
     samples = []  # (problem index, prompt ids, response ids, completion text, score)
     for i in range(0, len(problems), batch_prompts):
         chunk = problems[i:i + batch_prompts]
-        rb = generate(model, tokenizer, [p["prompt"] for p in chunk], n_samples, max_new_tokens, temperature)
+        rb = generate(model, tokenizer, [p["prompt"] for p in chunk], n_samples, max_new_tokens, temperature,
+                      do_sample=do_sample)
         for j, text in enumerate(rb.completions):
             pi = i + j // n_samples
             row = rb.input_ids[j]

@@ -61,8 +61,8 @@ class TrainConfig:
     sft_lr: float = 3e-3
     sft_batch: int = 64
     # tiny model size (model="tiny")
-    hidden_size: int = 128
-    num_layers: int = 4
+    hidden_size: int = 64
+    num_layers: int = 2
     # bookkeeping
     seed: int = 0
     device: str = "auto"
@@ -141,7 +141,7 @@ def _coerce(key, value, hint):
 PRESETS: dict[str, dict] = {
     # CPU-sized: a tiny Qwen2 warm-started on the arithmetic task's traces, then a few RL steps
     "tiny-arith": dict(model="tiny", task="arith", verifier="arith", steps=20, prompts_per_step=8, group_size=4,
-                       max_new_tokens=96, lr=3e-4, rank=8, refresh_every=5, micro_batch=32, sft_steps=300,
+                       max_new_tokens=96, lr=1e-4, rank=8, refresh_every=5, micro_batch=32, sft_steps=300,
                        save_every=10, eval_problems=32, device="cpu", tiers=(1, 2, 3, 4)),
 }
 

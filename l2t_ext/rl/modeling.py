@@ -28,9 +28,11 @@ def char_tokenizer(chars: str = CHARS):
     return fast
 
 
-def tiny_qwen2(tokenizer, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4, kv_heads: int = 2,
-               intermediate_size: int = 352, max_positions: int = 512, seed: int = 0):
-    """A randomly initialised Qwen2ForCausalLM sized for a laptop CPU (about 1M parameters by default)."""
+def tiny_qwen2(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, kv_heads: int = 2,
+               intermediate_size: int | None = None, max_positions: int = 512, seed: int = 0):
+    """A randomly initialised Qwen2ForCausalLM sized for a laptop CPU (about 0.1M parameters by default;
+    intermediate size 2.75 x hidden)."""
+    intermediate_size = intermediate_size or 8 * round(2.75 * hidden_size / 8)
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,

@@ -24,6 +24,7 @@ class RolloutBatch:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, do_sample: bool = True) -> RolloutBatch:
+    """``do_sample=False``: greedy decoding (temperature/top_p ignored)."""
     dev = next(model.parameters()).device
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)

@@ -82,7 +82,8 @@ class ValueHead(torch.nn.Module):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: str | None = None):
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, init_state: dict | None = None):
+        """``init_state``: a model state_dict to start from (e.g. a shared warm start); skips ``sft_steps``."""
         self.cfg = cfg
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -124,6 +125,10 @@ class Trainer:
                                              fisher_decay=cfg.fisher_decay)
         if ckpt:
             self._restore(ckpt)
+        elif init_state is not None:
+            self.model.load_state_dict(init_state)
+            if self.tracker is not None:
+                self.tracker.refresh()
         elif cfg.sft_steps > 0:
             from l2t_ext.rl.sft import warm_start
 

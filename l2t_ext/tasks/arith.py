@@ -1,9 +1,11 @@
 """Synthetic multi-step arithmetic reasoning (the embedded default task, DESIGN.md section 6).
 
-A problem is a start value and a chain of operations applied left to right, e.g. ``Q:3+5*2-4`` means
-((3 + 5) * 2) - 4. Difficulty tier t in 1..4 has t + 1 operations. Values stay in 0..99 so every
-intermediate is short. A reference trace puts one step per ``<think>...</think>`` episode and then the
-final answer: ``<think>3+5=8</think><think>8*2=16</think><think>16-4=12</think>A:12``.
+A problem is a start digit and a chain of operations applied left to right in arithmetic modulo 10, e.g.
+``Q:3+5*2-4`` means (((3 + 5) * 2) - 4) mod 10 with every intermediate reduced mod 10. Difficulty tier t in
+1..4 has t + 1 operations. Single digits keep each step a small lookup a ~0.1M-parameter model learns in
+minutes on a CPU, so the experiment is about the reasoning chain (how many episodes, which ones), not about
+multi-digit arithmetic. A reference trace puts one step per ``<think>...</think>`` episode and then the final
+answer: ``<think>3+5=8</think><think>8*2=6</think><think>6-4=2</think>A:2``.
 
 Trace styles for the supervised warm start (so RL has something to learn):
 - concise: one step per episode;
@@ -48,23 +50,16 @@ class Problem:
 
 
 def _apply(v: int, o: str, d: int) -> int:
-    return v + d if o == "+" else v - d if o == "-" else v * d
+    return (v + d if o == "+" else v - d if o == "-" else v * d) % 10
 
 
 def generate_problem(rng: random.Random, tier: int) -> Problem:
-    """A problem of ``tier + 1`` operations whose intermediates all stay in 0..99."""
+    """A problem of ``tier + 1`` operations on digits (mod 10)."""
     if tier not in (1, 2, 3, 4):
         raise ValueError(f"tier must be 1..4, got {tier!r}")
-    v = rng.randint(1, 9)
-    start, ops = v, []
-    for _ in range(tier + 1):
-        choices = [("+", d) for d in range(1, 10) if v + d <= 99]
-        choices += [("-", d) for d in range(1, 10) if v - d >= 0]
-        choices += [("*", d) for d in range(2, 10) if v * d <= 99 and v > 0]
-        o, d = rng.choice(choices)
-        ops.append((o, d))
-        v = _apply(v, o, d)
-    return Problem(start, tuple(ops), tier)
+    start = rng.randint(0, 9)
+    ops = tuple((rng.choice("+-*"), rng.randint(1, 9)) for _ in range(tier + 1))
+    return Problem(start, ops, tier)
 
 
 def trace(problem: Problem, style: str = "concise", rng: random.Random | None = None) -> str:
