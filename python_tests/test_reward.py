@@ -359,3 +359,34 @@ def test_ops_project_matches_tracker_proxy():
     W = tracker.modules[0].weight.detach()
     assert torch.allclose(tracker.proxy()[:9], (U.T @ W @ V).flatten())
     assert torch.allclose(ops.project(W, U, V).flatten(), (U.T @ W @ V).flatten())
+
+
+def test_forced_answer_jr_samples_and_grades():
+    from l2t_ext.reward import ForcedAnswerJr
+    from l2t_ext.rl.modeling import char_tokenizer, tiny_qwen2
+    from l2t_ext.tasks import arith
+
+    tok = char_tokenizer()
+    model = tiny_qwen2(tok, hidden_size=32, num_layers=1).eval()
+    texts = ["Q:1+2\n<think>1+2=3</think><think>check</think>A:3", "Q:4*2\n<think>4*2=8</think>A:8"]
+    enc = tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    ids, am = enc["input_ids"], enc["attention_mask"]
+    resp = am.bool().clone()
+    for b, t in enumerate(texts):
+        n_prompt = len(tok.encode(t.split("\n")[0] + "\n", add_special_tokens=False))
+        start = int(am[b].nonzero()[0])
+        resp[b, :start + n_prompt] = False
+    ep = segment_episodes(ids, resp, [tok.encode("</think>", add_special_tokens=False)])
+    graded = []
+
+    def verifier(completion, reference):
+        graded.append((completion, reference))
+        return arith.verify("</think>A:" + completion.strip().split("A:")[-1], reference)
+
+    torch.manual_seed(0)
+    jr, valid = ForcedAnswerJr(model, tok, verifier, m=3, max_new_tokens=4)(
+        Rollouts(ids, am, resp, ep, answers=["3", "8"]))
+    assert jr.shape == (2, 3) and valid.tolist() == [[True, True, True], [True, True, False]]
+    assert ((jr >= 0) & (jr <= 1)).all() and (jr[~valid] == 0).all()
+    assert len(graded) == 3 * int(valid.sum())  # m samples graded per valid boundary
+    assert {r for _, r in graded} == {"3", "8"}

@@ -34,8 +34,7 @@ class Impl:
 class Case:
     op: str
     name: str
-    params: dict
-    floor_bytes: int  # fewest bytes any implementation must move (inputs read once)
+    params: dict  # the suite's floor(params, dtype) gives the fewest bytes any implementation must move
 
 
 def sync(device: str) -> None:

@@ -12,7 +12,7 @@ OP = "fisher_quadform"
 
 def cases(quick: bool, device: str) -> list[Case]:
     ps = [1024, 4096, 16384] if device == "cpu" else ([4096, 16384, 65536] if quick else [1024, 4096, 16384, 65536])
-    return [Case(OP, f"p{p}_N512_M64", dict(p=p, N=512, M=64), floor_bytes=0) for p in ps]
+    return [Case(OP, f"p{p}_N512_M64", dict(p=p, N=512, M=64)) for p in ps]
 
 
 def floor_bytes(params: dict, dtype: torch.dtype) -> int:

@@ -17,7 +17,7 @@ def cases(quick: bool, device: str) -> list[Case]:
         shapes = [(1, 4096, 1024, 16), (28, 1536, 1536, 32)]
     elif not quick or device == "cuda":
         shapes += [(1, 4096, 4096, 32), (28, 1536, 1536, 32)]
-    return [Case(OP, f"B{B}_m{m}_n{n}_r{r}", dict(B=B, m=m, n=n, r=r), floor_bytes=0) for B, m, n, r in shapes]
+    return [Case(OP, f"B{B}_m{m}_n{n}_r{r}", dict(B=B, m=m, n=n, r=r)) for B, m, n, r in shapes]
 
 
 def floor_bytes(params: dict, dtype: torch.dtype) -> int:
@@ -87,7 +87,7 @@ PROJECT_OP = "project"
 
 def project_cases(quick: bool, device: str) -> list[Case]:
     shapes = [(1, 4096, 1024, 16)] + ([(28, 1536, 1536, 32)] if (not quick or device == "cuda") else [])
-    return [Case(PROJECT_OP, f"B{B}_m{m}_n{n}_r{r}", dict(B=B, m=m, n=n, r=r), floor_bytes=0)
+    return [Case(PROJECT_OP, f"B{B}_m{m}_n{n}_r{r}", dict(B=B, m=m, n=n, r=r))
             for B, m, n, r in shapes]
 
 

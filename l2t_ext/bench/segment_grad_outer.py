@@ -19,7 +19,7 @@ def cases(quick: bool, device: str) -> list[Case]:
     out = []
     for T, n, m, r, S in shapes:
         p = dict(T=T, n=n, m=m, r=r, S=S)
-        out.append(Case(OP, f"T{T}_n{n}_m{m}_r{r}_S{S}", p, floor_bytes=0))
+        out.append(Case(OP, f"T{T}_n{n}_m{m}_r{r}_S{S}", p))
     return out
 
 

@@ -1,0 +1,53 @@
+"""`l2t bench` machinery on tiny shapes: every implementation runs, errors are within tolerance, the JSON
+follows the documented schema and the markdown has one table per op (the real shapes are in README)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+from l2t_ext import bench
+from l2t_ext.bench._harness import Case
+
+TINY = {
+    "segment_grad_outer": Case("segment_grad_outer", "T64_n16_m12_r4_S5", dict(T=64, n=16, m=12, r=4, S=5)),
+    "fisher_quadform": Case("fisher_quadform", "p64_N16_M4", dict(p=64, N=16, M=4)),
+    "rsvd": Case("rsvd", "B2_m24_n20_r4", dict(B=2, m=24, n=20, r=4)),
+    "project": Case("project", "B1_m24_n20_r4", dict(B=1, m=24, n=20, r=4)),
+}
+
+
+def test_bench_runner_tiny(tmp_path, monkeypatch):
+    import functools
+
+    from l2t_ext.bench import _harness as H
+
+    # short timing budgets and a small bandwidth copy keep this a smoke test (the machinery, not the numbers)
+    monkeypatch.setattr(H, "time_fn", functools.partial(H.time_fn, budget_s=0.02, max_reps=3))
+    monkeypatch.setattr(H, "measure_bandwidth", functools.partial(H.measure_bandwidth, mb=16))
+    real_peak = H.cpu_peak_mb  # a fresh subprocess per implementation: exercised for one op only
+    monkeypatch.setattr(H, "cpu_peak_mb", lambda op, *a: real_peak(op, *a) if op == "segment_grad_outer" else None)
+    for op, case in TINY.items():
+        suite = bench.SUITES[op]
+        monkeypatch.setitem(bench.SUITES, op, SimpleNamespace(**{**vars(suite), "cases": lambda q, d, c=case: [c]}))
+    out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
+    args = SimpleNamespace(device="cpu", dtype=None, ops=",".join(TINY), quick=True, json_path=str(out_json),
+                           md_path=str(out_md))
+    assert bench.main(args) == 0  # non-zero if any implementation's error is above tolerance
+    rep = json.loads(out_json.read_text())
+    assert {"cpu", "cpu_cores", "torch", "l2t_ext", "bandwidth_gbps"} <= set(rep["machine"])
+    keys = {"op", "case", "impl", "role", "device", "ms", "p20_ms", "p80_ms", "peak_mem_mb", "error", "gbps"}
+    impls = {(r["op"], r["impl"]) for r in rep["results"]}
+    for r in rep["results"]:
+        assert keys <= set(r)
+        assert r["role"] == ("l2t" if r["impl"].startswith("l2t:") else "baseline")
+        assert r["ms"] is not None and r["ms"] > 0, r
+        if r["op"] == "segment_grad_outer":
+            assert r["peak_mem_mb"] is not None and r["peak_mem_mb"] >= 0
+    for op, baselines in (("segment_grad_outer", ("torch_func", "torch_naive", "torch_best")),
+                          ("fisher_quadform", ("explicit_fisher", "torch_best")),
+                          ("rsvd", ("svd_lowrank", "linalg_svd")), ("project", ("torch_matmul",))):
+        assert {(op, "l2t:cpu"), (op, "l2t:torch")} <= impls
+        assert all((op, b) in impls for b in baselines)
+    md = out_md.read_text()
+    assert all(f"### {op}" in md for op in TINY)
