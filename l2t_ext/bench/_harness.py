@@ -17,6 +17,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -103,8 +104,9 @@ def cpu_peak_mb(op: str, params: dict, impl: str, dtype: str) -> float | None:
     # fixed glibc mmap threshold: large blocks are mmap'ed and returned on free, so the measured call's
     # working set shows up in RSS even though a warm-up call ran (and freed) first
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    # run outside the current directory: from a source checkout, ``-c`` would import the uncompiled tree
     res = subprocess.run([sys.executable, "-c", code, json.dumps([op, params, impl, dtype])], capture_output=True,
-                         text=True, env=env)
+                         text=True, env=env, cwd=tempfile.gettempdir())
     if res.returncode != 0:
         return None
     return float(res.stdout.strip().splitlines()[-1])

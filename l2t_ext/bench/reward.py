@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -106,7 +107,8 @@ def run(device: str) -> dict:
         else:
             code = "import sys; from l2t_ext.bench.reward import _child; print(_child(sys.argv[1]))"
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-            out = subprocess.run([sys.executable, "-c", code, name], capture_output=True, text=True, env=env)
+            out = subprocess.run([sys.executable, "-c", code, name], capture_output=True, text=True, env=env,
+                                 cwd=tempfile.gettempdir())
             mem = float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
         res["results"][name] = dict(ms=t["ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"], peak_mem_mb=mem)
     R = res["results"]
