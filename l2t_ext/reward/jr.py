@@ -52,6 +52,15 @@ def _cache_kwarg(module) -> str:
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
+def _score(sel, at, tok, ok, valid) -> torch.Tensor:
+    """Jr (B, K+1) = exp(mean log p(answer token)) from the logits ``sel`` (B, (K+1) * a_max, vocab) at the
+    answer-predicting positions; 0 where ``valid`` is False."""
+    lp = torch.log_softmax(sel.to(torch.float64 if sel.dtype == torch.float64 else torch.float32), -1)
+    tok_lp = lp.reshape(*at.shape, -1).gather(-1, tok[..., None]).squeeze(-1)  # (B, K+1, a_max)
+    jr = torch.exp((tok_lp * ok).sum(-1) / ok.sum(-1).clamp(min=1))
+    return torch.where(valid, jr, torch.zeros_like(jr))
+
+
 def _row_tokens(r: Rollouts, b: int):
     """Real (unpadded) tokens of row b and their episode ids / response flags, in order."""
     keep = r.attention_mask[b].bool()
@@ -185,10 +194,7 @@ class AnswerLikelihoodJr:
             h = dec(input_ids=ids, attention_mask=mask[:, None], position_ids=pos, use_cache=True,
                     **{_cache_kwarg(dec): cache}).last_hidden_state
             sel = head(h.gather(1, at.reshape(B, -1, 1).expand(-1, -1, h.shape[-1])))
-            lp = torch.log_softmax(sel.to(torch.float64 if sel.dtype == torch.float64 else torch.float32), -1)
-            tok_lp = lp.reshape(*at.shape, -1).gather(-1, tok[..., None]).squeeze(-1)
-            jr = torch.exp((tok_lp * ok).sum(-1) / ok.sum(-1).clamp(min=1))
-            return torch.where(valid, jr, torch.zeros_like(jr)), valid
+            return _score(sel, at, tok, ok, valid), valid
         ids, pos, mask, at, tok, ok, valid, rows = self._pack(r, K)
         flat_at = at.reshape(B, -1, 1)
         if dec is not None and head is not None and not self.return_token_logprobs:
@@ -198,11 +204,7 @@ class AnswerLikelihoodJr:
         else:
             logits = self.model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos).logits
             sel = logits.gather(1, flat_at.expand(-1, -1, logits.shape[-1]))
-        lp = torch.log_softmax(sel.to(torch.float64 if sel.dtype == torch.float64 else torch.float32), -1)
-        tok_lp = lp.reshape(*at.shape, -1).gather(-1, tok[..., None]).squeeze(-1)  # (B, K+1, a_max)
-        cnt = ok.sum(-1).clamp(min=1)
-        jr = torch.exp((tok_lp * ok).sum(-1) / cnt)
-        jr = torch.where(valid, jr, torch.zeros_like(jr))
+        jr = _score(sel, at, tok, ok, valid)
         if logits is None:
             return jr, valid
         # the rollout part of the packed forward is the plain causal forward: keep its token log-probs
