@@ -62,6 +62,13 @@ def _cmd_train(args) -> int:
     rows = trainer.train()
     if rows:
         log(f"done: step {rows[-1]['step']}, accuracy {rows[-1]['accuracy']:.3f}, metrics in {cfg.out}/metrics.jsonl")
+    if trainer.world > 1:  # torchrun: rank 0 evaluates the (identical) final model
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+        if trainer.rank != 0:
+            return 0
     if cfg.eval_problems > 0:
         from l2t_ext.eval import evaluate, plot_report
 

@@ -44,12 +44,15 @@ def test_process_token_advantages_hand_computed():
     valid = torch.tensor([[True, True], [True, False]])
     # valid values 1, 3, 2: mean 2, population std sqrt(2/3)
     s = math.sqrt(2 / 3)
-    n = {(0, 0): -1 / s, (0, 1): 1 / s, (1, 0): 0.0}
     ep = torch.tensor([[-1, 0, 0, 1, -1], [-1, 0, 0, -1, -1]])
-    adv = A.process_token_advantages(r_prg, valid, ep, group_size=2, eps=0.0)
-    want = torch.tensor([[0, n[0, 0] + n[0, 1], n[0, 0] + n[0, 1], n[0, 1], 0],
-                         [0, n[1, 0], n[1, 0], 0, 0]])
-    assert torch.allclose(adv, want.float(), atol=1e-6)
+    for norm, n in (("mean_std", {(0, 0): -1 / s, (0, 1): 1 / s, (1, 0): 0.0}),
+                    ("std", {(0, 0): 1 / s, (0, 1): 3 / s, (1, 0): 2 / s})):
+        adv = A.process_token_advantages(r_prg, valid, ep, group_size=2, eps=0.0, norm=norm)
+        want = torch.tensor([[0, n[0, 0] + n[0, 1], n[0, 0] + n[0, 1], n[0, 1], 0],
+                             [0, n[1, 0], n[1, 0], 0, 0]])
+        assert torch.allclose(adv, want.float(), atol=1e-6), norm
+    with pytest.raises(ValueError, match="norm must be"):
+        A.process_token_advantages(r_prg, valid, ep, group_size=2, norm="z")
 
 
 def test_gae_hand_computed():
@@ -116,8 +119,10 @@ def test_config_errors_and_yaml(tmp_path):
         TrainConfig(method="dpo")
     with pytest.raises(ValueError, match="unknown preset"):
         preset("huge")
-    with pytest.raises(ValueError, match="vLLM backend is not built"):
-        TrainConfig(rollout_backend="vllm")
+    with pytest.raises(ValueError, match="rollout_backend must be 'auto', 'hf' or 'vllm'"):
+        TrainConfig(rollout_backend="sglang")
+    with pytest.raises(ValueError, match="vllm_gpu_memory_utilization"):
+        TrainConfig(vllm_gpu_memory_utilization=1.5)
     f = tmp_path / "c.yaml"
     f.write_text("method: grpo\nsteps: 7\nlr: 1\ntiers: [1, 2]\n")
     cfg = TrainConfig.from_yaml(str(f))

@@ -3,9 +3,13 @@
 Rollouts are laid out group-major: rows g*G .. g*G + G - 1 answer prompt g.
 - grpo:            A = (r_out - mean_group) / (std_group + eps), the same for every response token.
 - length_penalty:  r = r_out - coef * (len - mean_group(len)) / (std_group(len) + eps), then group-normalised.
-- l2t:             A_t = A_out + alpha * A_prg_t: the group's valid episode rewards r_prg are normalised
-                   (mean/std over all valid episodes of the group's G rollouts); a token of episode k gets the
-                   sum of the normalised rewards of episodes k..K of its rollout; final-answer tokens get 0.
+- l2t:             A_t = A_out + alpha * A_prg_t: the group's valid episode rewards r_prg are normalised over
+                   all valid episodes of the group's G rollouts; a token of episode k gets the sum of the
+                   normalised rewards of episodes k..K of its rollout; final-answer tokens get 0.
+                   ``norm="std"`` (default) divides by the group's std only; ``norm="mean_std"`` also subtracts
+                   the group mean, which gives every episode a bonus of -mean/std: when most episodes cost more
+                   than they gain (mean < 0), a rollout's advantage then grows with its number of episodes
+                   (measured on the demo: within-group corr(length, advantage) +0.97), i.e. it rewards verbosity.
 - ppo (any method): token rewards (outcome on the last response token, alpha * r_prg on each episode's last
                    token for l2t, the length term on the last token for length_penalty) and GAE over a value
                    head.
@@ -31,17 +35,21 @@ def length_penalized(r_out: torch.Tensor, lengths: torch.Tensor, group_size: int
 
 
 def process_token_advantages(r_prg: torch.Tensor, valid: torch.Tensor, episode_ids: torch.Tensor,
-                             group_size: int, eps: float = EPS) -> torch.Tensor:
-    """(B, L) process advantage: normalise each group's valid episode rewards, then give every token of
-    episode k the suffix sum over episodes k..K of its rollout; tokens outside episodes get 0."""
+                             group_size: int, eps: float = EPS, norm: str = "std") -> torch.Tensor:
+    """(B, L) process advantage: normalise each group's valid episode rewards (``norm``: "std" or
+    "mean_std"), then give every token of episode k the suffix sum over episodes k..K of its rollout; tokens
+    outside episodes get 0."""
+    if norm not in ("std", "mean_std"):
+        raise ValueError(f"norm must be 'std' or 'mean_std', got {norm!r}")
     B, K = r_prg.shape
     vf = valid.to(r_prg.dtype)
     rg, vg = r_prg.reshape(-1, group_size, K), vf.reshape(-1, group_size, K)
     cnt = vg.sum((1, 2), keepdim=True).clamp(min=1)
     mean = (rg * vg).sum((1, 2), keepdim=True) / cnt
     std = (((rg - mean) ** 2 * vg).sum((1, 2), keepdim=True) / cnt).sqrt()
-    norm = ((rg - mean) / (std + eps) * vg).reshape(B, K)
-    suffix = norm.flip(1).cumsum(1).flip(1)  # suffix[b, k] = sum_{j >= k} norm[b, j]
+    centred = rg - mean if norm == "mean_std" else rg  # the std is the same either way
+    normed = (centred / (std + eps) * vg).reshape(B, K)
+    suffix = normed.flip(1).cumsum(1).flip(1)  # suffix[b, k] = sum_{j >= k} normed[b, j]
     idx = episode_ids.clamp(min=0, max=max(K - 1, 0))
     adv = suffix.gather(1, idx) if K else torch.zeros_like(episode_ids, dtype=r_prg.dtype)
     return torch.where(episode_ids >= 0, adv, torch.zeros_like(adv))

@@ -27,7 +27,8 @@ class TrainConfig:
     max_new_tokens: int = 256  # the token budget
     temperature: float = 1.0
     top_p: float = 1.0
-    rollout_backend: str = "hf"  # "hf" (transformers generate); a vLLM backend is not built yet
+    rollout_backend: str = "auto"  # auto (vLLM if importable + GPU + single process, else HF) | hf | vllm
+    vllm_gpu_memory_utilization: float = 0.3  # share of the training GPU the colocated vLLM engine may take
     # optimisation
     lr: float = 1e-6
     weight_decay: float = 0.0
@@ -52,6 +53,7 @@ class TrainConfig:
     answer_cue: str = "A:"  # appended after a boundary to probe Jr (AnswerLikelihoodJr)
     markers: tuple[str, ...] = ("</think>",)
     max_episodes: int = 30
+    process_norm: str = "std"  # l2t episode-reward normalisation: std | mean_std (advantages.py says why)
     length_coef: float = 0.5  # length_penalty: weight of the group-normalised length term
     gamma: float = 1.0  # GAE discount (ppo)
     lam: float = 0.95  # GAE lambda (ppo)
@@ -77,11 +79,14 @@ class TrainConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.loss_agg not in ("token-mean", "seq-mean"):
             raise ValueError(f"loss_agg must be 'token-mean' or 'seq-mean', got {self.loss_agg!r}")
+        if self.process_norm not in ("std", "mean_std"):
+            raise ValueError(f"process_norm must be 'std' or 'mean_std', got {self.process_norm!r}")
         if self.penalty_mode not in ("batch", "self"):
             raise ValueError(f"penalty_mode must be 'batch' or 'self', got {self.penalty_mode!r}")
-        if self.rollout_backend != "hf":
-            raise ValueError(f"rollout_backend={self.rollout_backend!r}: only 'hf' (transformers generate) is "
-                             "implemented; the vLLM backend is not built yet")
+        if self.rollout_backend not in ("auto", "hf", "vllm"):
+            raise ValueError(f"rollout_backend must be 'auto', 'hf' or 'vllm', got {self.rollout_backend!r}")
+        if not 0.0 < self.vllm_gpu_memory_utilization < 1.0:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1), got {self.vllm_gpu_memory_utilization!r}")
         for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "micro_batch", "ppo_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")

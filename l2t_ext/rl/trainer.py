@@ -1,7 +1,8 @@
 """The L2T / GRPO / length-penalty training loop (paper Eq. 5, Algorithm 1; DESIGN.md section 5).
 
 One training step, top to bottom (``Trainer.step``):
-  1. sample ``prompts_per_step`` prompts and ``group_size`` rollouts each with HF ``generate``;
+  1. sample ``prompts_per_step`` prompts and ``group_size`` rollouts each (HF ``generate``, or a colocated vLLM
+     engine whose weights are re-synced after every update: ``rollout.py``);
   2. grade every rollout with the verifier: r_out in {0, 1};
   3. split responses into episodes at the marker token ids (``segment_episodes``);
   4. l2t: the dense process reward per episode (Jr probes + Fisher compression penalty), computed from the
@@ -11,10 +12,17 @@ One training step, top to bottom (``Trainer.step``):
      head and GAE over the same token rewards instead;
   6. PPO clipped update: ``ppo_epochs`` passes over the rollouts in micro-batches with gradient accumulation,
      optional k3 KL to the frozen initial policy, gradient clipping, AdamW, cosine schedule with warm-up;
+     under ``torchrun`` the summed gradients are all-reduced before clipping, so every rank takes the step a
+     single process would take on the union of the ranks' rollouts;
   7. refresh the SVD bases on schedule; log one JSON line; checkpoint atomically on schedule.
 
-What it simplifies: a single process (rank-aware printing only; ``torchrun``/FSDP is future work), HF
-``generate`` for rollouts (no vLLM yet), one optimizer step per training step.
+Data parallel (``torchrun --nproc_per_node N -m l2t_ext.cli train ...``): every rank holds the whole model,
+samples its own ``prompts_per_step`` prompts (a shared prompt stream, sliced by rank) with its own sampling
+seed, scores them (the batch Fisher of the l2t penalty is each rank's own batch), and all ranks apply the same
+all-reduced update; rank 0 logs and writes checkpoints (with every rank's RNG state).
+
+What it simplifies: whole-model replicas (no FSDP/ZeRO sharding); one optimizer step per training step; the
+vLLM backend is single-process only.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 from l2t_ext.reward import AnswerLikelihoodJr, DenseProcessReward, FisherTracker, Rollouts, segment_episodes
 from l2t_ext.reward.fisher import position_ids_from_mask, token_logprobs
@@ -36,7 +45,7 @@ from l2t_ext.rl import checkpoint
 from l2t_ext.rl.config import TrainConfig
 from l2t_ext.rl.loss import ppo_loss
 from l2t_ext.rl.modeling import char_tokenizer, load_local, marker_ids, tiny_qwen2
-from l2t_ext.rl.rollout import generate
+from l2t_ext.rl.rollout import make_rollouts
 from l2t_ext.tasks import arith, load_verifier
 
 RANK = int(os.environ.get("RANK", "0"))
@@ -70,6 +79,21 @@ class PromptSource:
         return [self.rng.choice(self.rows) for _ in range(n)]
 
 
+def init_distributed(device: str) -> tuple[int, int, torch.device | None]:
+    """(rank, world size, device) under ``torchrun`` (WORLD_SIZE > 1): joins the process group (nccl on GPU,
+    gloo on CPU) and pins cuda:LOCAL_RANK; (0, 1, None) for a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
 class ValueHead(torch.nn.Module):
     def __init__(self, hidden: int):
         super().__init__()
@@ -85,10 +109,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str | None = None, init_state: dict | None = None):
         """``init_state``: a model state_dict to start from (e.g. a shared warm start); skips ``sft_steps``."""
         self.cfg = cfg
-        random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
+        self.rank, self.world, dist_dev = init_distributed(cfg.device)
+        random.seed(cfg.seed + self.rank)  # per-rank sampling streams; rank 0 of a single process = seed
+        torch.manual_seed(cfg.seed + self.rank)
         dev = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = torch.device(dev)
+        self.device = dist_dev or torch.device(dev)
         self.verify = load_verifier(cfg.verifier)
         # ---- model and tokenizer (a local directory via from_pretrained, or the tiny preset from a config)
         ckpt = checkpoint.resolve(resume) if resume else None
@@ -113,7 +138,7 @@ class Trainer:
         warm = max(1, int(cfg.warmup_ratio * cfg.steps))
         cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm) * cosine(s))
-        self.prompts = PromptSource(cfg, cfg.seed)
+        self.prompts = PromptSource(cfg, cfg.seed)  # the same stream on every rank; step() slices it by rank
         self.step_idx = 0
         self.tracker = self.reward = None
         if cfg.method == "l2t":
@@ -136,9 +161,20 @@ class Trainer:
                        self.device, log=log)
             if self.tracker is not None:
                 self.tracker.refresh()
-        os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            f.write(cfg.to_json())
+        if self.world > 1:  # identical replicas whatever each rank loaded or warm-started
+            for t in list(self.model.state_dict().values()) + (list(self.value_head.parameters())
+                                                               if self.value_head else []):
+                dist.broadcast(t.data, 0)
+            if self.tracker is not None and not ckpt:  # a resumed run keeps the checkpoint's bases
+                self.tracker.refresh()
+        if self.rank == 0:
+            os.makedirs(cfg.out, exist_ok=True)
+            with open(os.path.join(cfg.out, "config.json"), "w") as f:
+                f.write(cfg.to_json())
+        self.rollouts = make_rollouts(cfg.rollout_backend, self.model, self.tok, cfg.out, cfg.seed, self.world,
+                                      cfg.vllm_gpu_memory_utilization, "bfloat16" if cfg.bf16 else "float32")
+        log(f"rollouts: {type(self.rollouts).__name__}" + (f"; data parallel over {self.world} ranks"
+                                                           if self.world > 1 else ""))
 
     # ------------------------------------------------------------------------------------ one step
     def autocast(self):
@@ -149,12 +185,13 @@ class Trainer:
     def step(self) -> dict:
         cfg, t0 = self.cfg, time.time()
         G = cfg.group_size
-        # 1. rollouts
-        probs = self.prompts.sample(cfg.prompts_per_step)
+        # 1. rollouts (this rank's slice of the shared prompt stream)
+        P = cfg.prompts_per_step
+        probs = self.prompts.sample(P * self.world)[self.rank * P:(self.rank + 1) * P]
         self.model.eval()
         with self.autocast():
-            rb = generate(self.model, self.tok, [p["prompt"] for p in probs], G, cfg.max_new_tokens,
-                          cfg.temperature, cfg.top_p)
+            rb = self.rollouts.generate([p["prompt"] for p in probs], G, cfg.max_new_tokens, cfg.temperature,
+                                        cfg.top_p)
         answers = [p["answer"] for p in probs for _ in range(G)]
         # 2. outcome reward
         r_out = torch.tensor([float(self.verify(c, a)) for c, a in zip(rb.completions, answers)],
@@ -197,19 +234,34 @@ class Trainer:
         else:
             adv = adv_lib.group_normalize(seq_r, G)[:, None].expand_as(old_lp) * pred_mask
             if cfg.method == "l2t":
-                adv = adv + cfg.alpha * adv_lib.process_token_advantages(r_prg, valid, ep_pred, G)
+                adv = adv + cfg.alpha * adv_lib.process_token_advantages(r_prg, valid, ep_pred, G,
+                                                                             norm=cfg.process_norm)
             returns = None
         # 6. PPO update
         loss_val, clip_fracs, kls = self._update(rb, old_lp, ref_lp, adv, returns, pred_mask)
+        self.rollouts.mark_stale()  # a vLLM engine re-syncs its weights before the next generation
         if self.tracker is not None and self.tracker.step():
             log(f"step {self.step_idx + 1}: refreshed SVD bases")
         self.step_idx += 1
-        # 7. metrics
+        # 7. metrics (means over ranks; the loss terms are already shares of the global loss)
         n_eps = (ep.max(1).values + 1).float()
-        return {"step": self.step_idx, "accuracy": float(r_out.mean()), "reward_mean": float(seq_r.mean()),
-                "response_tokens_mean": float(lengths.mean()), "episodes_mean": float(n_eps.mean()),
-                "loss": loss_val, "kl": sum(kls) / len(kls), "clip_frac": sum(clip_fracs) / len(clip_fracs),
-                **stats, "lr": self.sched.get_last_lr()[0], "time_s": time.time() - t0}
+        m = {"accuracy": float(r_out.mean()), "reward_mean": float(seq_r.mean()),
+             "response_tokens_mean": float(lengths.mean()), "episodes_mean": float(n_eps.mean()),
+             "kl": sum(kls) / len(kls), "clip_frac": sum(clip_fracs) / len(clip_fracs), **stats}
+        if self.world > 1:
+            vals = self._all_sum(torch.tensor(list(m.values()) + [loss_val], dtype=torch.float64))
+            m = {k: float(v) / self.world for k, v in zip(m, vals[:-1])}
+            loss_val = float(vals[-1])
+        return {"step": self.step_idx, **m, "loss": loss_val, "lr": self.sched.get_last_lr()[0],
+                "time_s": time.time() - t0}
+
+    def _all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (identity for a single process); CPU tensors travel through the device for nccl."""
+        if self.world == 1:
+            return x
+        y = x.to(self.device)
+        dist.all_reduce(y)
+        return y.to(x.device)
 
     def _logprobs(self, ids, am, grad: bool, model=None, values: bool = False):
         model = model or self.model
@@ -239,7 +291,7 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         B = rb.input_ids.shape[0]
-        total_tok = mask.sum().clamp(min=1)
+        total_tok = self._all_sum(mask.sum().float()).clamp(min=1)  # the global token count across ranks
         loss_sum, clip_fracs, kls = 0.0, [], []
         for _ in range(cfg.ppo_epochs):
             self.opt.zero_grad(set_to_none=True)
@@ -250,12 +302,13 @@ class Trainer:
                     loss, st = ppo_loss(lp, old_lp[sl], adv[sl], mask[sl], cfg.clip_eps_low, cfg.clip_eps_high,
                                         cfg.loss_agg, None if ref_lp is None else ref_lp[sl], cfg.kl_coef)
                     # micro-batch share of the step's token-mean / sequence-mean
-                    w = mask[sl].sum() / total_tok if cfg.loss_agg == "token-mean" else (lp.shape[0] / B)
+                    w = mask[sl].sum() / total_tok if cfg.loss_agg == "token-mean" else \
+                        (lp.shape[0] / (B * self.world))
                     loss = loss * w
                     if cfg.ppo:
                         m = mask[sl].float()
                         loss = loss + cfg.vf_coef * w * ((v - returns[sl]) ** 2 * m).sum() / m.sum().clamp(min=1)
-                if not torch.isfinite(loss):
+                if bool(self._all_sum((~torch.isfinite(loss.detach())).float()) > 0):  # every rank stops together
                     raise FloatingPointError(f"non-finite loss at step {self.step_idx + 1}; stopping (the last "
                                              f"good checkpoint in {cfg.out}/checkpoints is kept)")
                 loss.backward()
@@ -263,6 +316,11 @@ class Trainer:
                 clip_fracs.append(st["clip_frac"])
                 kls.append(st["kl"])
             params = [p for g in self.opt.param_groups for p in g["params"]]
+            if self.world > 1:  # one flat all-reduce of the summed gradient shares
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                flat = self._all_sum(torch.cat([g.reshape(-1).float() for g in grads]))
+                for p, g in zip(params, flat.split([q.numel() for q in params])):
+                    p.grad = g.view_as(p).to(p.dtype)
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             self.opt.step()
         self.sched.step()
@@ -270,7 +328,18 @@ class Trainer:
         return loss_sum / cfg.ppo_epochs, clip_fracs, kls
 
     # ------------------------------------------------------------------------------------ checkpoints
-    def save(self) -> str:
+    def save(self) -> str | None:
+        """Collective under torchrun (gathers every rank's RNG state); rank 0 writes."""
+        rngs = [checkpoint.rng_state()]
+        if self.world > 1:
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, checkpoint.rng_state())
+        path = self._write_checkpoint(rngs) if self.rank == 0 else None
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    def _write_checkpoint(self, rngs: list[dict]) -> str:
         tensors = {}
         if self.tracker is not None:
             for n, (U, V) in self.tracker.bases.items():
@@ -281,7 +350,7 @@ class Trainer:
         if self.reward is not None and self.reward.fisher is not None:
             tensors["fisher"] = self.reward.fisher
         state = {"step": self.step_idx, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                 "rng": checkpoint.rng_state(), "prompt_rng": self.prompts.rng.getstate(),
+                 "rng": rngs[0], "rng_per_rank": rngs, "prompt_rng": self.prompts.rng.getstate(),
                  "tracker_steps": self.tracker._steps if self.tracker else 0, "config": self.cfg.to_json()}
         return checkpoint.save(self.cfg.out, self.step_idx, self.model, self.tok, state, tensors)
 
@@ -300,7 +369,13 @@ class Trainer:
                                              if k.startswith("value_head.")})
         if self.reward is not None and "fisher" in extra:
             self.reward.fisher = extra["fisher"].to(self.device)
-        checkpoint.set_rng_state(state["rng"])
+        rngs = state.get("rng_per_rank", [state["rng"]])
+        if len(rngs) == self.world:
+            checkpoint.set_rng_state(rngs[self.rank])
+        else:  # another world size: the run continues, but not bitwise like an uninterrupted one
+            random.seed(self.cfg.seed + self.rank + self.step_idx)
+            torch.manual_seed(self.cfg.seed + self.rank + self.step_idx)
+            log(f"resume: checkpoint written by {len(rngs)} rank(s), now {self.world}; sampling RNGs re-seeded")
         log(f"resumed from {ckpt} at step {self.step_idx}")
 
     # ------------------------------------------------------------------------------------ the run
@@ -311,12 +386,13 @@ class Trainer:
         metrics_path = os.path.join(cfg.out, "metrics.jsonl")
         rows = []
         bar = _progress(cfg.steps, self.step_idx)
-        with open(metrics_path, "a") as f:
+        with open(metrics_path, "a") if self.rank == 0 else contextlib.nullcontext() as f:
             while self.step_idx < last:
                 m = self.step()
                 rows.append(m)
-                f.write(json.dumps(m) + "\n")
-                f.flush()
+                if f is not None:
+                    f.write(json.dumps(m) + "\n")
+                    f.flush()
                 bar(m)
                 if self.step_idx % cfg.save_every == 0 or self.step_idx == last:
                     self.save()
