@@ -27,6 +27,15 @@ def test_arith_generator_tiers_and_traces(tier):
     assert arith.trace(p, "terse", rng).count(arith.END_THINK) <= tier + 1
 
 
+def test_arith_verbose_check_prob():
+    p = arith.generate_problem(random.Random(3), 3)
+    assert arith.trace(p, "verbose", random.Random(0), check_prob=0.0) == arith.trace(p, "concise")
+    full = arith.trace(p, "verbose", random.Random(0), check_prob=1.0)
+    assert full.count(arith.THINK + "check ") == len(p.ops) and full.count(arith.END_THINK) == 2 * len(p.ops)
+    with pytest.raises(ValueError, match="check_prob must be in"):
+        arith.trace(p, "verbose", check_prob=1.5)
+
+
 def test_arith_verifier_cases():
     assert arith.verify("<think>1+1=2</think>A:2", "2") == 1.0
     assert arith.verify("<think>1+1=2</think>A:3", "2") == 0.0

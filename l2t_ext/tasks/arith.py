@@ -9,7 +9,8 @@ answer: ``<think>3+5=8</think><think>8*2=6</think><think>6-4=2</think>A:2``.
 
 Trace styles for the supervised warm start (so RL has something to learn):
 - concise: one step per episode;
-- verbose: concise plus redundant re-check episodes (``<think>check 8*2=16</think>``) that add nothing;
+- verbose: concise plus redundant re-check episodes (``<think>check 8*2=6</think>``) that add nothing, one
+  after each step with probability ``check_prob``;
 - terse: several steps merged into one episode (``<think>3+5*2=16</think>``), which a small model gets
   wrong more often on long chains.
 """
@@ -23,6 +24,7 @@ import re
 THINK, END_THINK = "<think>", "</think>"
 ANSWER_CUE = "A:"
 STYLES = ("concise", "verbose", "terse")
+VERBOSE_CHECK_PROB = 0.6  # chance of a redundant re-check episode after each step of a verbose trace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +64,11 @@ def generate_problem(rng: random.Random, tier: int) -> Problem:
     return Problem(start, ops, tier)
 
 
-def trace(problem: Problem, style: str = "concise", rng: random.Random | None = None) -> str:
+def trace(problem: Problem, style: str = "concise", rng: random.Random | None = None,
+          check_prob: float = VERBOSE_CHECK_PROB) -> str:
     """The response text (after the prompt) in a given style, ending with ``A:<answer>``."""
+    if not 0.0 <= check_prob <= 1.0:
+        raise ValueError(f"check_prob must be in [0, 1], got {check_prob!r}")
     rng = rng or random.Random(0)
     steps = problem.steps()
     eps: list[str] = []
@@ -72,7 +77,7 @@ def trace(problem: Problem, style: str = "concise", rng: random.Random | None = 
     elif style == "verbose":
         for a, o, d, r in steps:
             eps.append(f"{a}{o}{d}={r}")
-            if rng.random() < 0.6:
+            if rng.random() < check_prob:
                 eps.append(f"check {a}{o}{d}={r}")
     elif style == "terse":
         i = 0
