@@ -34,6 +34,24 @@ def test_arith_verbose_check_prob():
     assert full.count(arith.THINK + "check ") == len(p.ops) and full.count(arith.END_THINK) == 2 * len(p.ops)
     with pytest.raises(ValueError, match="check_prob must be in"):
         arith.trace(p, "verbose", check_prob=1.5)
+    with pytest.raises(ValueError, match="check_form must be one of"):
+        arith.trace(p, "verbose", check_form="twice")
+
+
+def test_arith_inverse_checks_are_true_and_redundant():
+    rng = random.Random(7)
+    for _ in range(200):
+        p = arith.generate_problem(rng, 4)
+        t = arith.trace(p, "verbose", rng, check_prob=1.0, check_form="inverse")
+        assert arith.verify(t, p.answer) == 1.0
+        checks = [e.split(arith.END_THINK)[0][len("check "):] for e in t.split(arith.THINK) if e.startswith("check")]
+        assert len(checks) == len(p.ops)
+        for c, (a, _o, d, r) in zip(checks, p.steps()):
+            lhs, rhs = c.split("=")
+            op = next(x for x in "+-*" if x in lhs[1:])
+            x, y = lhs[0], lhs[2:]
+            assert arith._apply(int(x), op, int(y)) == int(rhs)  # a true statement
+            assert {int(x), int(y), int(rhs)} <= {a, d, r}  # about the step it re-checks: nothing new
 
 
 def test_arith_verifier_cases():

@@ -24,7 +24,7 @@ import torch
 from l2t_ext.eval import evaluate, plot_report
 from l2t_ext.rl.config import preset
 from l2t_ext.rl.modeling import char_tokenizer, tiny_qwen2
-from l2t_ext.rl.sft import DEFAULT_MIX, warm_start
+from l2t_ext.rl.sft import warm_start
 from l2t_ext.rl.trainer import Trainer
 from l2t_ext.tasks import arith
 
@@ -35,9 +35,12 @@ SETTINGS = {
     # quick: the CI smoke run (results are noisy); default: the README's experiment
     "quick": dict(sft_steps=300, rl_steps=3, prompts=8, group=4, eval_per_tier=10, eval_samples=2,
                   max_new_tokens=80),
-    "default": dict(sft_steps=1500, rl_steps=40, prompts=8, group=8, eval_per_tier=40, eval_samples=4,
+    "default": dict(sft_steps=1500, rl_steps=100, prompts=8, group=8, eval_per_tier=40, eval_samples=4,
                     max_new_tokens=100),
 }
+# the warm start's trace mix (see l2t_ext.tasks.arith for the styles)
+TRACE_MIX = {"concise": 0.4, "verbose": 0.4, "terse": 0.2}
+CHECK_PROB, CHECK_FORM = 0.6, "copy"
 # greedy warm-start accuracy on tier-1 problems that the quick setting must reach (tested). Chance is 0.10 (a
 # digit); measured 0.28 on the 2-core CI-class machine.
 TIER1_FLOOR_QUICK = 0.15
@@ -62,6 +65,18 @@ def _problems(per_tier: int, seed: int) -> list[dict]:
     return [{"prompt": p.prompt, "answer": p.answer, "tier": p.tier} for p in probs]
 
 
+def _reference_tokens(tok, problems: list[arith.Problem]) -> dict[str, float]:
+    """Mean response tokens (no <eos>, as evaluate counts them) of each trace style on ``problems``."""
+    import random
+
+    rng, out = random.Random(0), {}
+    for style in arith.STYLES:
+        n = [len(tok.encode(arith.trace(q, style, rng, CHECK_PROB, CHECK_FORM), add_special_tokens=False))
+             for q in problems]
+        out[style] = sum(n) / len(n)
+    return out
+
+
 def run_demo(out: str, quick: bool = False, seeds: int = 1, threads: int | None = None) -> dict:
     S = SETTINGS["quick" if quick else "default"]
     if threads:
@@ -69,15 +84,17 @@ def run_demo(out: str, quick: bool = False, seeds: int = 1, threads: int | None 
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(0)
     t_start = time.time()
-    prog = Progress(S["sft_steps"] / 10 + seeds * len(METHODS) * (S["rl_steps"] + 5))
+    prog = Progress(S["sft_steps"] / 10 + 1 + seeds * len(METHODS) * (S["rl_steps"] + 5))
     tok = char_tokenizer()
     # 1. warm start, shared by every method and seed
     model = tiny_qwen2(tok, hidden_size=HIDDEN, num_layers=LAYERS, seed=0)
     n_params = sum(p.numel() for p in model.parameters())
-    sft_losses = warm_start(model, tok, S["sft_steps"], 3e-3, 64, (1, 2, 3, 4), seed=0, device="cpu")
+    sft_losses = warm_start(model, tok, S["sft_steps"], 3e-3, 64, (1, 2, 3, 4), seed=0, device="cpu", mix=TRACE_MIX,
+                            check_prob=CHECK_PROB, check_form=CHECK_FORM)
     prog.tick(S["sft_steps"] / 10, f"warm start done ({S['sft_steps']} steps, loss {sft_losses[-1]:.3f})")
     warm = copy.deepcopy(model.state_dict())
     eval_set = _problems(S["eval_per_tier"], seed=0)
+    ref_tokens = _reference_tokens(tok, arith.dataset(S["eval_per_tier"] * 4, seed=0 + 777))  # = eval_set
     ev_kw = dict(n_samples=S["eval_samples"], max_new_tokens=S["max_new_tokens"], budgets=(16, 24, 32, 48, 64, 96),
                  max_depth=8)
     warm_eval = evaluate(model, tok, eval_set, arith.verify, arith.extract_answer, **ev_kw)
@@ -108,8 +125,9 @@ def run_demo(out: str, quick: bool = False, seeds: int = 1, threads: int | None 
             prog.tick(5, f"{method} seed {seed}: evaluated (pass@1 {runs[method][-1]['overall']['pass@1']:.3f})")
     # 3. aggregate, plots, report
     results = {"methods": {m: _aggregate(runs[m]) for m in METHODS}, "warm_start": _aggregate([warm_eval]),
-               "warm_start_tier1_greedy": warm_tier1_greedy,
-               "config": {"quick": quick, "seeds": seeds, **S, "trace_mix": DEFAULT_MIX, "model_params": n_params,
+               "warm_start_tier1_greedy": warm_tier1_greedy, "reference_tokens": ref_tokens,
+               "config": {"quick": quick, "seeds": seeds, **S, "trace_mix": TRACE_MIX,
+                          "check_prob": CHECK_PROB, "check_form": CHECK_FORM, "model_params": n_params,
                           "rl": {k: v for k, v in json.loads(preset("tiny-arith").to_json()).items()
                                  if k in ("lr", "alpha", "beta", "rank", "length_coef", "clip_eps_low",
                                           "clip_eps_high", "refresh_every")}},
@@ -171,7 +189,8 @@ def _report(res: dict, plots: list[str], out: str) -> str:
              f"- Model: tiny Qwen2 ({cfg['model_params'] / 1e6:.2f}M parameters), character tokenizer with "
              f"`<think>`/`</think>` as single tokens, trained from scratch.",
              f"- Warm start: {cfg['sft_steps']} supervised steps on a trace mix {cfg['trace_mix']} (concise: one step "
-             "per episode; verbose: redundant `check` episodes; terse: 2-3 steps merged into one episode).",
+             f"per episode; verbose: a redundant `check` episode after each step with probability "
+             f"{cfg['check_prob']}, {_CHECK_TEXT[cfg['check_form']]}; terse: 2-3 steps merged into one episode).",
              f"- RL: each method from the same warm start, {cfg['rl_steps']} steps x {cfg['prompts']} prompts x "
              f"{cfg['group']} rollouts, max {cfg['max_new_tokens']} new tokens, settings {cfg['rl']}.",
              f"- Evaluation: {cfg['eval_per_tier']} held-out problems per tier x {cfg['eval_samples']} samples "
@@ -187,11 +206,15 @@ def _report(res: dict, plots: list[str], out: str) -> str:
                      f"{_fmt(r['tokens_per_correct'], 1)} | {tiers} |")
     lines += ["", "Plots: " + ", ".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots), "",
               "## Reading", ""]
-    lines += _reading(M)
+    lines += _reading(M, res["reference_tokens"])
     return "\n".join(lines) + "\n"
 
 
-def _reading(M: dict) -> list[str]:
+_CHECK_TEXT = {"copy": "repeating the step (`check 8*2=6`)",
+               "inverse": "re-deriving the step by its inverse (`check 6-5=1` after `1+5=6`)"}
+
+
+def _reading(M: dict, ref: dict[str, float]) -> list[str]:
     g, lp, l2 = M["grpo"], M["length_penalty"], M["l2t"]
     out = []
     if g["response_tokens"]["mean"] and l2["response_tokens"]["mean"] is not None:
@@ -201,6 +224,14 @@ def _reading(M: dict) -> list[str]:
         out.append(f"- L2T used {100 * saving:.1f}% {'fewer' if saving >= 0 else 'more'} response tokens than GRPO "
                    f"with accuracy {dacc:+.1f} points ({'meets' if goal else 'does not meet'} the goal of >= 40% "
                    "fewer tokens at accuracy >= GRPO - 1 point).")
+        bound = 1 - ref["concise"] / g["response_tokens"]["mean"]
+        out.append(f"- Headroom: the concise reference traces of these problems (every step, no redundant episode) "
+                   f"take {ref['concise']:.1f} tokens, so removing redundancy alone can save at most "
+                   f"{100 * bound:.1f}% of GRPO's tokens; L2T's saving is {100 * saving / bound:.0f}% of that bound"
+                   if bound > 0 else f"- Headroom: GRPO is already at the concise reference length "
+                   f"({ref['concise']:.1f} tokens)")
+        out[-1] += (f". Saving more means merging steps into fewer episodes (terse traces: {ref['terse']:.1f} tokens), "
+                    "which costs accuracy on long chains (see the length penalty).")
     hard = max(g["per_tier"], key=int)
     a_lp, a_l2 = lp["per_tier"][hard]["accuracy"]["mean"], l2["per_tier"][hard]["accuracy"]["mean"]
     a_g = g["per_tier"][hard]["accuracy"]["mean"]

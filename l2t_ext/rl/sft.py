@@ -14,13 +14,13 @@ DEFAULT_MIX = {"concise": 0.4, "verbose": 0.4, "terse": 0.2}
 
 
 def make_batch(tokenizer, rng: random.Random, n: int, tiers, mix: dict[str, float], device,
-               check_prob: float = arith.VERBOSE_CHECK_PROB):
+               check_prob: float = arith.VERBOSE_CHECK_PROB, check_form: str = arith.VERBOSE_CHECK_FORM):
     styles, weights = zip(*mix.items())
     texts, n_prompt = [], []
     for _ in range(n):
         p = arith.generate_problem(rng, rng.choice(list(tiers)))
         style = rng.choices(styles, weights)[0]
-        texts.append((p.prompt, arith.trace(p, style, rng, check_prob) + tokenizer.eos_token))
+        texts.append((p.prompt, arith.trace(p, style, rng, check_prob, check_form) + tokenizer.eos_token))
     enc = [tokenizer.encode(a + b, add_special_tokens=False) for a, b in texts]
     n_prompt = [len(tokenizer.encode(a, add_special_tokens=False)) for a, _ in texts]
     L = max(map(len, enc))
@@ -36,7 +36,8 @@ def make_batch(tokenizer, rng: random.Random, n: int, tiers, mix: dict[str, floa
 
 def warm_start(model, tokenizer, steps: int, lr: float, batch: int, tiers, seed: int, device,
                mix: dict[str, float] | None = None, log=None,
-               check_prob: float = arith.VERBOSE_CHECK_PROB) -> list[float]:
+               check_prob: float = arith.VERBOSE_CHECK_PROB,
+               check_form: str = arith.VERBOSE_CHECK_FORM) -> list[float]:
     """Train ``steps`` AdamW steps (cosine schedule); returns the loss curve."""
     rng = random.Random(seed + 12345)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -45,7 +46,8 @@ def warm_start(model, tokenizer, steps: int, lr: float, batch: int, tiers, seed:
     model.train()
     losses = []
     for s in range(steps):
-        ids, am, labels = make_batch(tokenizer, rng, batch, tiers, mix or DEFAULT_MIX, device, check_prob)
+        ids, am, labels = make_batch(tokenizer, rng, batch, tiers, mix or DEFAULT_MIX, device, check_prob,
+                                       check_form)
         loss = model(input_ids=ids, attention_mask=am, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

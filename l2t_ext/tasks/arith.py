@@ -9,8 +9,10 @@ answer: ``<think>3+5=8</think><think>8*2=6</think><think>6-4=2</think>A:2``.
 
 Trace styles for the supervised warm start (so RL has something to learn):
 - concise: one step per episode;
-- verbose: concise plus redundant re-check episodes (``<think>check 8*2=6</think>``) that add nothing, one
-  after each step with probability ``check_prob``;
+- verbose: concise plus redundant re-check episodes that add nothing to the answer, one after each step
+  with probability ``check_prob``; ``check_form="copy"`` repeats the step (``<think>check 8*2=6</think>``),
+  ``"inverse"`` re-derives it (``<think>check 6-5=1</think>`` after ``1+5=6``; a product is re-checked
+  commuted, ``2*8=6``), a verification that costs computation like the re-checks of real reasoning models;
 - terse: several steps merged into one episode (``<think>3+5*2=16</think>``), which a small model gets
   wrong more often on long chains.
 """
@@ -25,6 +27,8 @@ THINK, END_THINK = "<think>", "</think>"
 ANSWER_CUE = "A:"
 STYLES = ("concise", "verbose", "terse")
 VERBOSE_CHECK_PROB = 0.6  # chance of a redundant re-check episode after each step of a verbose trace
+CHECK_FORMS = ("copy", "inverse")
+VERBOSE_CHECK_FORM = "copy"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +69,12 @@ def generate_problem(rng: random.Random, tier: int) -> Problem:
 
 
 def trace(problem: Problem, style: str = "concise", rng: random.Random | None = None,
-          check_prob: float = VERBOSE_CHECK_PROB) -> str:
+          check_prob: float = VERBOSE_CHECK_PROB, check_form: str = VERBOSE_CHECK_FORM) -> str:
     """The response text (after the prompt) in a given style, ending with ``A:<answer>``."""
     if not 0.0 <= check_prob <= 1.0:
         raise ValueError(f"check_prob must be in [0, 1], got {check_prob!r}")
+    if check_form not in CHECK_FORMS:
+        raise ValueError(f"check_form must be one of {CHECK_FORMS}, got {check_form!r}")
     rng = rng or random.Random(0)
     steps = problem.steps()
     eps: list[str] = []
@@ -78,7 +84,7 @@ def trace(problem: Problem, style: str = "concise", rng: random.Random | None = 
         for a, o, d, r in steps:
             eps.append(f"{a}{o}{d}={r}")
             if rng.random() < check_prob:
-                eps.append(f"check {a}{o}{d}={r}")
+                eps.append(f"check {_check(a, o, d, r, check_form)}")
     elif style == "terse":
         i = 0
         while i < len(steps):
@@ -90,6 +96,17 @@ def trace(problem: Problem, style: str = "concise", rng: random.Random | None = 
     else:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     return "".join(f"{THINK}{e}{END_THINK}" for e in eps) + f"{ANSWER_CUE}{problem.answer}"
+
+
+def _check(a: int, o: str, d: int, r: int, form: str) -> str:
+    """The text of a redundant re-check of the step a o d = r (mod 10)."""
+    if form == "copy":
+        return f"{a}{o}{d}={r}"
+    if o == "+":
+        return f"{r}-{d}={a}"
+    if o == "-":
+        return f"{r}+{d}={a}"
+    return f"{d}*{a}={r}"
 
 
 def dataset(n: int, seed: int, tiers=(1, 2, 3, 4)) -> list[Problem]:
