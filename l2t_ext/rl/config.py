@@ -147,7 +147,8 @@ PRESETS: dict[str, dict] = {
     # CPU-sized: a tiny Qwen2 warm-started on the arithmetic task's traces, then a few RL steps
     "tiny-arith": dict(model="tiny", task="arith", verifier="arith", steps=20, prompts_per_step=8, group_size=4,
                        max_new_tokens=96, lr=1e-4, rank=8, refresh_every=5, micro_batch=32, sft_steps=300,
-                       save_every=10, eval_problems=32, device="cpu", tiers=(1, 2, 3, 4)),
+                       save_every=10, eval_problems=32, device="cpu", tiers=(1, 2, 3, 4),
+                       length_coef=0.2),  # 0.5 collapses to merged steps on this task (README, demo investigation)
 }
 
 

@@ -83,8 +83,8 @@ def vllm_unavailable_reason(device: torch.device, world_size: int = 1) -> str | 
     """Why the vLLM backend cannot run here (None if it can)."""
     try:
         import vllm  # noqa: F401
-    except ImportError as e:
-        return f"vllm is not importable ({e}); pip install vllm, or use rollout_backend: hf"
+    except Exception as e:  # ImportError, or a broken install failing at import time
+        return f"vllm is not importable ({type(e).__name__}: {e}); pip install vllm, or use rollout_backend: hf"
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         return (f"vLLM rollouts run colocated on the training GPU, and the training device is {device}; "
                 "use rollout_backend: hf")

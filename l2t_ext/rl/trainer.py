@@ -12,8 +12,9 @@ One training step, top to bottom (``Trainer.step``):
      head and GAE over the same token rewards instead;
   6. PPO clipped update: ``ppo_epochs`` passes over the rollouts in micro-batches with gradient accumulation,
      optional k3 KL to the frozen initial policy, gradient clipping, AdamW, cosine schedule with warm-up;
-     under ``torchrun`` the summed gradients are all-reduced before clipping, so every rank takes the step a
-     single process would take on the union of the ranks' rollouts;
+     under ``torchrun`` the loss runs through DDP, which all-reduces the gradients on the last micro-batch
+     (``no_sync`` before), so every rank takes the step a single process would take on the union of the
+     ranks' rollouts;
   7. refresh the SVD bases on schedule; log one JSON line; checkpoint atomically on schedule.
 
 Data parallel (``torchrun --nproc_per_node N -m l2t_ext.cli train ...``): every rank holds the whole model,
@@ -94,6 +95,20 @@ def init_distributed(device: str) -> tuple[int, int, torch.device | None]:
     return dist.get_rank(), dist.get_world_size(), dev
 
 
+class Policy(torch.nn.Module):
+    """The policy and its optional value head as one module: what the loss runs through (and DDP wraps)."""
+
+    def __init__(self, model, value_head=None):
+        super().__init__()
+        self.model, self.value_head = model, value_head
+
+    def forward(self, ids, am, values: bool = False):
+        out = self.model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am),
+                         output_hidden_states=values)
+        lp = token_logprobs(out.logits, ids).float()  # (B, L): log pi(x_{t+1} | x_<=t) at t
+        return lp, (self.value_head(out.hidden_states[-1]) if values else None)
+
+
 class ValueHead(torch.nn.Module):
     def __init__(self, hidden: int):
         super().__init__()
@@ -161,11 +176,15 @@ class Trainer:
                        self.device, log=log)
             if self.tracker is not None:
                 self.tracker.refresh()
-        if self.world > 1:  # identical replicas whatever each rank loaded or warm-started
-            for t in list(self.model.state_dict().values()) + (list(self.value_head.parameters())
-                                                               if self.value_head else []):
-                dist.broadcast(t.data, 0)
-            if self.tracker is not None and not ckpt:  # a resumed run keeps the checkpoint's bases
+        self.policy = Policy(self.model, self.value_head)
+        self.ref_policy = Policy(self.ref_model) if self.ref_model is not None else None
+        self.ddp = None
+        if self.world > 1:  # DDP broadcasts rank 0's weights: identical replicas whatever each rank loaded
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(self.policy, device_ids=[self.device.index] if self.device.type ==
+                                               "cuda" else None, broadcast_buffers=False)
+            if self.tracker is not None and not ckpt:  # bases of the broadcast weights (a resume keeps its own)
                 self.tracker.refresh()
         if self.rank == 0:
             os.makedirs(cfg.out, exist_ok=True)
@@ -219,7 +238,7 @@ class Trainer:
                     stats["jr_gain_mean"] = float(out.jr_gain[valid].mean())
             else:
                 old_lp = self._logprobs(rb.input_ids, rb.attention_mask, grad=False)[0]
-            ref_lp = self._logprobs(rb.input_ids, rb.attention_mask, grad=False, model=self.ref_model)[0] \
+            ref_lp = self._logprobs(rb.input_ids, rb.attention_mask, grad=False, ref=True)[0] \
                 if self.ref_model is not None else None
         # 5. advantages
         if cfg.method == "length_penalty":
@@ -263,15 +282,14 @@ class Trainer:
         dist.all_reduce(y)
         return y.to(x.device)
 
-    def _logprobs(self, ids, am, grad: bool, model=None, values: bool = False):
-        model = model or self.model
-        ctx = contextlib.nullcontext() if grad else torch.no_grad()
-        with ctx:
-            out = model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am),
-                        output_hidden_states=values)
-            lp = token_logprobs(out.logits, ids).float()
-            v = self.value_head(out.hidden_states[-1]) if values else None
-        return lp, v
+    def _logprobs(self, ids, am, grad: bool, ref: bool = False, values: bool = False):
+        """(token log-probs (B, L), values (B, L) or None); with ``grad`` through DDP under torchrun."""
+        if ref:
+            fn = self.ref_policy
+        else:
+            fn = self.ddp if (grad and self.ddp is not None) else self.policy
+        with contextlib.nullcontext() if grad else torch.no_grad():
+            return fn(ids, am, values)
 
     def _token_rewards(self, seq_r, r_prg, valid, ep_pred, pred_mask):
         """PPO token rewards: the sequence reward on the last response token, alpha * r_prg[k] on each
@@ -293,34 +311,34 @@ class Trainer:
         B = rb.input_ids.shape[0]
         total_tok = self._all_sum(mask.sum().float()).clamp(min=1)  # the global token count across ranks
         loss_sum, clip_fracs, kls = 0.0, [], []
+        starts = list(range(0, B, cfg.micro_batch))
         for _ in range(cfg.ppo_epochs):
             self.opt.zero_grad(set_to_none=True)
-            for s in range(0, B, cfg.micro_batch):
+            for s in starts:
                 sl = slice(s, s + cfg.micro_batch)
-                with self.autocast():
-                    lp, v = self._logprobs(rb.input_ids[sl], rb.attention_mask[sl], grad=True, values=cfg.ppo)
-                    loss, st = ppo_loss(lp, old_lp[sl], adv[sl], mask[sl], cfg.clip_eps_low, cfg.clip_eps_high,
-                                        cfg.loss_agg, None if ref_lp is None else ref_lp[sl], cfg.kl_coef)
-                    # micro-batch share of the step's token-mean / sequence-mean
-                    w = mask[sl].sum() / total_tok if cfg.loss_agg == "token-mean" else \
-                        (lp.shape[0] / (B * self.world))
-                    loss = loss * w
-                    if cfg.ppo:
-                        m = mask[sl].float()
-                        loss = loss + cfg.vf_coef * w * ((v - returns[sl]) ** 2 * m).sum() / m.sum().clamp(min=1)
-                if bool(self._all_sum((~torch.isfinite(loss.detach())).float()) > 0):  # every rank stops together
-                    raise FloatingPointError(f"non-finite loss at step {self.step_idx + 1}; stopping (the last "
-                                             f"good checkpoint in {cfg.out}/checkpoints is kept)")
-                loss.backward()
+                # DDP: accumulate locally, all-reduce once with the last micro-batch's backward
+                sync = self.ddp is None or s == starts[-1]
+                with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                    with self.autocast():
+                        lp, v = self._logprobs(rb.input_ids[sl], rb.attention_mask[sl], grad=True, values=cfg.ppo)
+                        loss, st = ppo_loss(lp, old_lp[sl], adv[sl], mask[sl], cfg.clip_eps_low, cfg.clip_eps_high,
+                                            cfg.loss_agg, None if ref_lp is None else ref_lp[sl], cfg.kl_coef)
+                        # micro-batch share of the step's token-mean / sequence-mean
+                        w = mask[sl].sum() / total_tok if cfg.loss_agg == "token-mean" else \
+                            (lp.shape[0] / (B * self.world))
+                        loss = loss * w
+                        if cfg.ppo:
+                            m = mask[sl].float()
+                            loss = loss + cfg.vf_coef * w * ((v - returns[sl]) ** 2 * m).sum() / m.sum().clamp(min=1)
+                    if bool(self._all_sum((~torch.isfinite(loss.detach())).float()) > 0):  # all ranks stop together
+                        raise FloatingPointError(f"non-finite loss at step {self.step_idx + 1}; stopping (the last "
+                                                 f"good checkpoint in {cfg.out}/checkpoints is kept)")
+                    # w is this micro-batch's share of the global loss; DDP averages over ranks, hence * world
+                    (loss * self.world).backward()
                 loss_sum += float(loss.detach())
                 clip_fracs.append(st["clip_frac"])
                 kls.append(st["kl"])
             params = [p for g in self.opt.param_groups for p in g["params"]]
-            if self.world > 1:  # one flat all-reduce of the summed gradient shares
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-                flat = self._all_sum(torch.cat([g.reshape(-1).float() for g in grads]))
-                for p, g in zip(params, flat.split([q.numel() for q in params])):
-                    p.grad = g.view_as(p).to(p.dtype)
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             self.opt.step()
         self.sched.step()
