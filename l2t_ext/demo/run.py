@@ -60,9 +60,13 @@ class Progress:
               file=sys.stderr, flush=True)
 
 
+def _problem_set(per_tier: int, seed: int) -> list[arith.Problem]:
+    """The held-out problems: ``per_tier`` of each tier, disjoint in seed from the RL prompt stream."""
+    return arith.dataset(per_tier * 4, seed=seed + 777)
+
+
 def _problems(per_tier: int, seed: int) -> list[dict]:
-    probs = arith.dataset(per_tier * 4, seed=seed + 777)
-    return [{"prompt": p.prompt, "answer": p.answer, "tier": p.tier} for p in probs]
+    return [{"prompt": p.prompt, "answer": p.answer, "tier": p.tier} for p in _problem_set(per_tier, seed)]
 
 
 def _reference_tokens(tok, problems: list[arith.Problem]) -> dict[str, float]:
@@ -94,7 +98,7 @@ def run_demo(out: str, quick: bool = False, seeds: int = 1, threads: int | None 
     prog.tick(S["sft_steps"] / 10, f"warm start done ({S['sft_steps']} steps, loss {sft_losses[-1]:.3f})")
     warm = copy.deepcopy(model.state_dict())
     eval_set = _problems(S["eval_per_tier"], seed=0)
-    ref_tokens = _reference_tokens(tok, arith.dataset(S["eval_per_tier"] * 4, seed=0 + 777))  # = eval_set
+    ref_tokens = _reference_tokens(tok, _problem_set(S["eval_per_tier"], seed=0))  # the problems of eval_set
     ev_kw = dict(n_samples=S["eval_samples"], max_new_tokens=S["max_new_tokens"], budgets=(16, 24, 32, 48, 64, 96),
                  max_depth=8)
     warm_eval = evaluate(model, tok, eval_set, arith.verify, arith.extract_answer, **ev_kw)

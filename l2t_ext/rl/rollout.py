@@ -6,8 +6,8 @@ Two backends produce the same ``RolloutBatch``:
 - ``VLLMRollouts``: a colocated vLLM engine on the training GPU, fed token ids (no re-tokenisation), whose
   weights are pushed from the training model after every optimizer step (``mark_stale`` then lazily at the
   next ``generate``).
-``make_rollouts(cfg, ...)`` picks one: ``rollout_backend: auto`` uses vLLM when it is importable, a GPU is
-present and the run is single-process, else HF; ``vllm`` raises the reason when it cannot be used.
+``make_rollouts(backend, ...)`` picks one: "auto" uses vLLM when it is importable, the training device is a GPU
+and the run is single-process, else HF; "vllm" raises the reason when it cannot be used.
 """
 
 from __future__ import annotations
