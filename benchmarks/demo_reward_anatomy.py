@@ -62,15 +62,8 @@ def main() -> None:
                                                    tok.pad_token_id), tracker, alpha=args.alpha, beta=args.beta)
     out = reward(Rollouts(rb.input_ids, rb.attention_mask, rb.response_mask, ep,
                           answer_ids=[tok.encode(a, add_special_tokens=False) for a in answers]))
-    K = out.r_prg.shape[1]
-    # the loop's group-normalised episode rewards (advantages.process_token_advantages, before the suffix sum)
-    vf = out.valid.float()
-    rg, vg = out.r_prg.reshape(-1, G, K), vf.reshape(-1, G, K)
-    cnt = vg.sum((1, 2), keepdim=True).clamp(min=1)
-    mean = (rg * vg).sum((1, 2), keepdim=True) / cnt
-    std = (((rg - mean) ** 2 * vg).sum((1, 2), keepdim=True) / cnt).sqrt()
-    norm = (((rg - mean) if args.norm == "mean_std" else rg) / (std + 1e-6) * vg).reshape(-1, K)
-    suffix = norm.flip(1).cumsum(1).flip(1)
+    # the loop's group-normalised episode rewards and their suffix sums (what the tokens of episode k get)
+    norm, suffix = adv_lib.normalized_episode_rewards(out.r_prg, out.valid, G, norm=args.norm)
     by_kind = collections.defaultdict(lambda: collections.defaultdict(list))
     style = []  # per rollout: terse (has a merged episode), verbose (has a check), concise
     for b in range(rb.input_ids.shape[0]):

@@ -20,9 +20,8 @@ import time
 
 import torch
 
-from l2t_ext.demo.run import HIDDEN, LAYERS, _problems
+from l2t_ext.demo.run import HIDDEN, LAYERS, _problems, rl_config
 from l2t_ext.eval import evaluate
-from l2t_ext.rl.config import preset
 from l2t_ext.rl.modeling import char_tokenizer, tiny_qwen2
 from l2t_ext.rl.sft import warm_start
 from l2t_ext.rl.trainer import Trainer
@@ -75,13 +74,10 @@ def main() -> None:
     t0 = time.time()
     rows["warm"] = [evaluate(model, tok, eval_set, arith.verify, arith.extract_answer, **ev_kw)]
     print(f"warm eval {time.time() - t0:.0f} s", flush=True)
+    S = {"rl_steps": args.rl_steps, "prompts": args.prompts, "group": args.group, "max_new_tokens": args.max_new_tokens}
     for seed in map(int, args.seeds.split(",")):
         for method in args.methods.split(","):
-            cfg = preset("tiny-arith").override([
-                f"method={method}", f"steps={args.rl_steps}", f"prompts_per_step={args.prompts}",
-                f"group_size={args.group}", f"max_new_tokens={args.max_new_tokens}", f"seed={seed}", "sft_steps=0",
-                "eval_problems=0", f"save_every={10**9}", f"hidden_size={HIDDEN}", f"num_layers={LAYERS}",
-                f"out={os.path.join(args.cache, 'runs', args.tag, f'{method}_s{seed}')}", *args.set])
+            cfg = rl_config(S, method, seed, os.path.join(args.cache, "runs", args.tag, f"{method}_s{seed}"), args.set)
             t0 = time.time()
             trainer = Trainer(cfg, init_state=warm)
             curve = trainer.train()

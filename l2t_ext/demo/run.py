@@ -10,7 +10,6 @@ PNG plots.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -81,6 +80,16 @@ def _reference_tokens(tok, problems: list[arith.Problem]) -> dict[str, float]:
     return out
 
 
+def rl_config(S: dict, method: str, seed: int, out: str, extra: list[str] = ()):
+    """The RL run of one method and seed from the shared warm start: preset ``tiny-arith`` with the setting's
+    sizes (``S``: rl_steps, prompts, group, max_new_tokens) and ``extra`` ``key=value`` overrides."""
+    return preset("tiny-arith").override([
+        f"method={method}", f"steps={S['rl_steps']}", f"prompts_per_step={S['prompts']}",
+        f"group_size={S['group']}", f"max_new_tokens={S['max_new_tokens']}", f"seed={seed}", "sft_steps=0",
+        "eval_problems=0", f"save_every={10**9}", f"hidden_size={HIDDEN}", f"num_layers={LAYERS}", f"out={out}",
+        *extra])
+
+
 def run_demo(out: str, quick: bool = False, seeds: int = 1, threads: int | None = None) -> dict:
     S = SETTINGS["quick" if quick else "default"]
     if threads:
@@ -113,12 +122,7 @@ def run_demo(out: str, quick: bool = False, seeds: int = 1, threads: int | None 
     curves: dict[str, list[list[dict]]] = {m: [] for m in METHODS}
     for seed in range(seeds):
         for method in METHODS:
-            cfg = preset("tiny-arith").override([
-                f"method={method}", f"steps={S['rl_steps']}", f"prompts_per_step={S['prompts']}",
-                f"group_size={S['group']}", f"max_new_tokens={S['max_new_tokens']}", f"seed={seed}",
-                "sft_steps=0", "eval_problems=0", f"save_every={10**9}", f"hidden_size={HIDDEN}",
-                f"num_layers={LAYERS}",
-                f"out={os.path.join(out, 'runs', f'{method}_s{seed}')}"])
+            cfg = rl_config(S, method, seed, os.path.join(out, "runs", f"{method}_s{seed}"))
             trainer = Trainer(cfg, init_state=warm)
             rows = trainer.train()
             curves[method].append(rows)
@@ -246,15 +250,3 @@ def _reading(M: dict, ref: dict[str, float]) -> list[str]:
     out.append("- These are measured numbers from this run, not a claim beyond it; with few RL steps on a ~0.2M "
                "parameter model the spread between seeds is of the same order as some of the differences.")
     return out
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="l2t demo", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="< 2 minutes; noisy")
-    p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--out", default="l2t_demo")
-    p.add_argument("--threads", type=int, default=None)
-    args = p.parse_args(argv)
-    run_demo(args.out, quick=args.quick, seeds=args.seeds, threads=args.threads)
-    print(f"report: {os.path.join(args.out, 'report.md')}")
-    return 0

@@ -34,11 +34,10 @@ def length_penalized(r_out: torch.Tensor, lengths: torch.Tensor, group_size: int
     return r_out - coef * group_normalize(lengths.to(r_out.dtype), group_size)
 
 
-def process_token_advantages(r_prg: torch.Tensor, valid: torch.Tensor, episode_ids: torch.Tensor,
-                             group_size: int, eps: float = EPS, norm: str = "std") -> torch.Tensor:
-    """(B, L) process advantage: normalise each group's valid episode rewards (``norm``: "std" or
-    "mean_std"), then give every token of episode k the suffix sum over episodes k..K of its rollout; tokens
-    outside episodes get 0."""
+def normalized_episode_rewards(r_prg: torch.Tensor, valid: torch.Tensor, group_size: int, eps: float = EPS,
+                               norm: str = "std") -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K) episode rewards normalised over each group's valid episodes (``norm``: "std" or "mean_std"; 0
+    where ~valid) and their suffix sums over episodes k..K of each rollout."""
     if norm not in ("std", "mean_std"):
         raise ValueError(f"norm must be 'std' or 'mean_std', got {norm!r}")
     B, K = r_prg.shape
@@ -49,7 +48,15 @@ def process_token_advantages(r_prg: torch.Tensor, valid: torch.Tensor, episode_i
     std = (((rg - mean) ** 2 * vg).sum((1, 2), keepdim=True) / cnt).sqrt()
     centred = rg - mean if norm == "mean_std" else rg  # the std is the same either way
     normed = (centred / (std + eps) * vg).reshape(B, K)
-    suffix = normed.flip(1).cumsum(1).flip(1)  # suffix[b, k] = sum_{j >= k} normed[b, j]
+    return normed, normed.flip(1).cumsum(1).flip(1)  # suffix[b, k] = sum_{j >= k} normed[b, j]
+
+
+def process_token_advantages(r_prg: torch.Tensor, valid: torch.Tensor, episode_ids: torch.Tensor,
+                             group_size: int, eps: float = EPS, norm: str = "std") -> torch.Tensor:
+    """(B, L) process advantage: every token of episode k gets the suffix sum over episodes k..K of its
+    rollout's normalised episode rewards (``normalized_episode_rewards``); tokens outside episodes get 0."""
+    _, suffix = normalized_episode_rewards(r_prg, valid, group_size, eps, norm)
+    K = r_prg.shape[1]
     idx = episode_ids.clamp(min=0, max=max(K - 1, 0))
     adv = suffix.gather(1, idx) if K else torch.zeros_like(episode_ids, dtype=r_prg.dtype)
     return torch.where(episode_ids >= 0, adv, torch.zeros_like(adv))
