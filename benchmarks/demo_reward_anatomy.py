@@ -1,5 +1,5 @@
-"""Where the L2T process reward goes on the demo task: sample rollouts from a warm-started demo model, compute
-the dense reward (DESIGN.md section 4) and the loop's advantages (DESIGN.md section 5), and break them down by
+"""Where the L2T process reward goes on the demo task: one ``Trainer.collect`` from a warm-started demo model (the
+loop's own rollouts, dense reward and episode normalisation, no update), broken down by
 episode kind (a single ``step``, a redundant ``check``, a ``merged`` multi-step episode; ``final`` = the
 episode that produces the answer's value) and by rollout length. Used to investigate the demo's token
 savings (reward scales, normalisation, beta); prints a table and writes JSON.
@@ -16,11 +16,9 @@ import statistics
 
 import torch
 
-from l2t_ext.demo.run import HIDDEN, LAYERS
-from l2t_ext.reward import AnswerLikelihoodJr, DenseProcessReward, FisherTracker, Rollouts, segment_episodes
+from l2t_ext.demo.run import rl_config
 from l2t_ext.rl import advantages as adv_lib
-from l2t_ext.rl.modeling import char_tokenizer, marker_ids, tiny_qwen2
-from l2t_ext.rl.rollout import generate
+from l2t_ext.rl.trainer import Trainer
 from l2t_ext.tasks import arith
 
 
@@ -43,31 +41,23 @@ def main() -> None:
     p.add_argument("--norm", default="std", choices=("std", "mean_std"), help="episode-reward normalisation")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    torch.manual_seed(0)
-    tok = char_tokenizer()
-    model = tiny_qwen2(tok, hidden_size=HIDDEN, num_layers=LAYERS, seed=0)
-    model.load_state_dict(torch.load(args.warm))
-    model.eval()
+    S = {"rl_steps": 1, "prompts": args.prompts, "group": args.group, "max_new_tokens": args.max_new_tokens}
+    cfg = rl_config(S, "l2t", 0, "/tmp/l2t_anatomy", [f"beta={args.beta}", f"alpha={args.alpha}",
+                                                       f"process_norm={args.norm}"])
+    trainer = Trainer(cfg, init_state=torch.load(args.warm))
+    tok = trainer.tok
     import random
 
     rng = random.Random(0)
     probs = [arith.generate_problem(rng, rng.choice((1, 2, 3, 4))) for _ in range(args.prompts)]
-    G = args.group
-    rb = generate(model, tok, [q.prompt for q in probs], G, args.max_new_tokens)
-    answers = [q.answer for q in probs for _ in range(G)]
-    r_out = torch.tensor([arith.verify(c, a) for c, a in zip(rb.completions, answers)])
-    ep = segment_episodes(rb.input_ids, rb.response_mask, marker_ids(tok, ["</think>"]), 30)
-    tracker = FisherTracker(model, rank=8, seed=0)
-    reward = DenseProcessReward(AnswerLikelihoodJr(model, tok.encode("A:", add_special_tokens=False),
-                                                   tok.pad_token_id), tracker, alpha=args.alpha, beta=args.beta)
-    out = reward(Rollouts(rb.input_ids, rb.attention_mask, rb.response_mask, ep,
-                          answer_ids=[tok.encode(a, add_special_tokens=False) for a in answers]))
+    batch = trainer.collect([{"prompt": q.prompt, "answer": q.answer, "tier": q.tier} for q in probs])
+    G, out, r_out, ep = args.group, batch.reward, batch.outcome.cpu(), batch.episode_ids
     # the loop's group-normalised episode rewards and their suffix sums (what the tokens of episode k get)
     norm, suffix = adv_lib.normalized_episode_rewards(out.r_prg, out.valid, G, norm=args.norm)
     by_kind = collections.defaultdict(lambda: collections.defaultdict(list))
     style = []  # per rollout: terse (has a merged episode), verbose (has a check), concise
-    for b in range(rb.input_ids.shape[0]):
-        ids = rb.input_ids[b]
+    for b in range(batch.input_ids.shape[0]):
+        ids = batch.input_ids[b]
         n_ep = int(out.valid[b].sum())
         kinds = [kind(tok.decode(ids[ep[b] == k].tolist(), skip_special_tokens=False)) for k in range(n_ep)]
         style.append("terse" if "merged" in kinds else "verbose" if "check" in kinds else "concise")
@@ -80,7 +70,7 @@ def main() -> None:
     # per rollout: total L2T advantage of its first response token vs length, within groups, correct only
     grpo_adv = adv_lib.group_normalize(r_out, G)
     first_adv = grpo_adv + args.alpha * suffix[:, 0]
-    lengths = rb.response_mask.sum(1).float()
+    lengths = batch.response_lengths
     corr = []
     for g in range(len(probs)):
         sl = slice(g * G, (g + 1) * G)
@@ -88,7 +78,7 @@ def main() -> None:
         if ok.sum() >= 3 and lengths[sl][ok].std() > 0:
             x, y = lengths[sl][ok], first_adv[sl][ok]
             corr.append(float(torch.corrcoef(torch.stack([x, y]))[0, 1]))
-    print(f"norm={args.norm} beta={args.beta} alpha={args.alpha}: {len(rb.completions)} rollouts, "
+    print(f"norm={args.norm} beta={args.beta} alpha={args.alpha}: {len(batch.completions)} rollouts, "
           f"accuracy {float(r_out.mean()):.3f}, tokens {float(lengths.mean()):.1f}")
     print(f"{'episode kind':22s} {'n':>5s} {'gain':>7s} {'Pbar':>6s} {'r_prg':>7s} {'norm':>6s} {'suffix':>7s}")
     table = {}

@@ -22,8 +22,8 @@ import torch
 
 from l2t_ext.demo.run import HIDDEN, LAYERS, _problems, rl_config
 from l2t_ext.eval import evaluate
-from l2t_ext.rl.modeling import char_tokenizer, tiny_qwen2
-from l2t_ext.rl.sft import warm_start
+from l2t_ext.lm import tiny_qwen2
+from l2t_ext.lm.sft import warm_start
 from l2t_ext.rl.trainer import Trainer
 from l2t_ext.tasks import arith
 
@@ -52,7 +52,7 @@ def main() -> None:
     args = p.parse_args()
     os.makedirs(args.cache, exist_ok=True)
     torch.manual_seed(0)
-    tok = char_tokenizer()
+    tok = arith.tokenizer()
     mix = _mix(args.mix)
     key = hashlib.sha1(json.dumps([mix, args.check_prob, args.sft_steps, HIDDEN, LAYERS]
                                 + ([args.check_form] if args.check_form != "copy" else [])).encode()).hexdigest()[:10]
@@ -62,8 +62,8 @@ def main() -> None:
         model.load_state_dict(torch.load(path))
     else:
         t0 = time.time()
-        warm_start(model, tok, args.sft_steps, 3e-3, 64, (1, 2, 3, 4), seed=0, device="cpu", mix=mix,
-                   check_prob=args.check_prob, check_form=args.check_form)
+        pairs = lambda rng, n: arith.sft_pairs(rng, n, (1, 2, 3, 4), mix, args.check_prob, args.check_form)
+        warm_start(model, tok, pairs, args.sft_steps, 3e-3, 64, seed=0, device="cpu")
         torch.save(model.state_dict(), path)
         print(f"warm start {args.sft_steps} steps: {time.time() - t0:.0f} s -> {path}", flush=True)
     warm = copy.deepcopy(model.state_dict())

@@ -29,36 +29,29 @@ def _cmd_bench(args) -> int:
 
 
 def _train_config(args):
-    from l2t_ext.rl.config import TrainConfig, preset
+    """(config, checkpoint to resume or None): defaults < the resumed run's saved config or a preset < YAML <
+    flags given on the command line."""
+    from l2t_ext.rl import checkpoint
+    from l2t_ext.rl.config import TrainConfig, resolve_config
 
-    cfg = preset(args.preset) if args.preset else TrainConfig()
-    if args.config:
-        import dataclasses
-
-        base = dataclasses.asdict(cfg)
-        loaded = TrainConfig.from_yaml(args.config)
-        base.update({k: v for k, v in dataclasses.asdict(loaded).items() if k in _yaml_keys(args.config)})
-        cfg = TrainConfig.from_dict(base)
-    pairs = list(args.set or [])
-    for key in ("method", "steps", "out", "model", "task"):
-        val = getattr(args, key, None)
-        if val is not None:
-            pairs.append(f"{key}={val}")
-    return cfg.override(pairs) if pairs else cfg
-
-
-def _yaml_keys(path):
-    import yaml
-
-    with open(path) as f:
-        return set((yaml.safe_load(f) or {}).keys())
+    flags = {k: v for k, v in vars(args).items() if k in TrainConfig.keys()}
+    ckpt = base = None
+    if getattr(args, "resume", None):
+        ckpt = checkpoint.resolve(args.resume)
+        base = checkpoint.saved_config(ckpt)
+        base["out"] = checkpoint.run_dir(ckpt) or base["out"]
+        changed = {k: v for k, v in flags.items() if base.get(k) != v}
+        print(f"l2t: resuming {base['out']} with its saved config" + (
+            f"; overridden on the command line: {', '.join(f'{k}={v}' for k, v in changed.items())}"
+            if changed else ""), file=sys.stderr)
+    return resolve_config(getattr(args, "preset", None), getattr(args, "config", None), base, flags), ckpt
 
 
 def _cmd_train(args) -> int:
     from l2t_ext.rl.trainer import Trainer, log
 
-    cfg = _train_config(args)
-    trainer = Trainer(cfg, resume=args.resume)
+    cfg, ckpt = _train_config(args)
+    trainer = Trainer(cfg, resume=ckpt)
     rows = trainer.train()
     if rows:
         log(f"done: step {rows[-1]['step']}, accuracy {rows[-1]['accuracy']:.3f}, metrics in {cfg.out}/metrics.jsonl")
@@ -70,58 +63,40 @@ def _cmd_train(args) -> int:
         if trainer.rank != 0:
             return 0
     if cfg.eval_problems > 0:
-        from l2t_ext.eval import evaluate, plot_report
+        from l2t_ext.eval import plot_report
 
-        res = evaluate(trainer.model, trainer.tok, _eval_problems(cfg.task, cfg.eval_problems, cfg.seed, cfg.tiers),
-                       trainer.verify, _extractor(cfg.verifier), n_samples=2, max_new_tokens=cfg.max_new_tokens,
-                       answer_cue=cfg.answer_cue, marker=cfg.markers[0])
+        res = trainer.evaluate()
         plot_report({cfg.method: res}, cfg.out)
         log(f"eval: pass@1 {res['overall']['pass@1']:.3f}, tokens {res['overall']['response_tokens']:.1f} "
             f"({cfg.out}/eval.json)")
     return 0
 
 
-def _eval_problems(task: str, n: int, seed: int, tiers=(1, 2, 3, 4)) -> list[dict]:
-    if task == "arith":
-        from l2t_ext.tasks import arith
-
-        return [{"prompt": p.prompt, "answer": p.answer, "tier": p.tier}
-                for p in arith.dataset(n, seed=seed + 10_000, tiers=tuple(tiers))]
-    from l2t_ext.tasks.math import load_dataset
-
-    return [{"prompt": r["question"] + "\n", "answer": r["answer"]} for r in load_dataset(task)[:n]]
-
-
-def _extractor(verifier: str):
-    from l2t_ext.tasks import arith
-    from l2t_ext.tasks import math as math_task
-
-    return arith.extract_answer if verifier == "arith" else math_task.extract_answer
-
-
 def _cmd_eval(args) -> int:
-    import json
-
     import torch
 
     from l2t_ext.eval import evaluate, plot_report
-    from l2t_ext.rl.checkpoint import resolve
-    from l2t_ext.rl.modeling import load_local
-    from l2t_ext.tasks import load_verifier
+    from l2t_ext.lm import load_local
+    from l2t_ext.rl import checkpoint
+    from l2t_ext.rl.config import TrainConfig, resolve_config
+    from l2t_ext.tasks import load_extractor, load_task, load_verifier
 
-    try:
-        path = resolve(args.model)
+    flags = {k: v for k, v in vars(args).items() if k in TrainConfig.keys()}
+    try:  # a run or checkpoint directory: its saved config gives the task, markers and cue
+        path = checkpoint.resolve(flags["model"])
+        base = checkpoint.saved_config(path)
     except FileNotFoundError:
-        path = args.model
+        path, base = flags["model"], None
+    cfg = resolve_config(args.preset, args.config, base, flags)
     model, tok = load_local(path)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    res = evaluate(model, tok, _eval_problems(args.task, args.n, args.seed), load_verifier(args.verifier),
-                   _extractor(args.verifier), n_samples=args.samples, max_new_tokens=args.max_new_tokens,
-                   answer_cue=args.answer_cue)
-    os.makedirs(args.out, exist_ok=True)
-    paths = plot_report({os.path.basename(os.path.normpath(path)): res}, args.out)
+    model.to("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
+    problems = load_task(cfg.task, cfg.tiers).eval_problems(cfg.eval_problems, cfg.seed)
+    res = evaluate(model, tok, problems, load_verifier(cfg.verifier), load_extractor(cfg.verifier),
+                   n_samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, answer_cue=cfg.answer_cue,
+                   marker=cfg.markers[0])
+    paths = plot_report({os.path.basename(os.path.normpath(path)): res}, cfg.out)
     print(json.dumps(res["overall"], indent=1))
-    print("wrote", ", ".join(paths + [os.path.join(args.out, "eval.json")]))
+    print("wrote", ", ".join(paths + [os.path.join(cfg.out, "eval.json")]))
     return 0
 
 
@@ -131,6 +106,25 @@ def _cmd_demo(args) -> int:
     run_demo(args.out, quick=args.quick, seeds=args.seeds, threads=args.threads)
     print(f"report: {os.path.join(args.out, 'report.md')}")
     return 0
+
+
+def _config_flags(model_required: bool = False) -> argparse.ArgumentParser:
+    """A parent parser with one flag per ``TrainConfig`` field (``transformers.HfArgumentParser``). Defaults are
+    shown in the help but not filled in, so the caller sees only the flags that were given and can layer them
+    over a preset, a YAML file or a resumed run's config."""
+    from transformers import HfArgumentParser
+
+    from l2t_ext.rl.config import TrainConfig
+
+    parent = HfArgumentParser(TrainConfig, add_help=False)
+    for action in parent._actions:
+        if action.dest in TrainConfig.keys() and action.default is not argparse.SUPPRESS:
+            if action.option_strings and not action.option_strings[0].startswith("--no"):
+                action.help = f"{action.help or ''} (default: {action.default})".strip()
+            action.default = argparse.SUPPRESS
+            if model_required and action.dest == "model":
+                action.required = True
+    return parent
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,28 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--markdown", dest="md_path", default=None, help="write markdown tables here")
     pb.set_defaults(func=_cmd_bench)
 
-    pt = sub.add_parser("train", help="RL fine-tuning with L2T / GRPO / length-penalty rewards")
+    pt = sub.add_parser("train", parents=[_config_flags()], formatter_class=argparse.RawDescriptionHelpFormatter,
+                        help="RL fine-tuning with L2T / GRPO / length-penalty rewards",
+                        description="Every TrainConfig field is a flag; --config YAML sets the same names; flags "
+                                    "override YAML, YAML overrides --preset.")
     pt.add_argument("--preset", default=None, help="named preset, e.g. tiny-arith")
-    pt.add_argument("--config", default=None, help="YAML config (keys of l2t_ext.rl.config.TrainConfig)")
-    pt.add_argument("--method", choices=["grpo", "length_penalty", "l2t"], default=None)
-    pt.add_argument("--steps", type=int, default=None)
-    pt.add_argument("--out", default=None, help="output directory (metrics.jsonl, checkpoints/, eval.json)")
-    pt.add_argument("--model", default=None, help="'tiny' or a local Hugging Face model directory")
-    pt.add_argument("--task", default=None, help="'arith' or a .jsonl/.parquet file of {question, answer}")
-    pt.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key (repeatable)")
-    pt.add_argument("--resume", default=None, help="run or checkpoint directory to continue from")
+    pt.add_argument("--config", default=None, help="YAML file of TrainConfig keys")
+    pt.add_argument("--resume", default=None, help="run or checkpoint directory to continue: its saved config is "
+                                                   "reloaded (flags given here override it)")
     pt.set_defaults(func=_cmd_train)
 
-    pe = sub.add_parser("eval", help="pass@1, maj@k, tokens, accuracy vs budget, Acc(k)/T(k); JSON + PNG")
-    pe.add_argument("--model", required=True, help="checkpoint, run directory or local HF model directory")
-    pe.add_argument("--task", default="arith")
-    pe.add_argument("--verifier", default="arith")
-    pe.add_argument("--n", type=int, default=64, help="questions")
-    pe.add_argument("--samples", type=int, default=4, help="samples per question (pass@1 average, maj@k)")
-    pe.add_argument("--max-new-tokens", type=int, default=128)
-    pe.add_argument("--answer-cue", default="A:")
-    pe.add_argument("--seed", type=int, default=0)
-    pe.add_argument("--out", default="l2t_eval")
+    pe = sub.add_parser("eval", parents=[_config_flags(model_required=True)],
+                        help="pass@1, maj@k, tokens, accuracy vs budget, Acc(k)/T(k); JSON + PNG",
+                        description="--model: a run, checkpoint or local Hugging Face model directory (a run's saved "
+                                    "config supplies the task, markers and cue). The other flags and their defaults "
+                                    "are training's (eval_problems, eval_samples, max_new_tokens, answer_cue, ...); "
+                                    "results go to --out.")
+    pe.add_argument("--preset", default=None, help="named preset, e.g. tiny-arith")
+    pe.add_argument("--config", default=None, help="YAML file of TrainConfig keys")
     pe.set_defaults(func=_cmd_eval)
 
     pd = sub.add_parser("demo", help="L2T vs GRPO vs length penalty on a synthetic task (CPU, minutes)")

@@ -99,7 +99,7 @@ def test_segment_episodes_bad_input(kwargs, match):
 # ------------------------------------------------------------------------------------------- tracker
 def brute_force_grads(model, tracker, ids, am, ep, K):
     """Per (row, episode) autograd of sum_{t in episode} log pi(x_t | x_<t) w.r.t. each tracked weight."""
-    from l2t_ext.reward.fisher import position_ids_from_mask, token_logprobs
+    from l2t_ext.lm import position_ids_from_mask, token_logprobs
 
     B = ids.shape[0]
     weights = [m.weight for m in tracker.modules]
@@ -282,7 +282,7 @@ def test_packed_probes_equal_separate_forwards():
             want = torch.exp(torch.stack([lp[n0 + j - 1, answers[b][j]] for j in range(len(answers[b]))]).mean())
             assert abs(jr[b, k].item() - want.item()) <= 1e-5
     # the packed forward also returns the rollout's own token log-probs
-    from l2t_ext.reward.fisher import position_ids_from_mask, token_logprobs
+    from l2t_ext.lm import position_ids_from_mask, token_logprobs
 
     with torch.no_grad():
         full = token_logprobs(model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am)).logits,
@@ -362,11 +362,11 @@ def test_ops_project_matches_tracker_proxy():
 
 
 def test_forced_answer_jr_samples_and_grades():
+    from l2t_ext.lm import tiny_qwen2
     from l2t_ext.reward import ForcedAnswerJr
-    from l2t_ext.rl.modeling import char_tokenizer, tiny_qwen2
     from l2t_ext.tasks import arith
 
-    tok = char_tokenizer()
+    tok = arith.tokenizer()
     model = tiny_qwen2(tok, hidden_size=32, num_layers=1).eval()
     texts = ["Q:1+2\n<think>1+2=3</think><think>check</think>A:3", "Q:4*2\n<think>4*2=8</think>A:8"]
     enc = tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)

@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 
 from l2t_ext.rl import advantages as A  # noqa: E402
 from l2t_ext.rl import checkpoint  # noqa: E402
-from l2t_ext.rl.config import TrainConfig, preset  # noqa: E402
+from l2t_ext.rl.config import TrainConfig, preset, resolve_config  # noqa: E402
 from l2t_ext.rl.loss import k3_kl, ppo_loss  # noqa: E402
 
 METRIC_KEYS = ("step", "accuracy", "reward_mean", "response_tokens_mean", "episodes_mean", "loss", "kl",
@@ -125,8 +125,16 @@ def test_config_errors_and_yaml(tmp_path):
         TrainConfig(vllm_gpu_memory_utilization=1.5)
     f = tmp_path / "c.yaml"
     f.write_text("method: grpo\nsteps: 7\nlr: 1\ntiers: [1, 2]\n")
-    cfg = TrainConfig.from_yaml(str(f))
-    assert cfg.method == "grpo" and cfg.steps == 7 and cfg.lr == 1.0 and cfg.tiers == (1, 2)
+    cfg = resolve_config(yaml_path=str(f))
+    assert cfg.method == "grpo" and cfg.steps == 7 and cfg.lr == 1.0 and cfg.tiers == [1, 2]
+    # later layers win: preset < YAML < flags
+    cfg = resolve_config("tiny-arith", str(f), flags={"steps": 9})
+    assert (cfg.steps, cfg.method, cfg.rank) == (9, "grpo", 8)
+    with pytest.raises(ValueError, match=r"c.yaml: config key 'steps' must be int, got 'abc'"):
+        f.write_text("steps: abc\n")
+        resolve_config(yaml_path=str(f))
+    with pytest.raises(ValueError, match=r"command line: config key 'beta' must be float"):
+        resolve_config(flags={"beta": True})
     assert cfg.override(["beta=0.3", "ppo=true"]).beta == 0.3
     assert TrainConfig().lr == 1e-6 and TrainConfig().alpha == 0.8 and TrainConfig().beta == 0.6
 
@@ -198,7 +206,7 @@ def test_crash_mid_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         t.save()
     assert checkpoint.resolve(t.cfg.out) == good
-    state, _ = checkpoint.load_state(good)
+    state = checkpoint.load_state(good)
     assert state["step"] == 2
 
 
@@ -220,7 +228,7 @@ def test_nan_loss_stops_with_message(tmp_path, monkeypatch):
 
 
 def test_tokenizer_without_marker_says_how_to_fix():
-    from l2t_ext.rl.modeling import char_tokenizer, marker_ids
+    from l2t_ext.lm import char_tokenizer, marker_ids
 
     with pytest.raises(ValueError, match="tokenizer.add_tokens"):
         marker_ids(char_tokenizer(chars="0123456789"), ["<reflect>"])
@@ -231,11 +239,11 @@ def test_cli_train_and_eval(tmp_path):
 
     out = tmp_path / "cli"
     assert main(["train", "--preset", "tiny-arith", "--method", "grpo", "--steps", "1", "--out", str(out),
-                 "--set", "sft_steps=5", "--set", "eval_problems=4", "--set", "hidden_size=32",
-                 "--set", "num_layers=1", "--set", "max_new_tokens=24"]) == 0
+                 "--sft_steps", "5", "--eval_problems", "4", "--hidden_size", "32", "--num_layers", "1",
+                 "--max_new_tokens", "24"]) == 0
     assert (out / "eval.json").exists() and (out / "accuracy_vs_budget.png").exists()
-    assert main(["eval", "--model", str(out), "--n", "4", "--samples", "2", "--max-new-tokens", "24",
-                 "--out", str(tmp_path / "ev")]) == 0
+    assert main(["eval", "--model", str(out), "--eval_problems", "4", "--eval_samples", "2",
+                 "--max-new-tokens", "24", "--out", str(tmp_path / "ev")]) == 0
     res = json.loads((tmp_path / "ev" / "eval.json").read_text())
     r = next(iter(res.values()))
     for key in ("overall", "per_tier", "accuracy_vs_budget", "acc_by_depth", "tokens_by_depth"):

@@ -19,10 +19,10 @@ if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available in this torch build", allow_module_level=True)
 
 UPDATE_SCRIPT = textwrap.dedent("""
-    import json, os, sys, types
+    import json, os, sys
     import torch
     from l2t_ext.rl.config import preset
-    from l2t_ext.rl.trainer import Trainer
+    from l2t_ext.rl.trainer import ScoredBatch, Trainer
 
     out, agg = sys.argv[1], sys.argv[2]
     cfg = preset("tiny-arith").override(["method=grpo", "sft_steps=0", "hidden_size=32", "num_layers=1",
@@ -38,10 +38,14 @@ UPDATE_SCRIPT = textwrap.dedent("""
         mask[i, 4:4 + 2 + i % 5] = True  # ragged responses: token-mean weights differ per row
     adv = torch.randn(B, L, generator=g) * mask
     with torch.no_grad():
-        old = t._logprobs(ids, am, grad=False)[0] + 0.05 * torch.randn(B, L, generator=g)
+        old = t.policy(ids, am)[0] + 0.05 * torch.randn(B, L, generator=g)
     rows = slice(t.rank * B // t.world, (t.rank + 1) * B // t.world)
-    rb = types.SimpleNamespace(input_ids=ids[rows], attention_mask=am[rows])
-    t._update(rb, old[rows], None, adv[rows], None, mask[rows])
+    n = rows.stop - rows.start
+    batch = ScoredBatch(input_ids=ids[rows], attention_mask=am[rows], response_mask=mask[rows], completions=[""] * n,
+                        answers=[""] * n, episode_ids=torch.full((n, L), -1), episode_ids_pred=torch.full((n, L), -1),
+                        loss_mask=mask[rows], outcome=torch.zeros(n), sequence_reward=torch.zeros(n),
+                        old_logprobs=old[rows], ref_logprobs=None, reward=None, advantages=adv[rows])
+    t.update(batch)
     flat = torch.cat([p.detach().reshape(-1) for p in t.model.parameters()])
     torch.save(flat, os.path.join(out, f"params_w{t.world}_r{t.rank}.pt"))
 """)
@@ -74,18 +78,19 @@ def test_two_rank_update_equals_single_process_update(tmp_path, agg):
 
 
 def _init_params():
-    from l2t_ext.rl.modeling import char_tokenizer, tiny_qwen2
+    from l2t_ext.lm import tiny_qwen2
+    from l2t_ext.tasks import arith
 
-    return tiny_qwen2(char_tokenizer(), hidden_size=32, num_layers=1, seed=0).parameters()
+    return tiny_qwen2(arith.tokenizer(), hidden_size=32, num_layers=1, seed=0).parameters()
 
 
 def test_torchrun_train_and_resume_matches_uninterrupted(tmp_path):
     from safetensors.torch import load_file
 
     common = ["-m", "l2t_ext.cli", "train", "--preset", "tiny-arith", "--method", "l2t", "--steps", "3",
-              "--set", "sft_steps=5", "--set", "eval_problems=0", "--set", "save_every=1",
-              "--set", "hidden_size=32", "--set", "num_layers=1", "--set", "max_new_tokens=24",
-              "--set", "prompts_per_step=2", "--set", "group_size=4", "--set", "rank=4"]
+              "--sft_steps", "5", "--eval_problems", "0", "--save_every", "1", "--hidden_size", "32",
+              "--num_layers", "1", "--max_new_tokens", "24", "--prompts_per_step", "2", "--group_size", "4",
+              "--rank", "4"]
     a, b = tmp_path / "a", tmp_path / "b"
     _torchrun(common + ["--out", str(a)], cwd=tmp_path)
     rows = [json.loads(x) for x in open(a / "metrics.jsonl")]

@@ -13,21 +13,23 @@ import torch
 
 pytest.importorskip("transformers")
 
+from l2t_ext import lm  # noqa: E402
+from l2t_ext.lm import tiny_qwen2  # noqa: E402
 from l2t_ext.rl import rollout  # noqa: E402
-from l2t_ext.rl.modeling import char_tokenizer, tiny_qwen2  # noqa: E402
+from l2t_ext.tasks import arith  # noqa: E402
 
 PROMPTS = ["Q:3+4*2\n", "Q:7-1*3+2-5\n", "Q:1+1\n"]
 
 
 def _model(seed=0):
-    tok = char_tokenizer()
+    tok = arith.tokenizer()
     return tiny_qwen2(tok, hidden_size=32, num_layers=1, seed=seed).eval(), tok
 
 
 def test_pack_reproduces_hf_generate_layout():
     model, tok = _model()
     torch.manual_seed(0)
-    rb = rollout.generate(model, tok, PROMPTS, 3, 20)
+    rb = lm.generate(model, tok, PROMPTS, 3, 20)
     eos = tok.eos_token_id
     pids, rids = [], []
     for i in range(rb.input_ids.shape[0]):
@@ -35,12 +37,12 @@ def test_pack_reproduces_hf_generate_layout():
         pids.append(row[:rb.prompt_len][am[:rb.prompt_len].bool()].tolist())
         rids.append(row[rm].tolist())
     assert any(r[-1] == eos for r in rids)
-    pk = rollout.pack(tok, pids, rids, "cpu")
+    pk = lm.pack(tok, pids, rids, "cpu")
     assert pk.prompt_len == rb.prompt_len and pk.completions == rb.completions
     for name in ("input_ids", "attention_mask", "response_mask"):
         assert torch.equal(getattr(pk, name), getattr(rb, name)), name
     # garbage after <eos> is cut
-    pk2 = rollout.pack(tok, pids[:1], [rids[0][:3] + [eos, 7, 8]], "cpu")
+    pk2 = lm.pack(tok, pids[:1], [rids[0][:3] + [eos, 7, 8]], "cpu")
     assert pk2.response_mask.sum() == 4 and pk2.completions[0] == tok.decode(rids[0][:3])
 
 

@@ -1,5 +1,5 @@
 """``l2t demo``: L2T vs GRPO vs length penalty on the synthetic arithmetic task, on a laptop CPU, nothing
-downloaded (DESIGN.md section 6).
+downloaded (docs/architecture.md, "The demo").
 
 Phases: (1) a tiny Qwen2 (character tokenizer, ``<think>``/``</think>`` single tokens) is warm-started on a mix
 of trace styles (concise, verbose with redundant re-check episodes, terse with merged steps); (2) from that
@@ -21,9 +21,9 @@ import time
 import torch
 
 from l2t_ext.eval import evaluate, plot_report
+from l2t_ext.lm import tiny_qwen2
+from l2t_ext.lm.sft import warm_start
 from l2t_ext.rl.config import preset
-from l2t_ext.rl.modeling import char_tokenizer, tiny_qwen2
-from l2t_ext.rl.sft import warm_start
 from l2t_ext.rl.trainer import Trainer
 from l2t_ext.tasks import arith
 
@@ -46,13 +46,22 @@ TIER1_FLOOR_QUICK = 0.15
 
 
 class Progress:
-    """Phase, step and ETA on stderr (a tqdm bar on a terminal)."""
+    """The demo's phases on stderr: a tqdm bar (elapsed, ETA) on a terminal, one line per phase otherwise."""
 
     def __init__(self, total_units: float):
         self.total, self.done, self.t0 = total_units, 0.0, time.time()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_units, desc="l2t demo", unit="u", dynamic_ncols=True)
 
     def tick(self, units: float, phase: str):
         self.done += units
+        if self.bar is not None:
+            self.bar.update(units)
+            self.bar.write(f"[l2t demo] {phase}", file=sys.stderr)
+            return
         el = time.time() - self.t0
         eta = el / max(self.done, 1e-9) * (self.total - self.done)
         print(f"[l2t demo] {phase} | {100 * self.done / self.total:5.1f}% | elapsed {el:5.0f}s | ETA {eta:5.0f}s",
@@ -66,6 +75,11 @@ def _problem_set(per_tier: int, seed: int) -> list[arith.Problem]:
 
 def _problems(per_tier: int, seed: int) -> list[dict]:
     return [{"prompt": p.prompt, "answer": p.answer, "tier": p.tier} for p in _problem_set(per_tier, seed)]
+
+
+def warm_start_pairs(rng, n: int) -> list[tuple[str, str]]:
+    """The demo's warm-start examples: every tier, the demo's trace mix and re-check form."""
+    return arith.sft_pairs(rng, n, (1, 2, 3, 4), TRACE_MIX, CHECK_PROB, CHECK_FORM)
 
 
 def _reference_tokens(tok, problems: list[arith.Problem]) -> dict[str, float]:
@@ -98,12 +112,11 @@ def run_demo(out: str, quick: bool = False, seeds: int = 1, threads: int | None 
     torch.manual_seed(0)
     t_start = time.time()
     prog = Progress(S["sft_steps"] / 10 + 1 + seeds * len(METHODS) * (S["rl_steps"] + 5))
-    tok = char_tokenizer()
+    tok = arith.tokenizer()
     # 1. warm start, shared by every method and seed
     model = tiny_qwen2(tok, hidden_size=HIDDEN, num_layers=LAYERS, seed=0)
     n_params = sum(p.numel() for p in model.parameters())
-    sft_losses = warm_start(model, tok, S["sft_steps"], 3e-3, 64, (1, 2, 3, 4), seed=0, device="cpu", mix=TRACE_MIX,
-                            check_prob=CHECK_PROB, check_form=CHECK_FORM)
+    sft_losses = warm_start(model, tok, warm_start_pairs, S["sft_steps"], 3e-3, 64, seed=0, device="cpu")
     prog.tick(S["sft_steps"] / 10, f"warm start done ({S['sft_steps']} steps, loss {sft_losses[-1]:.3f})")
     warm = copy.deepcopy(model.state_dict())
     eval_set = _problems(S["eval_per_tier"], seed=0)

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from l2t_ext.rl.rollout import generate
+from l2t_ext.lm import generate, left_pad
 
 
 @torch.no_grad()
@@ -27,11 +27,9 @@ def _force_answers(model, tokenizer, prefixes: list[list[int]], cue_ids: list[in
     dev = next(model.parameters()).device
     outs = []
     for i in range(0, len(prefixes), batch):
-        chunk = [p + cue_ids for p in prefixes[i:i + batch]]
-        n = max(map(len, chunk))
         pad = tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (n - len(c)) + c for c in chunk], device=dev)
-        am = torch.tensor([[0] * (n - len(c)) + [1] * len(c) for c in chunk], device=dev)
+        ids, am = left_pad([p + cue_ids for p in prefixes[i:i + batch]], pad, dev)
+        n = ids.shape[1]
         out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=max_answer_tokens, do_sample=False,
                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         outs += tokenizer.batch_decode(out[:, n:], skip_special_tokens=True)

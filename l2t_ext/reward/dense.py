@@ -1,4 +1,4 @@
-"""The dense process reward (paper Definition 4.1, Theorem 4.2; DESIGN.md section 4):
+"""The dense process reward (paper Definition 4.1, Theorem 4.2; docs/architecture.md, "The reward"):
 
     r_prg[k] = (Jr(s_k + z_k) - Jr(s_k)) - beta * Pbar[k]
     reward to optimise: r_out + alpha * sum_k r_prg[k]          (alpha = 0.8, beta = 0.6)
@@ -43,11 +43,16 @@ class DenseProcessReward:
         damping: Fisher damping lambda.
         fisher_decay: if set (in [0, 1)), keep an explicit EMA Fisher across calls
             (``ops.fisher_accumulate``) and use it instead of the batch's implicit Fisher.
+        backend: kernel backend of every op the reward calls (the tracker's rsvd / segment_grad_outer and the
+            penalty's fisher_quadform / fisher_accumulate); None keeps the tracker's own.
+
+    State: the EMA Fisher (``fisher_decay``) and the tracker's bases travel through ``state_dict()`` /
+    ``load_state_dict()``.
     """
 
     def __init__(self, jr, tracker: FisherTracker, alpha: float = 0.8, beta: float = 0.6,
                  penalty_mode: str = "batch", damping: float = 1e-5, normalize: bool = True,
-                 fisher_decay: float | None = None):
+                 fisher_decay: float | None = None, backend: str | None = None):
         if penalty_mode not in ("batch", "self"):
             raise ValueError(f"DenseProcessReward: penalty_mode must be 'batch' or 'self', got {penalty_mode!r}")
         if fisher_decay is not None and not 0.0 <= fisher_decay < 1.0:
@@ -55,7 +60,18 @@ class DenseProcessReward:
         self.jr, self.tracker = jr, tracker
         self.alpha, self.beta, self.penalty_mode, self.damping = alpha, beta, penalty_mode, damping
         self.normalize, self.fisher_decay = normalize, fisher_decay
+        if backend is not None:
+            tracker.backend = backend
+        self.backend = tracker.backend
         self.fisher: torch.Tensor | None = None
+
+    def state_dict(self) -> dict:
+        return {"tracker": self.tracker.state_dict(), "fisher": self.fisher}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tracker.load_state_dict(state["tracker"])
+        f = state.get("fisher")
+        self.fisher = None if f is None else f.to(self.tracker.modules[0].weight.device)
 
     def __call__(self, r: Rollouts) -> RewardOutput:
         K = r.num_episodes
@@ -72,9 +88,10 @@ class DenseProcessReward:
         if self.fisher_decay is not None and self.penalty_mode == "batch" and bool(valid.any()):
             gv = g[valid]
             self.fisher = ops.fisher_accumulate(gv, self.fisher, self.fisher_decay if self.fisher is not None
-                                                else None)
+                                                else None, backend=self.backend)
             fisher = self.fisher
-        P = compression_penalty(g, valid, self.penalty_mode, self.damping, normalize=False, fisher=fisher)
+        P = compression_penalty(g, valid, self.penalty_mode, self.damping, normalize=False, fisher=fisher,
+                                backend=self.backend)
         Pbar = P / (P[valid].mean() + 1e-12) if (self.normalize and bool(valid.any())) else P
         dt = P.dtype
         jr_before = torch.where(valid, jr_all[:, :-1].to(dt), torch.zeros((), dtype=dt, device=P.device))

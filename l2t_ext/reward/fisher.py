@@ -1,5 +1,5 @@
 """Per-episode gradients in a low-rank parameter proxy, and the Fisher compression penalty
-(DESIGN.md section 4; paper Theorem 4.2, appendix A).
+(paper Theorem 4.2, appendix A; docs/architecture.md, "The reward").
 
 For each tracked ``nn.Linear`` weight W (m, n): bases U (m, r), V (n, r) from ``ops.rsvd`` and the proxy
 theta~ = U^T W V. One forward with hooks captures every tracked layer's input X; one backward of the summed
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from l2t_ext import ops
+from l2t_ext.lm import position_ids_from_mask, token_logprobs
 
 DEFAULT_SUFFIXES = ("o_proj", "gate_proj", "up_proj", "down_proj")
 _BLOCK_RE = re.compile(r"^(.*\.)?(layers|h|blocks)\.(\d+)\.")
@@ -56,19 +57,6 @@ def default_layers(model: nn.Module) -> list[str]:
         raise ValueError(f"FisherTracker: the last block has no {DEFAULT_SUFFIXES} Linear layers (found {last}); "
                          "pass layers=")
     return chosen
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding (what HF generate uses)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """(B, L) log pi(x_{t+1} | x_<=t) at position t (last position: 0), in float32 or float64."""
-    lp = torch.log_softmax(logits[:, :-1].to(torch.float64 if logits.dtype == torch.float64 else torch.float32),
-                           -1)
-    out = lp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return torch.cat([out, out.new_zeros(out.shape[0], 1)], 1)
 
 
 class FisherTracker:
@@ -137,6 +125,23 @@ class FisherTracker:
                                backend=self.backend)
             for i, n in enumerate(names):
                 self.bases[n] = (U[i], V[i])
+
+    def state_dict(self) -> dict:
+        """The bases and the step counter (what an exact resume needs; the bases are not recomputed on load
+        because the weights they were computed from may be older than the current ones)."""
+        state = {"steps": self._steps}
+        for n, (U, V) in self.bases.items():
+            state[f"bases.{n}.U"], state[f"bases.{n}.V"] = U, V
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = [n for n in self.layer_names if f"bases.{n}.U" not in state or f"bases.{n}.V" not in state]
+        if missing:
+            raise KeyError(f"FisherTracker.load_state_dict: no bases for tracked layers {missing}")
+        self._steps = int(state["steps"])
+        for n, mod in zip(self.layer_names, self.modules):
+            dev = mod.weight.device
+            self.bases[n] = (state[f"bases.{n}.U"].to(dev), state[f"bases.{n}.V"].to(dev))
 
     def step(self) -> bool:
         """Count one optimizer step; refresh the bases when due. Returns True if refreshed."""
@@ -213,53 +218,52 @@ class FisherTracker:
         if input_ids.shape != episode_ids.shape or input_ids.shape != attention_mask.shape:
             raise ValueError(f"episode_grads: input_ids {tuple(input_ids.shape)}, attention_mask "
                              f"{tuple(attention_mask.shape)} and episode_ids {tuple(episode_ids.shape)} must match")
-        B, L = input_ids.shape
-        K = int(episode_ids.max()) + 1 if num_episodes is None else int(num_episodes)
-        K = max(K, 0)
-        dev = input_ids.device
+        B = input_ids.shape[0]
+        K = max(int(episode_ids.max()) + 1 if num_episodes is None else int(num_episodes), 0)
         logits, xs, outs, cache = self._capture_forward(input_ids, attention_mask,
                                                         position_ids_from_mask(attention_mask), return_cache)
         lp = token_logprobs(logits, input_ids)
-
-        def result(g):
-            extra = ((lp.detach(),) if return_logprobs else ()) + ((cache,) if return_cache else ())
-            return (g, *extra) if extra else g
-
         # the token at t+1 is produced at position t: its episode is charged to position t
         seg = torch.full_like(episode_ids, -1)
         seg[:, :-1] = episode_ids[:, 1:]
         seg = torch.where(seg >= K, torch.full_like(seg, -1), seg)
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        g = torch.zeros(B, K, self.p, dtype=acc, device=dev)
-        if K == 0 or not bool((seg >= 0).any()):
-            return result(g)
-        rr = self.rank * self.rank
-        if not exact:
-            loss = lp[seg >= 0].sum()
-            Ds = torch.autograd.grad(loss, outs)  # only the tracked outputs: param.grad untouched
-            flat_seg = torch.where(seg >= 0, seg + K * torch.arange(B, device=dev)[:, None], -1).reshape(-1)
+        g = torch.zeros(B, K, self.p, dtype=acc, device=input_ids.device)
+        if K > 0 and bool((seg >= 0).any()):
+            (self._exact_grads if exact else self._batched_grads)(g, lp, seg, xs, outs)
+        extra = ((lp.detach(),) if return_logprobs else ()) + ((cache,) if return_cache else ())
+        return (g, *extra) if extra else g
+
+    def _batched_grads(self, g, lp, seg, xs, outs) -> None:
+        """One backward of the response log-likelihood, then segment_grad_outer per layer (fills g in place)."""
+        B, K, _ = g.shape
+        L, rr = seg.shape[1], self.rank * self.rank
+        Ds = torch.autograd.grad(lp[seg >= 0].sum(), outs)  # only the tracked outputs: param.grad untouched
+        flat_seg = torch.where(seg >= 0, seg + K * torch.arange(B, device=seg.device)[:, None], -1).reshape(-1)
+        for i, n in enumerate(self.layer_names):
+            U, V = self.bases[n]
+            G = ops.segment_grad_outer(xs[i].reshape(B * L, -1), Ds[i].reshape(B * L, -1), flat_seg, B * K, U, V,
+                                       backend=self.backend)  # (B*K, r, r)
+            g[:, :, i * rr:(i + 1) * rr] = G.reshape(B, K, rr).to(g.dtype)
+
+    def _exact_grads(self, g, lp, seg, xs, outs) -> None:
+        """One backward per episode index k (all rows at once; each row has at most one episode k)."""
+        B, K, _ = g.shape
+        L, rr = seg.shape[1], self.rank * self.rank
+        for k in range(K):
+            sel = seg == k
+            if not bool(sel.any()):
+                continue
+            Ds = torch.autograd.grad(lp[sel].sum(), outs, retain_graph=True, allow_unused=True)
+            rows = torch.where(sel.any(1), torch.arange(B, device=seg.device), -1)  # one segment per row
+            rowseg = rows[:, None].expand(B, L).reshape(-1)
             for i, n in enumerate(self.layer_names):
-                U, V = self.bases[n]
-                X = xs[i].reshape(B * L, -1)
-                D = Ds[i].reshape(B * L, -1)
-                G = ops.segment_grad_outer(X, D, flat_seg, B * K, U, V, backend=self.backend)  # (B*K, r, r)
-                g[:, :, i * rr:(i + 1) * rr] = G.reshape(B, K, rr).to(acc)
-        else:
-            for k in range(K):
-                sel = seg == k
-                if not bool(sel.any()):
+                if Ds[i] is None:
                     continue
-                Ds = torch.autograd.grad(lp[sel].sum(), outs, retain_graph=True, allow_unused=True)
-                rows = torch.where(sel.any(1), torch.arange(B, device=dev), -1)  # one segment per row
-                rowseg = rows[:, None].expand(B, L).reshape(-1)
-                for i, n in enumerate(self.layer_names):
-                    if Ds[i] is None:
-                        continue
-                    U, V = self.bases[n]
-                    G = ops.segment_grad_outer(xs[i].reshape(B * L, -1), Ds[i].reshape(B * L, -1), rowseg, B, U, V,
-                                               backend=self.backend)
-                    g[:, k, i * rr:(i + 1) * rr] = G.reshape(B, rr).to(acc) * sel.any(1, keepdim=True)
-        return result(g)
+                U, V = self.bases[n]
+                G = ops.segment_grad_outer(xs[i].reshape(B * L, -1), Ds[i].reshape(B * L, -1), rowseg, B, U, V,
+                                           backend=self.backend)
+                g[:, k, i * rr:(i + 1) * rr] = G.reshape(B, rr).to(g.dtype) * sel.any(1, keepdim=True)
 
 
 def compression_penalty(g: torch.Tensor, valid: torch.Tensor, mode: str = "batch", damping: float = 1e-5,
@@ -273,7 +277,7 @@ def compression_penalty(g: torch.Tensor, valid: torch.Tensor, mode: str = "batch
         mode: "batch" - F = empirical Fisher of all valid episodes in the batch (implicit, never p x p),
             or the explicit ``fisher`` (p, p) when given (e.g. an EMA from ``ops.fisher_accumulate``);
             "self" - F = g g^T per episode (Theorem 4.2 read literally): P = ||g||^4 + damping ||g||^2.
-        normalize: divide by the mean over valid episodes (+eps), so beta is unit-free (DESIGN.md 4).
+        normalize: divide by the mean over valid episodes (+eps), so beta is unit-free.
 
     Returns:
         P (B, K), 0 at invalid entries; all zeros if no entry is valid.

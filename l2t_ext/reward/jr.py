@@ -1,5 +1,5 @@
 """Jr(s): the policy's own estimate of the probability that context s leads to a correct answer
-(DESIGN.md section 4; paper Definition 4.1 and the Acc(k) probe of section 3 / appendix F.1).
+(paper Definition 4.1 and the Acc(k) probe of section 3 / appendix F.1).
 
 Every estimator takes a ``Rollouts`` batch and returns ``(jr (B, K+1), valid (B, K+1))`` where column k is
 Jr(s_k): s_0 is the prompt, s_k (k >= 1) the context through the last token of episode k-1.
@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from l2t_ext.lm import left_pad, position_ids_from_mask, token_logprobs
 from l2t_ext.reward.episodes import boundary_positions, episode_counts
-from l2t_ext.reward.fisher import position_ids_from_mask, token_logprobs
 
 FORCED_ANSWER_CUE = "Please output the final answer directly based on the above steps"
 
@@ -265,10 +265,8 @@ class ForcedAnswerJr(_TextJr):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for i0 in range(0, len(items), self.batch_size):
             chunk = items[i0:i0 + self.batch_size]
-            seqs = [it[4] + self.cue_ids for it in chunk]
-            n = max(map(len, seqs))
-            ids = torch.tensor([[pad] * (n - len(s)) + s for s in seqs], device=dev)
-            am = torch.tensor([[0] * (n - len(s)) + [1] * len(s) for s in seqs], device=dev)
+            ids, am = left_pad([it[4] + self.cue_ids for it in chunk], pad, dev)
+            n = ids.shape[1]
             out = self.model.generate(input_ids=ids, attention_mask=am, do_sample=True,
                                       temperature=self.temperature, top_p=self.top_p,
                                       max_new_tokens=self.max_new_tokens, num_return_sequences=self.m,

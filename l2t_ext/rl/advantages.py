@@ -1,4 +1,4 @@
-"""Advantages for the loop's methods (DESIGN.md section 5; paper Eq. 5 and Algorithm 1).
+"""Advantages for the loop's methods (paper Eq. 5 and Algorithm 1; docs/architecture.md, "One training step").
 
 Rollouts are laid out group-major: rows g*G .. g*G + G - 1 answer prompt g.
 - grpo:            A = (r_out - mean_group) / (std_group + eps), the same for every response token.
@@ -60,6 +60,24 @@ def process_token_advantages(r_prg: torch.Tensor, valid: torch.Tensor, episode_i
     idx = episode_ids.clamp(min=0, max=max(K - 1, 0))
     adv = suffix.gather(1, idx) if K else torch.zeros_like(episode_ids, dtype=r_prg.dtype)
     return torch.where(episode_ids >= 0, adv, torch.zeros_like(adv))
+
+
+def token_rewards(seq_reward: torch.Tensor, r_prg: torch.Tensor | None, valid: torch.Tensor | None,
+                  episode_ids: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(B, L) PPO token rewards: the sequence reward on each row's last masked position, plus
+    ``alpha * r_prg[k]`` on the last position of episode k (l2t). ``episode_ids``/``mask`` are on the predicting
+    positions."""
+    B, L = mask.shape
+    pos = torch.arange(L, device=mask.device)
+    out = torch.zeros(B, L, device=mask.device)
+    last = (mask.long() * pos).max(1).values
+    out[torch.arange(B), last] = seq_reward.float()
+    if r_prg is not None:
+        for k in range(r_prg.shape[1]):
+            end = torch.where(episode_ids == k, pos, -1).max(1).values
+            ok = (end >= 0) & valid[:, k]
+            out[torch.arange(B)[ok], end[ok]] += alpha * r_prg[ok, k]
+    return out
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):

@@ -1,6 +1,6 @@
 """Atomic checkpoints: ``OUT/checkpoints/step_NNNNNN`` is a loadable Hugging Face directory (config.json,
-model.safetensors, tokenizer files) plus ``trainer_state.pt`` (optimizer, scheduler, RNG states, step) and
-``extra.safetensors`` (SVD bases, value head, EMA Fisher). Everything is written into a temporary directory
+model.safetensors, tokenizer files) plus ``trainer_state.pt`` (step, optimizer, scheduler, RNG states, and the
+state dicts of the reward and the value head). Everything is written into a temporary directory
 that is renamed into place, and ``latest`` is replaced atomically last, so a crash mid-save never corrupts the
 last good checkpoint."""
 
@@ -27,9 +27,7 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save(out_dir: str, step: int, model, tokenizer, state: dict, tensors: dict[str, torch.Tensor]) -> str:
-    from safetensors.torch import save_file
-
+def save(out_dir: str, step: int, model, tokenizer, state: dict) -> str:
     root = os.path.join(out_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step_{step:06d}")
@@ -38,7 +36,6 @@ def save(out_dir: str, step: int, model, tokenizer, state: dict, tensors: dict[s
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, os.path.join(tmp, "extra.safetensors"))
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -61,9 +58,37 @@ def resolve(path: str) -> str:
     raise FileNotFoundError(f"no checkpoint found under {path} (expected trainer_state.pt or checkpoints/latest)")
 
 
-def load_state(ckpt: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
+def load_state(ckpt: str) -> dict:
+    """The trainer state saved beside the weights (tensors on the CPU)."""
+    return torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False, map_location="cpu")
 
-    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-    extra = load_file(os.path.join(ckpt, "extra.safetensors"))
-    return state, extra
+
+def saved_config(ckpt: str) -> dict:
+    """The TrainConfig (as a dict) that the run which wrote ``ckpt`` used."""
+    import json
+
+    cfg = load_state(ckpt).get("config")
+    if cfg is None:
+        raise FileNotFoundError(f"{ckpt}: trainer_state.pt holds no config")
+    return json.loads(cfg)
+
+
+def run_dir(ckpt: str) -> str | None:
+    """The run directory of ``OUT/checkpoints/step_N`` (None for a checkpoint outside a run directory)."""
+    parent = os.path.dirname(os.path.abspath(ckpt))
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
+
+
+def truncate_jsonl(path: str, step: int) -> None:
+    """Drop the rows of a ``{"step": ...}`` JSON-lines log written after ``step`` (a resumed run logs them
+    again); atomic."""
+    import json
+
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    tmp = f"{path}.tmp_{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)

@@ -1,36 +1,34 @@
-"""The L2T / GRPO / length-penalty training loop (paper Eq. 5, Algorithm 1; DESIGN.md section 5).
+"""The L2T / GRPO / length-penalty training loop (paper Eq. 5, Algorithm 1; docs/architecture.md).
 
-One training step, top to bottom (``Trainer.step``):
-  1. sample ``prompts_per_step`` prompts and ``group_size`` rollouts each (HF ``generate``, or a colocated vLLM
-     engine whose weights are re-synced after every update: ``rollout.py``);
-  2. grade every rollout with the verifier: r_out in {0, 1};
-  3. split responses into episodes at the marker token ids (``segment_episodes``);
-  4. l2t: the dense process reward per episode (Jr probes + Fisher compression penalty), computed from the
-     same forward that yields the rollouts' old log-probs; other methods: a plain no-grad forward;
+One training step is two calls, ``batch = trainer.collect(problems)`` then ``trainer.update(batch)``:
+
+``collect`` (no parameter changes) returns a ``ScoredBatch``:
+  1. ``group_size`` rollouts per problem (HF ``generate``, or a colocated vLLM engine: ``rollout.py``);
+  2. the outcome reward r_out in {0, 1} from the verifier;
+  3. episodes: responses split at the marker token ids (``segment_episodes``);
+  4. l2t: the dense process reward per episode (Jr probes + Fisher compression penalty), from the same forward
+     that yields the rollouts' old log-probs; other methods: a plain no-grad forward; the frozen reference's
+     log-probs when ``kl_coef > 0``;
   5. advantages: group-normalised outcome (grpo), outcome minus a group-normalised length term
      (length_penalty), outcome + alpha * process-supervised episode advantages (l2t); with ``ppo`` a value
-     head and GAE over the same token rewards instead;
-  6. PPO clipped update: ``ppo_epochs`` passes over the rollouts in micro-batches with gradient accumulation,
-     optional k3 KL to the frozen initial policy, gradient clipping, AdamW, cosine schedule with warm-up;
-     under ``torchrun`` the loss runs through DDP, which all-reduces the gradients on the last micro-batch
-     (``no_sync`` before), so every rank takes the step a single process would take on the union of the
-     ranks' rollouts;
-  7. refresh the SVD bases on schedule; log one JSON line; checkpoint atomically on schedule.
+     head and GAE over the same token rewards instead.
+``update`` is the PPO clipped update: ``ppo_epochs`` passes over the rollouts in micro-batches with gradient
+accumulation, optional k3 KL, gradient clipping, AdamW and the LR schedule, then the SVD bases' refresh on
+schedule. ``step`` is those two calls and a metrics row; ``train`` runs steps, logs, evaluates and checkpoints.
 
 Data parallel (``torchrun --nproc_per_node N -m l2t_ext.cli train ...``): every rank holds the whole model,
-samples its own ``prompts_per_step`` prompts (a shared prompt stream, sliced by rank) with its own sampling
-seed, scores them (the batch Fisher of the l2t penalty is each rank's own batch), and all ranks apply the same
-all-reduced update; rank 0 logs and writes checkpoints (with every rank's RNG state).
-
-What it simplifies: whole-model replicas (no FSDP/ZeRO sharding); one optimizer step per training step; the
-vLLM backend is single-process only.
+samples its slice of a shared prompt stream with its own sampling seed and scores it (the l2t penalty's batch
+Fisher is the rank's own batch); the loss runs through DDP, which all-reduces gradients on the last
+micro-batch (``no_sync`` before), so every rank takes the step a single process would take on the union of the
+ranks' rollouts. Rank 0 logs and writes checkpoints (with every rank's RNG state).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
-import math
 import os
 import random
 import sys
@@ -39,15 +37,15 @@ import time
 import torch
 import torch.distributed as dist
 
-from l2t_ext.reward import AnswerLikelihoodJr, DenseProcessReward, FisherTracker, Rollouts, segment_episodes
-from l2t_ext.reward.fisher import position_ids_from_mask, token_logprobs
+from l2t_ext.reward import DenseProcessReward, RewardOutput, Rollouts, segment_episodes
 from l2t_ext.rl import advantages as adv_lib
 from l2t_ext.rl import checkpoint
+from l2t_ext.rl.builders import build_distributed, build_model, build_optimizer, build_reward, episode_markers
 from l2t_ext.rl.config import TrainConfig
 from l2t_ext.rl.loss import ppo_loss
-from l2t_ext.rl.modeling import char_tokenizer, load_local, marker_ids, tiny_qwen2
+from l2t_ext.rl.policy import Policy, ValueHead
 from l2t_ext.rl.rollout import make_rollouts
-from l2t_ext.tasks import arith, load_verifier
+from l2t_ext.tasks import load_task, load_verifier
 
 RANK = int(os.environ.get("RANK", "0"))
 
@@ -57,135 +55,66 @@ def log(*a):
         print(*a, file=sys.stderr, flush=True)
 
 
-class PromptSource:
-    """Prompts with reference answers: the synthetic arithmetic task, or a {question, answer} file."""
+@dataclasses.dataclass
+class ScoredBatch:
+    """One step's rollouts with everything the update needs. Tensors are (B, L) unless noted; B = problems x
+    group_size, group-major. ``loss_mask``, ``episode_ids_pred``, the log-probs and the advantages live on the
+    predicting positions (position t predicts token t+1)."""
 
-    def __init__(self, cfg: TrainConfig, seed: int):
-        self.rng = random.Random(seed)
-        self.cfg = cfg
-        if cfg.task == "arith":
-            self.rows = None
-        else:
-            from l2t_ext.tasks.math import load_dataset
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor  # bool: generated tokens (with <eos>)
+    completions: list[str]  # decoded responses
+    answers: list[str]  # the reference answer of each row
+    episode_ids: torch.Tensor  # episode of each response token, -1 elsewhere
+    episode_ids_pred: torch.Tensor  # episode of the token each position predicts
+    loss_mask: torch.Tensor  # bool: positions that predict a response token
+    outcome: torch.Tensor  # (B,) r_out in {0, 1}
+    sequence_reward: torch.Tensor  # (B,) r_out, or r_out minus the length term (length_penalty)
+    old_logprobs: torch.Tensor  # log-probs under the sampling policy
+    ref_logprobs: torch.Tensor | None  # log-probs under the frozen reference (kl_coef > 0)
+    reward: RewardOutput | None  # l2t: per-episode parts (B, K): r_prg, valid, jr gain, penalty, ...
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None  # ppo: value targets
 
-            self.rows = [{"prompt": r["question"] + "\n", "answer": r["answer"]} for r in load_dataset(cfg.task)]
-
-    def sample(self, n: int) -> list[dict]:
-        if self.rows is None:
-            out = []
-            for _ in range(n):
-                p = arith.generate_problem(self.rng, self.rng.choice(list(self.cfg.tiers)))
-                out.append({"prompt": p.prompt, "answer": p.answer, "tier": p.tier})
-            return out
-        return [self.rng.choice(self.rows) for _ in range(n)]
-
-
-def init_distributed(device: str) -> tuple[int, int, torch.device | None]:
-    """(rank, world size, device) under ``torchrun`` (WORLD_SIZE > 1): joins the process group (nccl on GPU,
-    gloo on CPU) and pins cuda:LOCAL_RANK; (0, 1, None) for a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, None
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), dev
-
-
-class Policy(torch.nn.Module):
-    """The policy and its optional value head as one module: what the loss runs through (and DDP wraps)."""
-
-    def __init__(self, model, value_head=None):
-        super().__init__()
-        self.model, self.value_head = model, value_head
-
-    def forward(self, ids, am, values: bool = False):
-        out = self.model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am),
-                         output_hidden_states=values)
-        lp = token_logprobs(out.logits, ids).float()  # (B, L): log pi(x_{t+1} | x_<=t) at t
-        return lp, (self.value_head(out.hidden_states[-1]) if values else None)
-
-
-class ValueHead(torch.nn.Module):
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.v = torch.nn.Linear(hidden, 1)
-        torch.nn.init.zeros_(self.v.weight)
-        torch.nn.init.zeros_(self.v.bias)
-
-    def forward(self, h):
-        return self.v(h.float()).squeeze(-1)
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(1).to(torch.float32)
 
 
 class Trainer:
+    """``Trainer(cfg)`` builds a run (fresh, from ``init_state`` weights, or continued from the checkpoint in
+    ``resume``); ``train()`` runs it."""
+
     def __init__(self, cfg: TrainConfig, resume: str | None = None, init_state: dict | None = None):
-        """``init_state``: a model state_dict to start from (e.g. a shared warm start); skips ``sft_steps``."""
         self.cfg = cfg
-        self.rank, self.world, dist_dev = init_distributed(cfg.device)
+        self.rank, self.world, self.device = build_distributed(cfg.device)
         random.seed(cfg.seed + self.rank)  # per-rank sampling streams; rank 0 of a single process = seed
         torch.manual_seed(cfg.seed + self.rank)
-        dev = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = dist_dev or torch.device(dev)
+        self.task = load_task(cfg.task, cfg.tiers)
         self.verify = load_verifier(cfg.verifier)
-        # ---- model and tokenizer (a local directory via from_pretrained, or the tiny preset from a config)
         ckpt = checkpoint.resolve(resume) if resume else None
-        if ckpt:
-            self.model, self.tok = load_local(ckpt)
-        elif cfg.model == "tiny":
-            self.tok = char_tokenizer()
-            self.model = tiny_qwen2(self.tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, seed=cfg.seed)
-        else:
-            self.model, self.tok = load_local(cfg.model)
+        self.model, self.tok = build_model(cfg, ckpt)
         self.model.to(self.device)
-        self.marker_ids = marker_ids(self.tok, list(cfg.markers))
-        self.cue_ids = self.tok.encode(cfg.answer_cue, add_special_tokens=False)
-        self.ref_model = None
-        if cfg.kl_coef > 0:
-            import copy
-
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.marker_ids = episode_markers(cfg, self.tok)
         self.value_head = ValueHead(self.model.config.hidden_size).to(self.device) if cfg.ppo else None
-        params = list(self.model.parameters()) + (list(self.value_head.parameters()) if self.value_head else [])
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        warm = max(1, int(cfg.warmup_ratio * cfg.steps))
-        cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm) * cosine(s))
-        self.prompts = PromptSource(cfg, cfg.seed)  # the same stream on every rank; step() slices it by rank
-        self.step_idx = 0
-        self.tracker = self.reward = None
-        if cfg.method == "l2t":
-            self.tracker = FisherTracker(self.model, layers=cfg.layers, rank=cfg.rank, seed=cfg.seed,
-                                         refresh_every=cfg.refresh_every)
-            self.reward = DenseProcessReward(AnswerLikelihoodJr(self.model, self.cue_ids, self.tok.pad_token_id),
-                                             self.tracker, alpha=cfg.alpha, beta=cfg.beta,
-                                             penalty_mode=cfg.penalty_mode, damping=cfg.damping,
-                                             fisher_decay=cfg.fisher_decay)
-        if ckpt:
-            self._restore(ckpt)
-        elif init_state is not None:
-            self.model.load_state_dict(init_state)
-            if self.tracker is not None:
-                self.tracker.refresh()
-        elif cfg.sft_steps > 0:
-            from l2t_ext.rl.sft import warm_start
-
-            warm_start(self.model, self.tok, cfg.sft_steps, cfg.sft_lr, cfg.sft_batch, cfg.tiers, cfg.seed,
-                       self.device, log=log)
-            if self.tracker is not None:
-                self.tracker.refresh()
+        if not ckpt:
+            self._init_weights(init_state)
+        # everything below sees the final starting weights
+        self.ref_policy = Policy(copy.deepcopy(self.model).eval().requires_grad_(False)) if cfg.kl_coef > 0 else None
         self.policy = Policy(self.model, self.value_head)
-        self.ref_policy = Policy(self.ref_model) if self.ref_model is not None else None
+        self.opt, self.sched = build_optimizer(cfg, list(self.policy.parameters()))
         self.ddp = None
         if self.world > 1:  # DDP broadcasts rank 0's weights: identical replicas whatever each rank loaded
             from torch.nn.parallel import DistributedDataParallel
 
-            self.ddp = DistributedDataParallel(self.policy, device_ids=[self.device.index] if self.device.type ==
-                                               "cuda" else None, broadcast_buffers=False)
-            if self.tracker is not None and not ckpt:  # bases of the broadcast weights (a resume keeps its own)
-                self.tracker.refresh()
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.policy, device_ids=ids, broadcast_buffers=False)
+        self.reward: DenseProcessReward | None = build_reward(cfg, self.model, self.tok)
+        self.prompt_rng = random.Random(cfg.seed)  # the same stream on every rank; next_problems slices it
+        self.step_idx = 0
+        if ckpt:
+            self._restore(ckpt)
         if self.rank == 0:
             os.makedirs(cfg.out, exist_ok=True)
             with open(os.path.join(cfg.out, "config.json"), "w") as f:
@@ -195,84 +124,158 @@ class Trainer:
         log(f"rollouts: {type(self.rollouts).__name__}" + (f"; data parallel over {self.world} ranks"
                                                            if self.world > 1 else ""))
 
-    # ------------------------------------------------------------------------------------ one step
+    def _init_weights(self, init_state: dict | None) -> None:
+        """Start from ``init_state`` (e.g. a shared warm start), or run the task's supervised warm start."""
+        if init_state is not None:
+            self.model.load_state_dict(init_state)
+        elif self.cfg.sft_steps > 0:
+            from l2t_ext.lm.sft import warm_start
+
+            cfg = self.cfg
+            warm_start(self.model, self.tok, self.task.sft_pairs, cfg.sft_steps, cfg.sft_lr, cfg.sft_batch, cfg.seed,
+                       self.device, log=log)
+
     def autocast(self):
         if self.device.type == "cuda" and self.cfg.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    # ------------------------------------------------------------------------------------ one step
     def step(self) -> dict:
-        cfg, t0 = self.cfg, time.time()
-        G = cfg.group_size
-        # 1. rollouts (this rank's slice of the shared prompt stream)
-        P = cfg.prompts_per_step
-        probs = self.prompts.sample(P * self.world)[self.rank * P:(self.rank + 1) * P]
+        """One training step: collect, update, and the metrics row."""
+        t0 = time.time()
+        batch = self.collect(self.next_problems())
+        stats = self.update(batch)
+        return {"step": self.step_idx, **self._metrics(batch, stats), "lr": self.sched.get_last_lr()[0],
+                "time_s": time.time() - t0}
+
+    def next_problems(self) -> list[dict]:
+        """This rank's ``prompts_per_step`` problems: its slice of the stream shared by all ranks."""
+        n = self.cfg.prompts_per_step
+        return self.task.sample(self.prompt_rng, n * self.world)[self.rank * n:(self.rank + 1) * n]
+
+    def collect(self, problems: list[dict]) -> ScoredBatch:
+        """Rollouts of ``problems``, graded, segmented, scored and turned into advantages (no update)."""
+        cfg = self.cfg
         self.model.eval()
         with self.autocast():
-            rb = self.rollouts.generate([p["prompt"] for p in probs], G, cfg.max_new_tokens, cfg.temperature,
-                                        cfg.top_p)
-        answers = [p["answer"] for p in probs for _ in range(G)]
-        # 2. outcome reward
-        r_out = torch.tensor([float(self.verify(c, a)) for c, a in zip(rb.completions, answers)],
-                             device=self.device)
-        # 3. episodes (token ids, never re-tokenised text)
-        ep = segment_episodes(rb.input_ids, rb.response_mask, self.marker_ids, cfg.max_episodes)
-        resp = rb.response_mask
-        # position t predicts token t+1: the loss mask and advantages live on the predicting positions
-        pred_mask = torch.zeros_like(resp)
-        pred_mask[:, :-1] = resp[:, 1:]
-        ep_pred = torch.full_like(ep, -1)
-        ep_pred[:, :-1] = ep[:, 1:]
-        lengths = resp.sum(1).to(torch.float32)
-        # 4. dense process reward (l2t) and the old log-probs from the same forward
-        stats = {"penalty_mean": 0.0, "jr_gain_mean": 0.0}
-        r_prg = valid = None
+            ro = self.rollouts.generate([p["prompt"] for p in problems], cfg.group_size, cfg.max_new_tokens,
+                                        cfg.temperature, cfg.top_p)
+        answers = [p["answer"] for p in problems for _ in range(cfg.group_size)]
+        outcome = torch.tensor([float(self.verify(c, a)) for c, a in zip(ro.completions, answers)], device=self.device)
+        episode_ids = segment_episodes(ro.input_ids, ro.response_mask, self.marker_ids, cfg.max_episodes)
+        loss_mask = torch.zeros_like(ro.response_mask)
+        loss_mask[:, :-1] = ro.response_mask[:, 1:]
+        episode_ids_pred = torch.full_like(episode_ids, -1)
+        episode_ids_pred[:, :-1] = episode_ids[:, 1:]
         with self.autocast():
-            if self.reward is not None:
-                ro = Rollouts(rb.input_ids, rb.attention_mask, resp, ep,
-                              answer_ids=[self.tok.encode(a, add_special_tokens=False) for a in answers])
-                out = self.reward(ro)
-                r_prg, valid, old_lp = out.r_prg.float(), out.valid, out.token_logprobs.float()
-                if bool(valid.any()):
-                    stats["penalty_mean"] = float(out.penalty[valid].mean())
-                    stats["jr_gain_mean"] = float(out.jr_gain[valid].mean())
-            else:
-                old_lp = self._logprobs(rb.input_ids, rb.attention_mask, grad=False)[0]
-            ref_lp = self._logprobs(rb.input_ids, rb.attention_mask, grad=False, ref=True)[0] \
-                if self.ref_model is not None else None
-        # 5. advantages
+            old_logprobs, reward = self._score(ro, episode_ids, answers)
+            ref_logprobs = None
+            if self.ref_policy is not None:
+                with torch.no_grad():
+                    ref_logprobs = self.ref_policy(ro.input_ids, ro.attention_mask)[0]
+        seq_reward = outcome
         if cfg.method == "length_penalty":
-            seq_r = adv_lib.length_penalized(r_out, lengths, G, cfg.length_coef)
-        else:
-            seq_r = r_out
+            seq_reward = adv_lib.length_penalized(outcome, ro.response_mask.sum(1).to(torch.float32), cfg.group_size,
+                                                  cfg.length_coef)
+        batch = ScoredBatch(ro.input_ids, ro.attention_mask, ro.response_mask, ro.completions, answers, episode_ids,
+                            episode_ids_pred, loss_mask, outcome, seq_reward, old_logprobs, ref_logprobs, reward)
+        batch.advantages, batch.returns = self._advantages(batch)
+        return batch
+
+    def _score(self, ro, episode_ids, answers) -> tuple[torch.Tensor, RewardOutput | None]:
+        """(old log-probs, l2t reward parts or None): the reward's forward yields the log-probs too."""
+        if self.reward is None:
+            with torch.no_grad():
+                return self.policy(ro.input_ids, ro.attention_mask)[0], None
+        answer_ids = [self.tok.encode(a, add_special_tokens=False) for a in answers]
+        out = self.reward(Rollouts(ro.input_ids, ro.attention_mask, ro.response_mask, episode_ids,
+                                   answer_ids=answer_ids))
+        return out.token_logprobs.float(), out
+
+    def _advantages(self, b: ScoredBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(advantages, returns or None) on the predicting positions."""
+        cfg = self.cfg
+        r_prg = b.reward.r_prg.float() if b.reward is not None else None
+        valid = b.reward.valid if b.reward is not None else None
         if cfg.ppo:
-            tok_r = self._token_rewards(seq_r, r_prg, valid, ep_pred, pred_mask)
+            rewards = adv_lib.token_rewards(b.sequence_reward, r_prg, valid, b.episode_ids_pred, b.loss_mask, cfg.alpha)
             with torch.no_grad(), self.autocast():
-                values = self._logprobs(rb.input_ids, rb.attention_mask, grad=False, values=True)[1]
-            adv, returns = adv_lib.gae(tok_r, values, pred_mask, cfg.gamma, cfg.lam)
-        else:
-            adv = adv_lib.group_normalize(seq_r, G)[:, None].expand_as(old_lp) * pred_mask
-            if cfg.method == "l2t":
-                adv = adv + cfg.alpha * adv_lib.process_token_advantages(r_prg, valid, ep_pred, G,
-                                                                             norm=cfg.process_norm)
-            returns = None
-        # 6. PPO update
-        loss_val, clip_fracs, kls = self._update(rb, old_lp, ref_lp, adv, returns, pred_mask)
+                values = self.policy(b.input_ids, b.attention_mask, values=True)[1]
+            return adv_lib.gae(rewards, values, b.loss_mask, cfg.gamma, cfg.lam)
+        adv = adv_lib.group_normalize(b.sequence_reward, cfg.group_size)[:, None].expand_as(b.old_logprobs)
+        adv = adv * b.loss_mask
+        if r_prg is not None:
+            adv = adv + cfg.alpha * adv_lib.process_token_advantages(r_prg, valid, b.episode_ids_pred, cfg.group_size,
+                                                                     norm=cfg.process_norm)
+        return adv, None
+
+    def update(self, batch: ScoredBatch) -> dict:
+        """PPO-clip update on ``batch``; returns {"loss", "kl", "clip_frac"}. Advances the step counter."""
+        cfg = self.cfg
+        self.model.train()
+        total_tokens = self._all_sum(batch.loss_mask.sum().float()).clamp(min=1)  # global token count
+        starts = list(range(0, batch.input_ids.shape[0], cfg.micro_batch))
+        loss_sum, clip_fracs, kls = 0.0, [], []
+        for _ in range(cfg.ppo_epochs):
+            self.opt.zero_grad(set_to_none=True)
+            for s in starts:
+                # DDP: accumulate locally, all-reduce once with the last micro-batch's backward
+                sync = self.ddp is None or s == starts[-1]
+                with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                    loss, st = self._micro_batch_loss(batch, slice(s, s + cfg.micro_batch), total_tokens)
+                    # the loss is this micro-batch's share of the global loss; DDP averages over ranks, hence * world
+                    (loss * self.world).backward()
+                loss_sum += float(loss.detach())
+                clip_fracs.append(st["clip_frac"])
+                kls.append(st["kl"])
+            torch.nn.utils.clip_grad_norm_(list(self.policy.parameters()), cfg.grad_clip)
+            self.opt.step()
+        self.sched.step()
+        self.model.eval()
         self.rollouts.mark_stale()  # a vLLM engine re-syncs its weights before the next generation
-        if self.tracker is not None and self.tracker.step():
-            log(f"step {self.step_idx + 1}: refreshed SVD bases")
         self.step_idx += 1
-        # 7. metrics (means over ranks; the loss terms are already shares of the global loss)
-        n_eps = (ep.max(1).values + 1).float()
-        m = {"accuracy": float(r_out.mean()), "reward_mean": float(seq_r.mean()),
-             "response_tokens_mean": float(lengths.mean()), "episodes_mean": float(n_eps.mean()),
-             "kl": sum(kls) / len(kls), "clip_frac": sum(clip_fracs) / len(clip_fracs), **stats}
+        if self.reward is not None and self.reward.tracker.step():
+            log(f"step {self.step_idx}: refreshed SVD bases")
+        return {"loss": loss_sum / cfg.ppo_epochs, "kl": sum(kls) / len(kls),
+                "clip_frac": sum(clip_fracs) / len(clip_fracs)}
+
+    def _micro_batch_loss(self, b: ScoredBatch, sl: slice, total_tokens: torch.Tensor):
+        """(loss weighted by its share of the step's token-mean / sequence-mean, ppo_loss stats)."""
+        cfg = self.cfg
+        mask = b.loss_mask[sl]
+        with self.autocast():
+            lp, values = (self.ddp or self.policy)(b.input_ids[sl], b.attention_mask[sl], cfg.ppo)
+            ref = None if b.ref_logprobs is None else b.ref_logprobs[sl]
+            loss, st = ppo_loss(lp, b.old_logprobs[sl], b.advantages[sl], mask, cfg.clip_eps_low, cfg.clip_eps_high,
+                                cfg.loss_agg, ref, cfg.kl_coef)
+            w = mask.sum() / total_tokens if cfg.loss_agg == "token-mean" else \
+                (lp.shape[0] / (b.input_ids.shape[0] * self.world))
+            loss = loss * w
+            if cfg.ppo:
+                m = mask.float()
+                loss = loss + cfg.vf_coef * w * ((values - b.returns[sl]) ** 2 * m).sum() / m.sum().clamp(min=1)
+        if bool(self._all_sum((~torch.isfinite(loss.detach())).float()) > 0):  # all ranks stop together
+            raise FloatingPointError(f"non-finite loss at step {self.step_idx + 1}; stopping (the last good "
+                                     f"checkpoint in {cfg.out}/checkpoints is kept)")
+        return loss, st
+
+    def _metrics(self, b: ScoredBatch, stats: dict) -> dict:
+        """The step's metrics row, averaged over ranks (the loss terms are already shares of the global loss)."""
+        parts = {"penalty_mean": 0.0, "jr_gain_mean": 0.0}
+        if b.reward is not None and bool(b.reward.valid.any()):
+            parts = {"penalty_mean": float(b.reward.penalty[b.reward.valid].mean()),
+                     "jr_gain_mean": float(b.reward.jr_gain[b.reward.valid].mean())}
+        m = {"accuracy": float(b.outcome.mean()), "reward_mean": float(b.sequence_reward.mean()),
+             "response_tokens_mean": float(b.response_lengths.mean()),
+             "episodes_mean": float((b.episode_ids.max(1).values + 1).float().mean()),
+             "kl": stats["kl"], "clip_frac": stats["clip_frac"], **parts}
+        loss = stats["loss"]
         if self.world > 1:
-            vals = self._all_sum(torch.tensor(list(m.values()) + [loss_val], dtype=torch.float64))
+            vals = self._all_sum(torch.tensor(list(m.values()) + [loss], dtype=torch.float64))
             m = {k: float(v) / self.world for k, v in zip(m, vals[:-1])}
-            loss_val = float(vals[-1])
-        return {"step": self.step_idx, **m, "loss": loss_val, "lr": self.sched.get_last_lr()[0],
-                "time_s": time.time() - t0}
+            loss = float(vals[-1])
+        return {**m, "loss": loss}
 
     def _all_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (identity for a single process); CPU tensors travel through the device for nccl."""
@@ -282,69 +285,6 @@ class Trainer:
         dist.all_reduce(y)
         return y.to(x.device)
 
-    def _logprobs(self, ids, am, grad: bool, ref: bool = False, values: bool = False):
-        """(token log-probs (B, L), values (B, L) or None); with ``grad`` through DDP under torchrun."""
-        if ref:
-            fn = self.ref_policy
-        else:
-            fn = self.ddp if (grad and self.ddp is not None) else self.policy
-        with contextlib.nullcontext() if grad else torch.no_grad():
-            return fn(ids, am, values)
-
-    def _token_rewards(self, seq_r, r_prg, valid, ep_pred, pred_mask):
-        """PPO token rewards: the sequence reward on the last response token, alpha * r_prg[k] on each
-        episode's last token (l2t)."""
-        B, L = pred_mask.shape
-        tok_r = torch.zeros(B, L, device=pred_mask.device)
-        last = (pred_mask.long() * torch.arange(L, device=pred_mask.device)).max(1).values
-        tok_r[torch.arange(B), last] = seq_r.float()
-        if r_prg is not None:
-            for k in range(r_prg.shape[1]):
-                pos = torch.where(ep_pred == k, torch.arange(L, device=pred_mask.device), -1).max(1).values
-                ok = (pos >= 0) & valid[:, k]
-                tok_r[torch.arange(B)[ok], pos[ok]] += self.cfg.alpha * r_prg[ok, k]
-        return tok_r
-
-    def _update(self, rb, old_lp, ref_lp, adv, returns, mask):
-        cfg = self.cfg
-        self.model.train()
-        B = rb.input_ids.shape[0]
-        total_tok = self._all_sum(mask.sum().float()).clamp(min=1)  # the global token count across ranks
-        loss_sum, clip_fracs, kls = 0.0, [], []
-        starts = list(range(0, B, cfg.micro_batch))
-        for _ in range(cfg.ppo_epochs):
-            self.opt.zero_grad(set_to_none=True)
-            for s in starts:
-                sl = slice(s, s + cfg.micro_batch)
-                # DDP: accumulate locally, all-reduce once with the last micro-batch's backward
-                sync = self.ddp is None or s == starts[-1]
-                with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                    with self.autocast():
-                        lp, v = self._logprobs(rb.input_ids[sl], rb.attention_mask[sl], grad=True, values=cfg.ppo)
-                        loss, st = ppo_loss(lp, old_lp[sl], adv[sl], mask[sl], cfg.clip_eps_low, cfg.clip_eps_high,
-                                            cfg.loss_agg, None if ref_lp is None else ref_lp[sl], cfg.kl_coef)
-                        # micro-batch share of the step's token-mean / sequence-mean
-                        w = mask[sl].sum() / total_tok if cfg.loss_agg == "token-mean" else \
-                            (lp.shape[0] / (B * self.world))
-                        loss = loss * w
-                        if cfg.ppo:
-                            m = mask[sl].float()
-                            loss = loss + cfg.vf_coef * w * ((v - returns[sl]) ** 2 * m).sum() / m.sum().clamp(min=1)
-                    if bool(self._all_sum((~torch.isfinite(loss.detach())).float()) > 0):  # all ranks stop together
-                        raise FloatingPointError(f"non-finite loss at step {self.step_idx + 1}; stopping (the last "
-                                                 f"good checkpoint in {cfg.out}/checkpoints is kept)")
-                    # w is this micro-batch's share of the global loss; DDP averages over ranks, hence * world
-                    (loss * self.world).backward()
-                loss_sum += float(loss.detach())
-                clip_fracs.append(st["clip_frac"])
-                kls.append(st["kl"])
-            params = [p for g in self.opt.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            self.opt.step()
-        self.sched.step()
-        self.model.eval()
-        return loss_sum / cfg.ppo_epochs, clip_fracs, kls
-
     # ------------------------------------------------------------------------------------ checkpoints
     def save(self) -> str | None:
         """Collective under torchrun (gathers every rank's RNG state); rank 0 writes."""
@@ -352,80 +292,106 @@ class Trainer:
         if self.world > 1:
             rngs = [None] * self.world
             dist.all_gather_object(rngs, checkpoint.rng_state())
-        path = self._write_checkpoint(rngs) if self.rank == 0 else None
+        path = None
+        if self.rank == 0:
+            state = {"step": self.step_idx, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                     "rng_per_rank": rngs, "prompt_rng": self.prompt_rng.getstate(),
+                     "reward": self.reward.state_dict() if self.reward is not None else None,
+                     "value_head": self.value_head.state_dict() if self.value_head is not None else None,
+                     "config": self.cfg.to_json()}
+            path = checkpoint.save(self.cfg.out, self.step_idx, self.model, self.tok, state)
         if self.world > 1:
             dist.barrier()
         return path
 
-    def _write_checkpoint(self, rngs: list[dict]) -> str:
-        tensors = {}
-        if self.tracker is not None:
-            for n, (U, V) in self.tracker.bases.items():
-                tensors[f"bases.{n}.U"], tensors[f"bases.{n}.V"] = U, V
-        if self.value_head is not None:
-            for n, p in self.value_head.state_dict().items():
-                tensors[f"value_head.{n}"] = p
-        if self.reward is not None and self.reward.fisher is not None:
-            tensors["fisher"] = self.reward.fisher
-        state = {"step": self.step_idx, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                 "rng": rngs[0], "rng_per_rank": rngs, "prompt_rng": self.prompts.rng.getstate(),
-                 "tracker_steps": self.tracker._steps if self.tracker else 0, "config": self.cfg.to_json()}
-        return checkpoint.save(self.cfg.out, self.step_idx, self.model, self.tok, state, tensors)
-
     def _restore(self, ckpt: str) -> None:
-        state, extra = checkpoint.load_state(ckpt)
+        state = checkpoint.load_state(ckpt)
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.step_idx = state["step"]
-        self.prompts.rng.setstate(state["prompt_rng"])
-        if self.tracker is not None:
-            self.tracker._steps = state["tracker_steps"]
-            for n in self.tracker.layer_names:
-                self.tracker.bases[n] = (extra[f"bases.{n}.U"].to(self.device), extra[f"bases.{n}.V"].to(self.device))
+        self.prompt_rng.setstate(state["prompt_rng"])
+        if self.reward is not None:
+            self.reward.load_state_dict(state["reward"])
         if self.value_head is not None:
-            self.value_head.load_state_dict({k[len("value_head."):]: v for k, v in extra.items()
-                                             if k.startswith("value_head.")})
-        if self.reward is not None and "fisher" in extra:
-            self.reward.fisher = extra["fisher"].to(self.device)
-        rngs = state.get("rng_per_rank", [state["rng"]])
+            self.value_head.load_state_dict(state["value_head"])
+        rngs = state["rng_per_rank"]
         if len(rngs) == self.world:
             checkpoint.set_rng_state(rngs[self.rank])
         else:  # another world size: the run continues, but not bitwise like an uninterrupted one
             random.seed(self.cfg.seed + self.rank + self.step_idx)
             torch.manual_seed(self.cfg.seed + self.rank + self.step_idx)
             log(f"resume: checkpoint written by {len(rngs)} rank(s), now {self.world}; sampling RNGs re-seeded")
+        if self.rank == 0:  # rows after the checkpoint's step are logged again by this run
+            for name in ("metrics.jsonl", "evals.jsonl"):
+                checkpoint.truncate_jsonl(os.path.join(self.cfg.out, name), self.step_idx)
         log(f"resumed from {ckpt} at step {self.step_idx}")
 
     # ------------------------------------------------------------------------------------ the run
+    def evaluate(self, n_samples: int | None = None) -> dict:
+        """``evaluate`` on the task's held-out problems (``eval_problems``, ``eval_samples``). Sampling runs on a
+        forked RNG seeded from the step, so an evaluation never changes the training that follows it."""
+        from l2t_ext.eval import evaluate
+        from l2t_ext.tasks import load_extractor
+
+        cfg = self.cfg
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed + 1_000_003 * (self.step_idx + 1))
+            return evaluate(self.model, self.tok, self.task.eval_problems(cfg.eval_problems, cfg.seed), self.verify,
+                            load_extractor(cfg.verifier), n_samples=n_samples or cfg.eval_samples,
+                            max_new_tokens=cfg.max_new_tokens, answer_cue=cfg.answer_cue, marker=cfg.markers[0])
+
     def train(self, stop_at: int | None = None) -> list[dict]:
-        """Run until ``cfg.steps`` (or ``stop_at``, for a deliberate early stop); returns the metric rows."""
+        """Run until ``cfg.steps`` (or ``stop_at``, for a deliberate early stop); returns the metric rows.
+        Every ``eval_every`` steps (0: never) rank 0 evaluates and appends a row to ``evals.jsonl``."""
         cfg = self.cfg
         last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-        metrics_path = os.path.join(cfg.out, "metrics.jsonl")
         rows = []
-        bar = _progress(cfg.steps, self.step_idx)
-        with open(metrics_path, "a") if self.rank == 0 else contextlib.nullcontext() as f:
+        progress = Progress(cfg.steps, self.step_idx, cfg.log_every) if self.rank == 0 else None
+        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") if self.rank == 0 else contextlib.nullcontext() as f:
             while self.step_idx < last:
                 m = self.step()
                 rows.append(m)
                 if f is not None:
                     f.write(json.dumps(m) + "\n")
                     f.flush()
-                bar(m)
+                    progress.update(m)
                 if self.step_idx % cfg.save_every == 0 or self.step_idx == last:
                     self.save()
+                if cfg.eval_every and self.step_idx % cfg.eval_every == 0 and self.rank == 0:
+                    self._append_eval(self.evaluate())
+        if progress is not None:
+            progress.close()
         return rows
 
+    def _append_eval(self, res: dict) -> None:
+        row = {"step": self.step_idx, **res["overall"]}
+        with open(os.path.join(self.cfg.out, "evals.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        log(f"eval at step {self.step_idx}: pass@1 {row['pass@1']:.3f}, tokens {row['response_tokens']:.1f}")
 
-def _progress(total: int, start: int):
-    """A tqdm bar on a terminal (main rank only), silent otherwise."""
-    if RANK != 0 or not sys.stderr.isatty():
-        return lambda m: None
-    from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=start, desc="l2t train", dynamic_ncols=True)
+class Progress:
+    """A tqdm bar on a terminal; without one, a plain line every ``every`` steps (step, accuracy, reward,
+    tokens, seconds), so logs show progress too."""
 
-    def update(m):
-        bar.update(1)
-        bar.set_postfix(acc=f"{m['accuracy']:.2f}", tok=f"{m['response_tokens_mean']:.0f}", loss=f"{m['loss']:.3f}")
-    return update
+    def __init__(self, total: int, start: int, every: int):
+        self.every, self.bar = max(1, every), None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="l2t train", dynamic_ncols=True)
+        self.total = total
+
+    def update(self, m: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(acc=f"{m['accuracy']:.2f}", tok=f"{m['response_tokens_mean']:.0f}",
+                                 loss=f"{m['loss']:.3f}")
+        elif m["step"] % self.every == 0 or m["step"] == self.total:
+            print(f"step {m['step']}/{self.total}: accuracy {m['accuracy']:.3f}, reward {m['reward_mean']:.3f}, "
+                  f"tokens {m['response_tokens_mean']:.1f}, episodes {m['episodes_mean']:.2f}, loss {m['loss']:.4f}, "
+                  f"{m['time_s']:.1f}s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,4 +1,4 @@
-"""Synthetic multi-step arithmetic reasoning (the embedded default task, DESIGN.md section 6).
+"""Synthetic multi-step arithmetic reasoning (the embedded default task; docs/architecture.md, "Tasks").
 
 A problem is a start digit and a chain of operations applied left to right in arithmetic modulo 10, e.g.
 ``Q:3+5*2-4`` means (((3 + 5) * 2) - 4) mod 10 with every intermediate reduced mod 10. Difficulty tier t in
@@ -29,6 +29,8 @@ STYLES = ("concise", "verbose", "terse")
 VERBOSE_CHECK_PROB = 0.6  # chance of a redundant re-check episode after each step of a verbose trace
 CHECK_FORMS = ("copy", "inverse")
 VERBOSE_CHECK_FORM = "copy"
+DEFAULT_MIX = {"concise": 0.4, "verbose": 0.4, "terse": 0.2}  # warm-start trace styles and their weights
+CHARS = "0123456789+-*/=()., :?QAabcdefghijklmnopqrstuvwxyz\n"  # the character tokenizer's alphabet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +114,25 @@ def _check(a: int, o: str, d: int, r: int, form: str) -> str:
 def dataset(n: int, seed: int, tiers=(1, 2, 3, 4)) -> list[Problem]:
     rng = random.Random(seed)
     return [generate_problem(rng, tiers[i % len(tiers)]) for i in range(n)]
+
+
+def tokenizer():
+    """The character tokenizer of this task's tiny models (``<think>``/``</think>`` single tokens)."""
+    from l2t_ext.lm.models import char_tokenizer
+
+    return char_tokenizer(CHARS)
+
+
+def sft_pairs(rng: random.Random, n: int, tiers, mix: dict[str, float] | None = None,
+              check_prob: float = VERBOSE_CHECK_PROB, check_form: str = VERBOSE_CHECK_FORM) -> list[tuple[str, str]]:
+    """``n`` warm-start examples (prompt, reference trace) with trace styles drawn from ``mix``."""
+    styles, weights = zip(*(mix or DEFAULT_MIX).items())
+    out = []
+    for _ in range(n):
+        p = generate_problem(rng, rng.choice(list(tiers)))
+        style = rng.choices(styles, weights)[0]
+        out.append((p.prompt, trace(p, style, rng, check_prob, check_form)))
+    return out
 
 
 _ANS_RE = re.compile(r"A:\s*(-?\d+)")

@@ -1,6 +1,5 @@
-"""Models and tokenizers for the loop: a character-level tokenizer and tiny Qwen2 built from a config (the CPU
-presets and the demo), or any local Hugging Face causal LM directory through ``from_pretrained`` (never a
-hub download)."""
+"""Models and tokenizers: any local Hugging Face causal LM directory through ``from_pretrained`` (never a hub
+download), or, for CPU presets and tests, a character-level tokenizer and a tiny Qwen2 built from a config."""
 
 from __future__ import annotations
 
@@ -10,12 +9,11 @@ import torch
 
 SPECIALS = ("<pad>", "<eos>")
 THINK_TOKENS = ("<think>", "</think>")
-CHARS = "0123456789+-*/=()., :?QAabcdefghijklmnopqrstuvwxyz\n"
 
 
-def char_tokenizer(chars: str = CHARS):
-    """A character-level tokenizer (``tokenizers`` WordLevel) in which ``<think>``/``</think>`` are single
-    tokens, wrapped as a transformers ``PreTrainedTokenizerFast``."""
+def char_tokenizer(chars: str):
+    """A character-level tokenizer (``tokenizers`` WordLevel) over ``chars`` in which ``<think>``/``</think>``
+    are single tokens, wrapped as a transformers ``PreTrainedTokenizerFast`` (left padding)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

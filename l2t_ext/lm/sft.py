@@ -1,29 +1,23 @@
-"""Supervised warm start on reference traces (used by the tiny presets and the demo): next-token loss on the
-response tokens of ``prompt + trace + <eos>`` with a mix of trace styles."""
+"""Supervised warm start: next-token loss on the response tokens of ``prompt + response + <eos>`` for examples
+drawn from a task (``pairs(rng, n) -> [(prompt, response), ...]``), AdamW with a cosine schedule."""
 
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 
 import torch
 
-from l2t_ext.tasks import arith
-
-DEFAULT_MIX = {"concise": 0.4, "verbose": 0.4, "terse": 0.2}
+Pairs = Callable[[random.Random, int], list[tuple[str, str]]]
 
 
-def make_batch(tokenizer, rng: random.Random, n: int, tiers, mix: dict[str, float], device,
-               check_prob: float = arith.VERBOSE_CHECK_PROB, check_form: str = arith.VERBOSE_CHECK_FORM):
-    styles, weights = zip(*mix.items())
-    texts, n_prompt = [], []
-    for _ in range(n):
-        p = arith.generate_problem(rng, rng.choice(list(tiers)))
-        style = rng.choices(styles, weights)[0]
-        texts.append((p.prompt, arith.trace(p, style, rng, check_prob, check_form) + tokenizer.eos_token))
+def make_batch(tokenizer, pairs: list[tuple[str, str]], device):
+    """(input_ids, attention_mask, labels) right-padded; labels are -100 on the prompt and the padding."""
+    texts = [(a, b + tokenizer.eos_token) for a, b in pairs]
     enc = [tokenizer.encode(a + b, add_special_tokens=False) for a, b in texts]
     n_prompt = [len(tokenizer.encode(a, add_special_tokens=False)) for a, _ in texts]
-    L = max(map(len, enc))
+    n, L = len(enc), max(map(len, enc))
     ids = torch.full((n, L), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((n, L), -100, dtype=torch.long)
     am = torch.zeros(n, L, dtype=torch.long)
@@ -34,11 +28,9 @@ def make_batch(tokenizer, rng: random.Random, n: int, tiers, mix: dict[str, floa
     return ids.to(device), am.to(device), labels.to(device)
 
 
-def warm_start(model, tokenizer, steps: int, lr: float, batch: int, tiers, seed: int, device,
-               mix: dict[str, float] | None = None, log=None,
-               check_prob: float = arith.VERBOSE_CHECK_PROB,
-               check_form: str = arith.VERBOSE_CHECK_FORM) -> list[float]:
-    """Train ``steps`` AdamW steps (cosine schedule); returns the loss curve."""
+def warm_start(model, tokenizer, pairs: Pairs, steps: int, lr: float, batch: int, seed: int, device,
+               log=None) -> list[float]:
+    """Train ``steps`` AdamW steps of ``batch`` examples each; returns the loss curve."""
     rng = random.Random(seed + 12345)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -46,8 +38,7 @@ def warm_start(model, tokenizer, steps: int, lr: float, batch: int, tiers, seed:
     model.train()
     losses = []
     for s in range(steps):
-        ids, am, labels = make_batch(tokenizer, rng, batch, tiers, mix or DEFAULT_MIX, device, check_prob,
-                                       check_form)
+        ids, am, labels = make_batch(tokenizer, pairs(rng, batch), device)
         loss = model(input_ids=ids, attention_mask=am, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

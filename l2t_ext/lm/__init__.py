@@ -1,0 +1,12 @@
+"""Language-model utilities shared by the reward, the loop and evaluation: token log-probabilities, position ids,
+padding, sampling (``generate``), loading local Hugging Face models, and tiny models built from a config.
+
+This package sits below ``reward``, ``eval`` and ``rl`` (docs/architecture.md, "Layers"): it imports none of them.
+"""
+
+from l2t_ext.lm.generation import RolloutBatch, generate, left_pad, pack
+from l2t_ext.lm.logprobs import position_ids_from_mask, token_logprobs
+from l2t_ext.lm.models import char_tokenizer, load_local, marker_ids, tiny_qwen2
+
+__all__ = ["RolloutBatch", "generate", "left_pad", "pack", "position_ids_from_mask", "token_logprobs",
+           "char_tokenizer", "load_local", "marker_ids", "tiny_qwen2"]

@@ -1,0 +1,68 @@
+"""What a ``Trainer`` is made of, one small builder each: the process group, the model and tokenizer, the
+optimizer with its schedule, the dense process reward. Every builder reads its knobs from ``TrainConfig``."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+from l2t_ext.lm import load_local, marker_ids, tiny_qwen2
+from l2t_ext.reward import AnswerLikelihoodJr, DenseProcessReward, FisherTracker
+from l2t_ext.rl.config import TrainConfig
+from l2t_ext.tasks import arith
+
+
+def build_distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under ``torchrun`` (WORLD_SIZE > 1) joins the process group (nccl on GPU,
+    gloo on CPU) and pins cuda:LOCAL_RANK; a single process gets rank 0 of 1 on ``device`` ("auto": cuda if
+    available)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, torch.device(device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def build_model(cfg: TrainConfig, checkpoint_dir: str | None = None):
+    """(model, tokenizer): a checkpoint's weights, the tiny preset model built from a config (``model: tiny``,
+    randomly initialised from ``seed``, with the arithmetic task's character tokenizer), or a local Hugging Face
+    directory."""
+    if checkpoint_dir:
+        return load_local(checkpoint_dir)
+    if cfg.model == "tiny":
+        tok = arith.tokenizer()
+        return tiny_qwen2(tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, seed=cfg.seed), tok
+    return load_local(cfg.model)
+
+
+def build_optimizer(cfg: TrainConfig, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW and a linear warm-up (``warmup_ratio`` of the steps) followed by a cosine decay to 0."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(1, int(cfg.warmup_ratio * cfg.steps))
+    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * cosine(s))
+    return opt, sched
+
+
+def build_reward(cfg: TrainConfig, model, tokenizer) -> DenseProcessReward | None:
+    """The dense process reward over ``model``'s final weights (method l2t), else None. The tracker computes
+    its SVD bases here, once: build it after the weights are final (warm start, broadcast)."""
+    if cfg.method != "l2t":
+        return None
+    tracker = FisherTracker(model, layers=cfg.layers, rank=cfg.rank, seed=cfg.seed, refresh_every=cfg.refresh_every)
+    jr = AnswerLikelihoodJr(model, tokenizer.encode(cfg.answer_cue, add_special_tokens=False), tokenizer.pad_token_id)
+    return DenseProcessReward(jr, tracker, alpha=cfg.alpha, beta=cfg.beta, penalty_mode=cfg.penalty_mode,
+                              damping=cfg.damping, fisher_decay=cfg.fisher_decay)
+
+
+def episode_markers(cfg: TrainConfig, tokenizer) -> list[list[int]]:
+    """Token-id sequences of the configured episode markers (an error names a marker the tokenizer lacks)."""
+    return marker_ids(tokenizer, list(cfg.markers))

@@ -1,0 +1,69 @@
+"""A task is where prompts come from and how answers are read: ``load_task(spec)`` gives the synthetic
+arithmetic task (``"arith"``) or a file of ``{question, answer}`` rows (.jsonl / .parquet). Each task owns its
+prompt format, its training prompt stream, its held-out problems, its answer extractor and, when it has
+reference traces, the examples of a supervised warm start. Problems are dicts ``{"prompt", "answer"}`` with an
+optional difficulty ``"tier"``."""
+
+from __future__ import annotations
+
+import random
+
+from l2t_ext.tasks import arith
+from l2t_ext.tasks import math as math_task
+
+
+class ArithTask:
+    """Synthetic multi-step arithmetic (``l2t_ext.tasks.arith``) over difficulty ``tiers``."""
+
+    name = "arith"
+    default_verifier = "arith"
+    extract_answer = staticmethod(arith.extract_answer)
+
+    def __init__(self, tiers=(1, 2, 3, 4)):
+        self.tiers = tuple(tiers)
+
+    def sample(self, rng: random.Random, n: int) -> list[dict]:
+        """``n`` training problems drawn from ``rng`` (the tier uniformly, then the problem)."""
+        out = []
+        for _ in range(n):
+            p = arith.generate_problem(rng, rng.choice(list(self.tiers)))
+            out.append({"prompt": p.prompt, "answer": p.answer, "tier": p.tier})
+        return out
+
+    def eval_problems(self, n: int, seed: int) -> list[dict]:
+        """``n`` held-out problems, tiers in turn, from a seed disjoint from the training stream's."""
+        return [{"prompt": p.prompt, "answer": p.answer, "tier": p.tier}
+                for p in arith.dataset(n, seed=seed + 10_000, tiers=self.tiers)]
+
+    def sft_pairs(self, rng: random.Random, n: int) -> list[tuple[str, str]]:
+        return arith.sft_pairs(rng, n, self.tiers)
+
+
+class FileTask:
+    """Rows of a .jsonl / .parquet file; the prompt is the question and a newline."""
+
+    default_verifier = "math"
+    extract_answer = staticmethod(math_task.extract_answer)
+
+    def __init__(self, path: str):
+        self.name = path
+        self.rows = [{"prompt": r["question"] + "\n", "answer": r["answer"]} for r in math_task.load_dataset(path)]
+
+    def sample(self, rng: random.Random, n: int) -> list[dict]:
+        return [rng.choice(self.rows) for _ in range(n)]
+
+    def eval_problems(self, n: int, seed: int) -> list[dict]:
+        return self.rows[:n]
+
+    def sft_pairs(self, rng: random.Random, n: int) -> list[tuple[str, str]]:
+        raise ValueError(f"task {self.name!r} has no reference traces for a supervised warm start; set sft_steps 0")
+
+
+def load_task(spec: str, tiers=(1, 2, 3, 4)):
+    """``"arith"`` or the path of a {question, answer} file."""
+    return ArithTask(tiers) if spec == "arith" else FileTask(spec)
+
+
+def load_extractor(verifier: str):
+    """The final-answer extractor that matches a built-in verifier (maj@k voting)."""
+    return arith.extract_answer if verifier == "arith" else math_task.extract_answer
