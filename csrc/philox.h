@@ -1,4 +1,4 @@
-// Counter-based random numbers for the rsvd sketch (DESIGN.md section 3.1).
+// Counter-based random numbers for the rsvd sketch (rsvd).
 //
 // Omega[row, col] (mean 0, variance 1) is a pure function of (seed, row, col): Philox4x32-10 (Salmon et al.,
 // SC'11) and integer arithmetic only, so every backend (C++, CUDA, Triton, torch) produces the same float

@@ -1,7 +1,7 @@
 """l2t_ext: Learning to Think (L2T) dense process rewards with C++/CUDA/Triton kernels.
 
-Layers (DESIGN.md section 1): ``ops`` (kernels behind one API) <- ``reward`` <- ``rl``. Nothing below imports
-from above.
+Layers (docs/architecture.md): ``ops`` (kernels behind one API) <- ``lm`` <- ``reward`` <- ``rl``. Nothing
+below imports from above.
 """
 
 from l2t_ext._backend import build_info

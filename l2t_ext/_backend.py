@@ -1,9 +1,10 @@
 """Which compiled modules and kernel backends this installation can run, and how ``backend=`` is resolved.
 
-Backends (DESIGN.md section 2): ``cuda`` (``_C_cuda``), ``triton``, ``cpu`` (``_C``, C++/OpenMP) and ``torch``
-(the reference, any device and dtype). ``backend="auto"`` picks the fastest one available for the tensors'
-device and dtype and falls back silently; an explicitly requested backend that cannot run raises
-``RuntimeError`` with the real reason. The chosen backend is logged once per (op, backend).
+Backends (docs/architecture.md, "Kernels and backends"): ``cuda`` (``_C_cuda``), ``triton``, ``cpu`` (``_C``,
+C++/OpenMP) and ``torch`` (the reference, any device and dtype). ``backend="auto"`` picks the fastest one
+available for the tensors' device and dtype (each op's module holds its measured ``auto_order``) and falls back
+silently; an explicitly requested backend that cannot run raises ``RuntimeError`` with the real reason. The
+chosen backend is logged once per (op, backend).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import importlib
 import logging
 import os
 import platform
+import sys
+from collections.abc import Sequence
 
 import torch
 
@@ -40,35 +43,34 @@ except ImportError as exc:
     _TRITON_ERR = f"{type(exc).__name__}: {exc}"
 
 
+def source_tree_shadowing() -> str | None:
+    """A one-line explanation when ``l2t_ext`` was imported from a source checkout (the repository root on
+    ``sys.path``, e.g. Python started there) instead of the installed package: the checkout holds no compiled
+    ``_C``, so every ``auto`` op would quietly run the torch reference. None otherwise."""
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(pkg)
+    if _C is not None or not os.path.isfile(os.path.join(root, "pyproject.toml")):
+        return None
+    return (f"l2t_ext was imported from the source checkout {pkg}, which has no compiled kernels (_C), so only the "
+            "torch reference runs; run Python from another directory so the installed package is imported "
+            "(after `pip install .`)")
+
+
+_warned_source_tree = False
+
+
+def warn_source_tree() -> None:
+    """Say once, in one line on stderr, that ``source_tree_shadowing()`` applies."""
+    global _warned_source_tree
+    msg = source_tree_shadowing()
+    if msg and not _warned_source_tree:
+        _warned_source_tree = True
+        print(f"l2t_ext: {msg}", file=sys.stderr)
+
+
 def triton_interpret() -> bool:
     """True when Triton kernels run through its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-# The order ``auto`` tries backends in, fastest first, per device type, op and shape class, as measured by
-# ``l2t bench`` in one run per machine (README "Benchmarks": 2-core AMD EPYC; NVIDIA H200). ``torch`` is in
-# every list, so a compiled backend that lost to torch on that class is listed after it and never picked.
-# CPU: our C++ kernels win segment_grad_outer and rsvd; fisher_quadform is one GEMM where MKL wins.
-# CUDA: Triton wins segment_grad_outer (the CUDA C++ kernel, an fp32 CUDA-core GEMM, loses to torch) and rsvd;
-# fisher_quadform depends on p (see _quadform_cuda_order).
-AUTO_ORDER = {
-    "cpu": ("cpu", "torch"),
-    "cuda": ("triton", "torch", "cuda"),
-}
-AUTO_ORDER_BY_OP = {
-    ("fisher_quadform", "cpu"): ("torch",),
-    ("rsvd", "cuda"): ("triton", "cuda", "torch"),
-}
-
-
-def _quadform_cuda_order(dtype: torch.dtype, size: int | None) -> tuple[str, ...]:
-    """fisher_quadform on an H200 (M=64, N=512): the CUDA kernel wins for p <= 4096, Triton for larger p,
-    except float32 at p >= 65536 where cuBLAS (torch) wins."""
-    if size is not None and size <= 8192:
-        return ("cuda", "triton", "torch")
-    if dtype == torch.float32 and size is not None and size > 32768:
-        return ("torch", "triton", "cuda")
-    return ("triton", "torch", "cuda")
 
 
 _DTYPES = {
@@ -113,21 +115,14 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
 _logged: set[tuple[str, str]] = set()
 
 
-def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype, size: int | None = None) -> str:
-    """Return the backend that runs ``op``; raise RuntimeError if an explicit one cannot. ``size`` is the
-    op's shape-class hint for ``auto`` (fisher_quadform: p)."""
+def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype, auto_order: Sequence[str]) -> str:
+    """The backend that runs ``op``: an explicit one (``RuntimeError`` with the reason if it cannot run), or for
+    "auto" the first of the op's ``auto_order`` that can (never Triton's CPU interpreter; torch last resort)."""
     if backend == "auto":
-        chosen = "torch"
-        if op == "fisher_quadform" and device.type == "cuda":
-            order = _quadform_cuda_order(dtype, size)
-        else:
-            order = AUTO_ORDER_BY_OP.get((op, device.type), AUTO_ORDER.get(device.type, ("torch",)))
-        for cand in order:
-            if cand == "triton" and device.type != "cuda":
-                continue  # never auto-select the interpreter
-            if unavailable_reason(cand, device, dtype) is None:
-                chosen = cand
-                break
+        chosen = next((c for c in auto_order if not (c == "triton" and device.type != "cuda")
+                       and unavailable_reason(c, device, dtype) is None), "torch")
+        if chosen == "torch" and device.type == "cpu" and _C is None:
+            warn_source_tree()
     else:
         why = unavailable_reason(backend, device, dtype)
         if why is not None:
@@ -172,6 +167,8 @@ def build_info() -> dict:
     }
     if _C is None:
         info["cpu_module_error"] = _C_ERR
+    if source_tree_shadowing():
+        info["warning"] = source_tree_shadowing()
     if _C_cuda is None and getattr(_cfg, "CUDA_COMPILED", False):
         info["cuda_module_error"] = _C_CUDA_ERR
     return info

@@ -92,21 +92,52 @@ def test_unknown_backend_name():
         ops.fisher_accumulate(torch.randn(2, 3), backend="mps")
 
 
+def _op_modules():
+    """The op modules (l2t_ext.ops re-exports functions of the same names as two of them)."""
+    import importlib
+
+    return [importlib.import_module(f"l2t_ext.ops.{m}") for m in ("fisher", "rsvd", "segment_grad_outer")]
+
+
 def test_auto_dispatch_table_on_cpu():
     cpu = torch.device("cpu")
     # measured: our C++ kernel wins segment_grad_outer and rsvd on CPU, MKL wins the quadform GEMM
-    assert _backend.resolve("segment_grad_outer", "auto", cpu, torch.float32) == "cpu"
-    assert _backend.resolve("rsvd", "auto", cpu, torch.float64) == "cpu"
-    assert _backend.resolve("fisher_quadform", "auto", cpu, torch.float32) == "torch"
-    assert _backend.resolve("segment_grad_outer", "auto", cpu, torch.bfloat16) == "torch"
+    fisher, rsvd, segment_grad_outer = _op_modules()
+    sgo = segment_grad_outer.auto_order(cpu)
+    assert _backend.resolve("segment_grad_outer", "auto", cpu, torch.float32, sgo) == "cpu"
+    assert _backend.resolve("rsvd", "auto", cpu, torch.float64, rsvd.rsvd_auto_order(cpu)) == "cpu"
+    qf = fisher.quadform_auto_order(cpu, torch.float32, 4096)
+    assert _backend.resolve("fisher_quadform", "auto", cpu, torch.float32, qf) == "torch"
+    assert _backend.resolve("segment_grad_outer", "auto", cpu, torch.bfloat16, sgo) == "torch"
 
 
 def test_auto_dispatch_table_on_cuda_shape_classes():
-    # the table is data (README "Benchmarks"); check its shape-class rules without needing a GPU
-    order = _backend._quadform_cuda_order
-    assert order(torch.float32, 4096)[0] == "cuda"
-    assert order(torch.float32, 16384)[0] == "triton"
-    assert order(torch.float32, 65536)[0] == "torch"
-    assert order(torch.bfloat16, 65536)[0] == "triton"
-    cuda_default = _backend.AUTO_ORDER["cuda"]
-    assert cuda_default.index("torch") < cuda_default.index("cuda")  # the CUDA C++ sgo kernel lost to torch
+    # the orders are data (benchmarks/README.md); check their shape-class rules without needing a GPU
+    fisher, _, segment_grad_outer = _op_modules()
+    cuda = torch.device("cuda")
+    order = fisher.quadform_auto_order
+    assert order(cuda, torch.float32, 4096)[0] == "cuda"
+    assert order(cuda, torch.float32, 16384)[0] == "triton"
+    assert order(cuda, torch.float32, 65536)[0] == "torch"
+    assert order(cuda, torch.bfloat16, 65536)[0] == "triton"
+    sgo = segment_grad_outer.auto_order(cuda)
+    assert sgo.index("torch") < sgo.index("cuda")  # the CUDA C++ sgo kernel lost to torch
+
+
+def test_every_backend_implements_every_op():
+    # each op's table names one function per backend, and the function exists (CUDA/Triton modules are only
+    # imported when they can be: _C_cuda needs no GPU to import, triton needs to be installed)
+    from l2t_ext import _backend as B
+    from l2t_ext.ops import _common
+
+    fisher, rsvd, segment_grad_outer = _op_modules()
+    tables = [segment_grad_outer.IMPLEMENTATIONS, fisher.FISHER_QUADFORM_IMPLICIT, fisher.FISHER_QUADFORM_EXPLICIT,
+              fisher.FISHER_ACCUMULATE, rsvd.RSVD_SKETCH, rsvd.PROJECT]
+    importable = {"torch", "cpu"} | ({"cuda"} if B._C_cuda is not None else set()) | \
+        ({"triton"} if B.triton is not None else set())
+    for table in tables:
+        assert set(table) == set(B.BACKENDS)
+        for backend, path in table.items():
+            assert path.split(".")[-1].startswith(("segment_grad_outer", "fisher_", "rsvd_", "project")), path
+            if backend in importable:
+                assert callable(_common.implementation(path)), path

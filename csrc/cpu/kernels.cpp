@@ -1,4 +1,4 @@
-// C++ CPU kernels for l2t_ext (DESIGN.md section 3). See kernels.h for the contracts.
+// C++ CPU kernels for l2t_ext (docs/architecture.md, "Kernels and backends"). See kernels.h for the contracts.
 #include "cpu/kernels.h"
 
 #include <algorithm>

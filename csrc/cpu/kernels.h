@@ -24,7 +24,7 @@ void chunk_outer(const T* A, const T* B, int64_t ra, int64_t rb, const int64_t* 
 template <typename T>
 void segment_sum(const T* P, int64_t rr, const int64_t* seg_start, int64_t S, T* G);
 
-// Implicit damped Fisher quadratic form (DESIGN.md 3.3):
+// Implicit damped Fisher quadratic form (fisher_quadform):
 // q[m] = inv_n * sum_j (G[j] . delta[m])^2 + damping * ||delta[m]||^2. delta (M,p), G (N,p) row-contiguous.
 // C (M,N) is a caller-owned workspace for the dot products.
 template <typename T>

@@ -1,4 +1,4 @@
-// CUDA kernels for l2t_ext (DESIGN.md section 3): one shared-memory tiled fp32-accumulating GEMM that also
+// CUDA kernels for l2t_ext (docs/architecture.md, "Kernels and backends"): one shared-memory tiled fp32-accumulating GEMM that also
 // generates the rsvd sketch matrix on the fly, plus deterministic segment reductions and the Fisher
 // quadratic-form epilogue. Determinism: no float atomics; every output element is reduced by one thread
 // (or one block's fixed-shape tree) in a fixed order. All launches go on the caller's stream.

@@ -1,5 +1,5 @@
 """Benchmark harness: timing, peak memory, machine facts and the JSON/markdown report (issue: kernel
-benchmarks; DESIGN.md section 7). Speed is only ever reported as a ratio against baselines measured in the
+benchmarks; benchmarks/README.md). Speed is only ever reported as a ratio against baselines measured in the
 same run on the same machine.
 
 Timing: on CUDA ``triton.testing.do_bench`` (events; median, p20, p80); on CPU ``time.perf_counter`` around

@@ -27,7 +27,7 @@ def make_inputs(params: dict, device: str, dtype: torch.dtype) -> dict:
 
 
 def reference(inp: dict) -> torch.Tensor:
-    return ops.reference.quadform_implicit(inp["delta"].double(), inp["grads"].double(), inp["damping"])
+    return ops.reference.fisher_quadform_implicit(inp["delta"].double(), inp["grads"].double(), inp["damping"])
 
 
 def _explicit_fisher(inp):

@@ -1,4 +1,4 @@
-"""``l2t demo``: the embedded default experiment (DESIGN.md section 6)."""
+"""``l2t demo``: the embedded default experiment (docs/architecture.md, "The demo")."""
 
 from l2t_ext.demo.run import run_demo
 

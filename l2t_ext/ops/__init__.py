@@ -1,6 +1,7 @@
-"""Public kernel API (DESIGN.md section 3). Every op takes ``backend="auto"|"cuda"|"triton"|"cpu"|"torch"``
-and is a ``torch.library`` custom op (``torch.ops.l2t_ext.*``) with a fake implementation for torch.compile.
-``l2t_ext.ops.reference`` is the torch backend, importable by tests."""
+"""Public kernel API (docs/architecture.md, "Kernels and backends"). Every op takes
+``backend="auto"|"cuda"|"triton"|"cpu"|"torch"`` and is a ``torch.library`` custom op (``torch.ops.l2t_ext.*``)
+with a fake implementation for torch.compile. ``l2t_ext.ops.reference`` is the torch backend, importable by
+tests. Each op's module names its implementation per backend and its ``auto`` order."""
 
 from l2t_ext.ops import reference
 from l2t_ext.ops._alloc import poison

@@ -1,4 +1,4 @@
-"""Allocation of kernel outputs and workspaces (Python owns all memory, DESIGN.md section 2).
+"""Allocation of kernel outputs and workspaces (Python owns all memory; docs/architecture.md).
 
 Tests switch on ``poison()`` so that every buffer handed to a kernel starts as NaN (or -1 for integer
 buffers): an element a kernel forgot to write then shows up instead of hiding behind a zero.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -39,19 +40,17 @@ def check_backend_arg(op: str, backend) -> None:
                          f"got {backend!r}")
 
 
-def pick(op: str, backend: str, device: torch.device, dtype: torch.dtype, size: int | None = None) -> str:
+def pick(op: str, backend: str, device: torch.device, dtype: torch.dtype, auto_order: tuple[str, ...]) -> str:
     check_backend_arg(op, backend)
-    return resolve(op, backend, device, dtype, size)
+    return resolve(op, backend, device, dtype, auto_order)
 
 
-_MODULES = {"cpu": "l2t_ext.ops._cpu", "cuda": "l2t_ext.ops._cuda", "triton": "l2t_ext.ops._triton"}
-
-
-def module(backend: str):
-    """The kernel launcher module of a compiled backend, or ``reference`` for torch."""
-    if backend == "torch":
-        return reference
-    return importlib.import_module(_MODULES[backend])
+@functools.cache
+def implementation(path: str):
+    """The function at ``path`` ("module.function" under ``l2t_ext.ops``), imported on first use (a backend's
+    module imports its compiled library or triton only when that backend runs)."""
+    mod, fn = path.rsplit(".", 1)
+    return getattr(importlib.import_module(f"l2t_ext.ops.{mod}"), fn)
 
 
 def out_dtype(dtype: torch.dtype) -> torch.dtype:

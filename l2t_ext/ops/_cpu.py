@@ -12,6 +12,7 @@ import math
 import torch
 
 from l2t_ext._backend import _C
+from l2t_ext.ops import _plan
 from l2t_ext.ops._alloc import empty
 
 CHUNK = 256  # tokens per partial outer-product block
@@ -21,7 +22,7 @@ def _dt(t: torch.Tensor) -> str:
     return "float64" if t.dtype == torch.float64 else "float32"
 
 
-def sketch(W: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+def rsvd_sketch(W: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     B, m, n = W.shape
     Y = empty((B, m, k), W.dtype, W.device)
     _C.sketch(_dt(W), W.data_ptr(), B, m, n, W.stride(0), W.stride(1), W.stride(2), k, seed, Y.data_ptr())
@@ -52,7 +53,7 @@ def segment_sum(P: torch.Tensor, seg_chunk_start: torch.Tensor) -> torch.Tensor:
     return G
 
 
-def quadform_implicit(delta: torch.Tensor, grads: torch.Tensor, damping: float) -> torch.Tensor:
+def fisher_quadform_implicit(delta: torch.Tensor, grads: torch.Tensor, damping: float) -> torch.Tensor:
     d, g = delta.contiguous(), grads.to(delta.dtype).contiguous()
     M, p = d.shape
     N = g.shape[0]
@@ -62,7 +63,7 @@ def quadform_implicit(delta: torch.Tensor, grads: torch.Tensor, damping: float) 
     return q
 
 
-def quadform_explicit(delta: torch.Tensor, fisher: torch.Tensor, damping: float) -> torch.Tensor:
+def fisher_quadform_explicit(delta: torch.Tensor, fisher: torch.Tensor, damping: float) -> torch.Tensor:
     d, F = delta.contiguous(), fisher.to(delta.dtype).contiguous()
     M, p = d.shape
     Y = empty((M, p), d.dtype, d.device)
@@ -71,7 +72,7 @@ def quadform_explicit(delta: torch.Tensor, fisher: torch.Tensor, damping: float)
     return q
 
 
-def gram_ema(G: torch.Tensor, F_in: torch.Tensor | None, decay: float | None) -> torch.Tensor:
+def fisher_accumulate(G: torch.Tensor, F_in: torch.Tensor | None, decay: float | None) -> torch.Tensor:
     g = G.contiguous()
     N, p = g.shape
     F_in = F_in.to(g.dtype).contiguous() if F_in is not None else None
@@ -80,3 +81,14 @@ def gram_ema(G: torch.Tensor, F_in: torch.Tensor | None, decay: float | None) ->
     _C.gram_ema(_dt(g), g.data_ptr(), N, p, F_in.data_ptr() if F_in is not None else 0,
                 decay if F_in is not None else 0.0, scale, F.data_ptr())
     return F
+
+
+CHUNKED = _plan.Chunked(CHUNK, row_project, chunk_outer, segment_sum)
+
+
+def segment_grad_outer(X, D, seg, num_segments: int, U, V) -> torch.Tensor:
+    return _plan.chunked_segment_grad_outer(CHUNKED, X, D, seg, num_segments, U, V)
+
+
+def project(M, U, V) -> torch.Tensor:
+    return _plan.chunked_project(CHUNKED, M, U, V)

@@ -14,6 +14,7 @@ import math
 import torch
 
 from l2t_ext._backend import _C_cuda
+from l2t_ext.ops import _plan, _splitk
 from l2t_ext.ops._alloc import empty
 
 CHUNK = 128
@@ -41,7 +42,7 @@ def _gemm(X, sXr, sXc, sXz, idx, nrows, V, sVk, sVc, ncols, K, *, nz=1, split=Fa
     return Y
 
 
-def sketch(W: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+def rsvd_sketch(W: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     B, m, n = W.shape
     return _gemm(W, W.stride(1), W.stride(2), W.stride(0), None, m, None, 0, 0, k, n, nz=B, seed=seed)
 
@@ -75,15 +76,6 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _split(K: int, tiles: int, device) -> tuple[int, int]:
-    """Split-K so that the grid fills the GPU: (nz, kchunk)."""
-    sms = _sm_count(device)
-    nz = max(1, min(64, (2 * sms) // max(1, tiles), K // 256))
-    kchunk = -(-K // nz)
-    kchunk = -(-kchunk // 32) * 32
-    return -(-K // kchunk), kchunk
-
-
 def _finalize(C, delta, weighted: bool, inv_n: float, damping: float):
     nz, M, N = C.shape
     q = empty((M,), F32, delta.device)
@@ -94,30 +86,29 @@ def _finalize(C, delta, weighted: bool, inv_n: float, damping: float):
     return q
 
 
-def quadform_implicit(delta: torch.Tensor, grads: torch.Tensor, damping: float) -> torch.Tensor:
-    M, p = delta.shape
-    N = grads.shape[0]
-    g = grads if grads.dtype == delta.dtype else grads.to(delta.dtype)
-    nz, kchunk = _split(p, -(-M // 64) * -(-N // 32), delta.device)
-    C = _gemm(delta, delta.stride(0), delta.stride(1), 0, None, M, g, g.stride(1), g.stride(0), N, p, nz=nz,
-              split=True, kchunk=kchunk)
-    return _finalize(C, delta, False, 1.0 / N, damping)
+# 64 x 32 GEMM tiles (csrc/cuda/kernels.cu), K chunks in multiples of 32
+SPLITK = _splitk.SplitK(gemm=_gemm, finalize=_finalize, sm_count=_sm_count, tile_m=64, tile_n=32, kchunk_align=32)
 
 
-def quadform_explicit(delta: torch.Tensor, fisher: torch.Tensor, damping: float) -> torch.Tensor:
-    M, p = delta.shape
-    F = fisher if fisher.dtype in (F32, torch.bfloat16) else fisher.to(F32)
-    nz, kchunk = _split(p, -(-M // 64) * -(-p // 32), delta.device)
-    # Y[z, m, i] = sum_{j in chunk z} delta[m, j] F[i, j]
-    C = _gemm(delta, delta.stride(0), delta.stride(1), 0, None, M, F, F.stride(1), F.stride(0), p, p, nz=nz,
-              split=True, kchunk=kchunk)
-    return _finalize(C, delta, True, 1.0, damping)
+def fisher_quadform_implicit(delta: torch.Tensor, grads: torch.Tensor, damping: float) -> torch.Tensor:
+    return _splitk.fisher_quadform_implicit(SPLITK, delta, grads, damping)
 
 
-def gram_ema(G: torch.Tensor, F_in: torch.Tensor | None, decay: float | None) -> torch.Tensor:
-    N, p = G.shape
-    Fi = F_in.to(F32).contiguous() if F_in is not None else None
-    scale = (1.0 - decay) / N if Fi is not None else 1.0 / N
-    # F[i, j] = scale * sum_n G[n, i] G[n, j] + decay * F_in[i, j]
-    return _gemm(G, G.stride(1), G.stride(0), 0, None, p, G, G.stride(0), G.stride(1), p, N, alpha=scale,
-                 beta=decay if Fi is not None else 0.0, Yin=Fi)[0]
+def fisher_quadform_explicit(delta: torch.Tensor, fisher: torch.Tensor, damping: float) -> torch.Tensor:
+    return _splitk.fisher_quadform_explicit(SPLITK, delta, fisher, damping)
+
+
+def fisher_accumulate(G: torch.Tensor, F_in: torch.Tensor | None, decay: float | None) -> torch.Tensor:
+    return _splitk.fisher_accumulate(SPLITK, G, F_in, decay)
+
+
+CHUNKED = _plan.Chunked(CHUNK, row_project, chunk_outer, segment_sum, acc=F32)
+
+
+def segment_grad_outer(X, D, seg, num_segments: int, U, V) -> torch.Tensor:
+    return _plan.chunked_segment_grad_outer(CHUNKED,
+                                            X, D, seg, num_segments, U, V)
+
+
+def project(M, U, V) -> torch.Tensor:
+    return _plan.chunked_project(CHUNKED, M, U, V)

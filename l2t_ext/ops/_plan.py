@@ -1,4 +1,5 @@
-"""Token plan shared by the compiled backends of ``segment_grad_outer`` and ``project``.
+"""The chunked path of ``segment_grad_outer`` and ``project``, shared by the cpu and cuda backends (and triton's
+``project``): a token plan, then the backend's three building blocks.
 
 Tokens with ``seg >= 0`` are stably sorted by segment; each segment's run is cut into chunks of at most
 ``chunk`` tokens. Kernels then reduce each chunk to one partial (r, r) block and each segment sums its
@@ -7,6 +8,9 @@ many threads. Computed with torch ops on the tokens' device.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -34,3 +38,36 @@ def segment_plan(seg: torch.Tensor, num_segments: int, chunk: int):
 def rows_plan(n: int, chunk: int, device):
     """Plan for one segment holding rows 0..n-1 (used by ``project``)."""
     return segment_plan(torch.zeros(n, dtype=torch.int64, device=device), 1, chunk)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunked:
+    """A backend's building blocks for the chunked path (its CHUNK and three kernel launchers); ``acc`` is the
+    dtype of U in ``project`` (None: float64 for float64 inputs, else float32)."""
+
+    chunk: int
+    row_project: Callable  # (X (T, n), idx (T',) or None, V (n, r)) -> X[idx] @ V  (T', r)
+    chunk_outer: Callable  # (A (T', ra), B (T', rb), chunk_start (C+1,)) -> per-chunk sums of A^T B  (C, ra, rb)
+    segment_sum: Callable  # (P (C, ...), seg_chunk_start (S+1,)) -> per-segment sums of chunks, in order  (S, ...)
+    acc: torch.dtype | None = None
+
+
+def chunked_segment_grad_outer(k: Chunked, X, D, seg, num_segments: int, U, V) -> torch.Tensor:
+    """G (S, r, r') by one projection pass over X and D, per-chunk outer products and per-segment sums."""
+    order, chunk_start, seg_chunk_start = segment_plan(seg, num_segments, k.chunk)
+    A = k.row_project(D, order, U)  # (T', r) = D[order] @ U
+    B = k.row_project(X, order, V)  # (T', r') = X[order] @ V
+    P = k.chunk_outer(A, B, chunk_start)  # (C, r, r') per-chunk sums of outer products
+    return k.segment_sum(P, seg_chunk_start)  # (S, r, r')
+
+
+def chunked_project(k: Chunked, M, U, V) -> torch.Tensor:
+    """(B, r1, r2) = U^T M V per batch entry: M V by rows, then U^T (M V) as one segment of row chunks."""
+    acc = k.acc or (torch.float64 if M.dtype == torch.float64 else torch.float32)
+    _, chunk_start, seg_start = rows_plan(M.shape[1], k.chunk, M.device)
+    out = []
+    for b in range(M.shape[0]):
+        MV = k.row_project(M[b], None, V[b])  # (m, r2) = M V
+        P = k.chunk_outer(U[b].to(acc).contiguous(), MV, chunk_start)  # partial U^T (M V) per row chunk
+        out.append(k.segment_sum(P, seg_start)[0])
+    return torch.stack(out)

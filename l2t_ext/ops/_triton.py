@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from l2t_ext._backend import triton_interpret
+from l2t_ext.ops import _plan, _splitk
 from l2t_ext.ops._alloc import empty
 
 CHUNK = 128
@@ -164,7 +165,7 @@ def _segment_sum_kernel(P_PTR, START_PTR, G_PTR, rr, BLOCK: tl.constexpr):
 @triton.jit
 def _finalize_kernel(C_PTR, D_PTR, Q_PTR, nz, M, N, p, s_dm, s_dp, inv_n, damping, WEIGHTED: tl.constexpr,
                      BLOCK: tl.constexpr):
-    # q[m] = inv_n * sum_j f(sum_z C[z, m, j]) + damping * ||delta_m||^2   (DESIGN.md 3.3)
+    # q[m] = inv_n * sum_j f(sum_z C[z, m, j]) + damping * ||delta_m||^2   (fisher_quadform)
     m = tl.program_id(0).to(tl.int64)
     s1 = tl.zeros((BLOCK,), dtype=tl.float32)
     for j0 in range(0, N, BLOCK):
@@ -206,7 +207,7 @@ def _gemm(X, sXr, sXc, sXz, idx, nrows, V, sVk, sVc, ncols, K, *, nz=1, split=Fa
     return Y
 
 
-def sketch(W: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+def rsvd_sketch(W: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     B, m, n = W.shape
     return _gemm(W, W.stride(1), W.stride(2), W.stride(0), None, m, None, 0, 0, k, n, nz=B, seed=seed)
 
@@ -261,13 +262,6 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _split(K: int, tiles: int, device) -> tuple[int, int]:
-    sms = _sm_count(device)
-    nz = max(1, min(64, (2 * sms) // max(1, tiles), K // 256))
-    kchunk = triton.cdiv(triton.cdiv(K, nz), 64) * 64
-    return -(-K // kchunk), kchunk
-
-
 def _finalize(C, delta, weighted: bool, inv_n: float, damping: float):
     nz, M, N = C.shape
     q = empty((M,), F32, delta.device)
@@ -277,28 +271,25 @@ def _finalize(C, delta, weighted: bool, inv_n: float, damping: float):
     return q
 
 
-def quadform_implicit(delta: torch.Tensor, grads: torch.Tensor, damping: float) -> torch.Tensor:
-    M, p = delta.shape
-    N = grads.shape[0]
-    g = grads if grads.dtype == delta.dtype else grads.to(delta.dtype)
-    nz, kchunk = _split(p, triton.cdiv(M, 64) * triton.cdiv(N, 64), delta.device)
-    C = _gemm(delta, delta.stride(0), delta.stride(1), 0, None, M, g, g.stride(1), g.stride(0), N, p, nz=nz,
-              split=True, kchunk=kchunk, bf16_dot=delta.dtype == torch.bfloat16)
-    return _finalize(C, delta, False, 1.0 / N, damping)
+# 64 x 64 GEMM tiles (BLOCK_M x BLOCK_N of _gemm_kernel), K chunks in multiples of BLOCK_K = 64
+SPLITK = _splitk.SplitK(gemm=_gemm, finalize=_finalize, sm_count=_sm_count, tile_m=64, tile_n=64, kchunk_align=64,
+                        bf16_dot=True)
 
 
-def quadform_explicit(delta: torch.Tensor, fisher: torch.Tensor, damping: float) -> torch.Tensor:
-    M, p = delta.shape
-    F = fisher if fisher.dtype in (F32, torch.bfloat16) else fisher.to(F32)
-    nz, kchunk = _split(p, triton.cdiv(M, 64) * triton.cdiv(p, 64), delta.device)
-    C = _gemm(delta, delta.stride(0), delta.stride(1), 0, None, M, F, F.stride(1), F.stride(0), p, p, nz=nz,
-              split=True, kchunk=kchunk, bf16_dot=delta.dtype == torch.bfloat16 and F.dtype == torch.bfloat16)
-    return _finalize(C, delta, True, 1.0, damping)
+def fisher_quadform_implicit(delta: torch.Tensor, grads: torch.Tensor, damping: float) -> torch.Tensor:
+    return _splitk.fisher_quadform_implicit(SPLITK, delta, grads, damping)
 
 
-def gram_ema(G: torch.Tensor, F_in: torch.Tensor | None, decay: float | None) -> torch.Tensor:
-    N, p = G.shape
-    Fi = F_in.to(F32).contiguous() if F_in is not None else None
-    scale = (1.0 - decay) / N if Fi is not None else 1.0 / N
-    return _gemm(G, G.stride(1), G.stride(0), 0, None, p, G, G.stride(0), G.stride(1), p, N, alpha=scale,
-                 beta=decay if Fi is not None else 0.0, Yin=Fi, bf16_dot=G.dtype == torch.bfloat16)[0]
+def fisher_quadform_explicit(delta: torch.Tensor, fisher: torch.Tensor, damping: float) -> torch.Tensor:
+    return _splitk.fisher_quadform_explicit(SPLITK, delta, fisher, damping)
+
+
+def fisher_accumulate(G: torch.Tensor, F_in: torch.Tensor | None, decay: float | None) -> torch.Tensor:
+    return _splitk.fisher_accumulate(SPLITK, G, F_in, decay)
+
+
+CHUNKED = _plan.Chunked(CHUNK, row_project, chunk_outer, segment_sum, acc=F32)
+
+
+def project(M, U, V) -> torch.Tensor:
+    return _plan.chunked_project(CHUNKED, M, U, V)

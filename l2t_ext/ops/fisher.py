@@ -1,4 +1,4 @@
-"""Damped Fisher quadratic form and the explicit empirical Fisher (DESIGN.md section 3.3).
+"""Damped Fisher quadratic form and the explicit empirical Fisher (docs/architecture.md, "Kernels and backends").
 
 Implicit form: with the empirical Fisher F = (1/N) sum_j g_j g_j^T of N gradient rows,
     q_m = delta_m^T (F + lambda I) delta_m = (1/N) sum_j (g_j . delta_m)^2 + lambda ||delta_m||^2,
@@ -12,16 +12,54 @@ import math
 
 import torch
 
-from l2t_ext.ops._common import check_same_device, check_tensor, module, pick
+from l2t_ext.ops._common import check_same_device, check_tensor, implementation, pick
+
+# fisher_quadform / fisher_accumulate per backend ("module.function" under l2t_ext/ops/; cuda and triton share the
+# split-K driver in _splitk.py); tests: python_tests/test_fisher.py, benchmark: l2t_ext/bench/fisher_quadform.py
+FISHER_QUADFORM_IMPLICIT = {
+    "torch": "reference.fisher_quadform_implicit",
+    "cpu": "_cpu.fisher_quadform_implicit",
+    "cuda": "_cuda.fisher_quadform_implicit",
+    "triton": "_triton.fisher_quadform_implicit",
+}
+FISHER_QUADFORM_EXPLICIT = {
+    "torch": "reference.fisher_quadform_explicit",
+    "cpu": "_cpu.fisher_quadform_explicit",
+    "cuda": "_cuda.fisher_quadform_explicit",
+    "triton": "_triton.fisher_quadform_explicit",
+}
+FISHER_ACCUMULATE = {
+    "torch": "reference.fisher_accumulate",
+    "cpu": "_cpu.fisher_accumulate",
+    "cuda": "_cuda.fisher_accumulate",
+    "triton": "_triton.fisher_accumulate",
+}
+
+
+def quadform_auto_order(device: torch.device, dtype: torch.dtype, p: int) -> tuple[str, ...]:
+    """Fastest first, measured by ``l2t bench`` at M=64, N=512 (benchmarks/README.md). CPU: torch (one MKL GEMM)
+    beats the C++ kernel. H200, measured at p = 4096, 16384 and 65536: the CUDA kernel wins at 4096, Triton at
+    16384; the cut is placed at p <= 8192, between the measured sizes. float32 at p > 32768: torch (cuBLAS)."""
+    if device.type == "cpu":
+        return ("torch",)
+    if p <= 8192:
+        return ("cuda", "triton", "torch")
+    if dtype == torch.float32 and p > 32768:
+        return ("torch", "triton", "cuda")
+    return ("triton", "torch", "cuda")
+
+
+def accumulate_auto_order(device: torch.device) -> tuple[str, ...]:
+    """CPU: the C++ kernel, then torch; GPU: Triton, torch, then the CUDA kernel (as for the GEMMs above)."""
+    return ("cpu", "torch") if device.type == "cpu" else ("triton", "torch", "cuda")
 
 
 @torch.library.custom_op("l2t_ext::fisher_quadform", mutates_args=())
 def _fisher_quadform_op(delta: torch.Tensor, grads: torch.Tensor | None, fisher: torch.Tensor | None,
                         damping: float, backend: str) -> torch.Tensor:
-    mod = module(backend)
     if grads is not None:
-        return mod.quadform_implicit(delta, grads, damping)
-    return mod.quadform_explicit(delta, fisher, damping)
+        return implementation(FISHER_QUADFORM_IMPLICIT[backend])(delta, grads, damping)
+    return implementation(FISHER_QUADFORM_EXPLICIT[backend])(delta, fisher, damping)
 
 
 @_fisher_quadform_op.register_fake
@@ -67,13 +105,13 @@ def fisher_quadform(delta: torch.Tensor, grads: torch.Tensor | None = None, fish
     if (delta.dtype == torch.float64) != (other.dtype == torch.float64):
         raise TypeError(f"l2t_ext.ops.{op}: delta is {delta.dtype} but {'grads' if grads is not None else 'fisher'} "
                         f"is {other.dtype}; use float64 for both or neither")
-    name = pick(op, backend, device, delta.dtype, size=p)
+    name = pick(op, backend, device, delta.dtype, quadform_auto_order(device, delta.dtype, p))
     return _fisher_quadform_op(delta, grads, fisher, float(damping), name)
 
 
 @torch.library.custom_op("l2t_ext::fisher_accumulate", mutates_args=())
 def _fisher_accumulate_op(G: torch.Tensor, F: torch.Tensor | None, decay: float, backend: str) -> torch.Tensor:
-    return module(backend).gram_ema(G, F, decay if F is not None else None)
+    return implementation(FISHER_ACCUMULATE[backend])(G, F, decay if F is not None else None)
 
 
 @_fisher_accumulate_op.register_fake
@@ -109,5 +147,5 @@ def fisher_accumulate(G: torch.Tensor, F: torch.Tensor | None = None, decay: flo
     elif decay is not None:
         raise ValueError(f"l2t_ext.ops.{op}: decay={decay!r} given without F; pass F to EMA-update")
     device = check_same_device(op, G=G, F=F)
-    name = pick(op, backend, device, G.dtype)
+    name = pick(op, backend, device, G.dtype, accumulate_auto_order(device))
     return _fisher_accumulate_op(G, F, float(decay) if decay is not None else 0.0, name)

@@ -1,7 +1,7 @@
 """The ``torch`` backend: plain-torch reference implementations of every op (any device; float64 too).
 
 Tests compare every other backend against these, evaluated in float64. bf16 inputs are upcast to float32 so
-the reference accumulates like the kernels do (DESIGN.md section 3, "Numerics").
+the reference accumulates like the kernels do (docs/architecture.md, "Numerics").
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def sketch(W: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+def rsvd_sketch(W: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """Y (B, m, k) = W (B, m, n) @ Omega (n, k)."""
     acc = acc_dtype(W.dtype)
     return W.to(acc) @ omega(W.shape[-1], k, seed, W.device).to(acc)
@@ -66,21 +66,21 @@ def project(M, U, V) -> torch.Tensor:
     return U.to(acc).mT @ M.to(acc) @ V.to(acc)
 
 
-def quadform_implicit(delta, grads, damping: float) -> torch.Tensor:
+def fisher_quadform_implicit(delta, grads, damping: float) -> torch.Tensor:
     """q (M,) = mean_j (g_j . delta_m)^2 + damping ||delta_m||^2."""
     acc = acc_dtype(delta.dtype)
     d, g = delta.to(acc), grads.to(acc)
     return (d @ g.T).square().sum(1) / g.shape[0] + damping * d.square().sum(1)
 
 
-def quadform_explicit(delta, fisher, damping: float) -> torch.Tensor:
+def fisher_quadform_explicit(delta, fisher, damping: float) -> torch.Tensor:
     """q (M,) = delta_m^T (F + damping I) delta_m."""
     acc = acc_dtype(delta.dtype)
     d = delta.to(acc)
     return ((d @ fisher.to(acc).T) * d).sum(1) + damping * d.square().sum(1)
 
 
-def gram_ema(G, F_in, decay: float | None) -> torch.Tensor:
+def fisher_accumulate(G, F_in, decay: float | None) -> torch.Tensor:
     """F = G^T G / N, or decay * F_in + (1 - decay) * G^T G / N."""
     acc = acc_dtype(G.dtype)
     g = G.to(acc)

@@ -1,5 +1,5 @@
 """Randomized SVD with an in-kernel counter-based sketch, and the low-rank projection U^T M V
-(DESIGN.md section 3.1).
+(docs/architecture.md, "Kernels and backends").
 
 Halko-Martinsson-Tropp: Y = W Omega with Omega (n, k) ~ N(0, 1) generated inside the kernel from
 (seed, row, col) by Philox (never stored; the same seed gives the same Omega on every backend), Q = orth(Y),
@@ -11,8 +11,32 @@ from __future__ import annotations
 
 import torch
 
-from l2t_ext.ops._common import check_same_device, check_tensor, module, out_dtype, pick
-from l2t_ext.ops._plan import rows_plan
+from l2t_ext.ops._common import check_same_device, check_tensor, implementation, out_dtype, pick
+
+# The sketch Y = W Omega of rsvd, and project, per backend ("module.function" under l2t_ext/ops/); tests:
+# python_tests/test_rsvd.py, benchmark: l2t_ext/bench/rsvd.py
+RSVD_SKETCH = {
+    "torch": "reference.rsvd_sketch",  # Omega materialised from the same Philox stream
+    "cpu": "_cpu.rsvd_sketch",
+    "cuda": "_cuda.rsvd_sketch",
+    "triton": "_triton.rsvd_sketch",
+}
+PROJECT = {
+    "torch": "reference.project",
+    "cpu": "_cpu.project",  # the chunked path (_plan.py)
+    "cuda": "_cuda.project",
+    "triton": "_triton.project",
+}
+
+
+def rsvd_auto_order(device: torch.device) -> tuple[str, ...]:
+    """Fastest first (benchmarks/README.md): CPU: the C++ sketch, then torch; H200: Triton, then CUDA, torch."""
+    return ("cpu", "torch") if device.type == "cpu" else ("triton", "cuda", "torch")
+
+
+def project_auto_order(device: torch.device) -> tuple[str, ...]:
+    """CPU: the C++ kernels, then torch; GPU: Triton, torch, then the CUDA kernels."""
+    return ("cpu", "torch") if device.type == "cpu" else ("triton", "torch", "cuda")
 
 
 def _orth(Y: torch.Tensor) -> torch.Tensor:
@@ -38,7 +62,7 @@ def _rsvd_op(W: torch.Tensor, rank: int, oversample: int, n_iter: int, seed: int
     acc = out_dtype(W.dtype)
     W3 = W.reshape(-1, m, n)
     k = min(rank + oversample, m, n)
-    Y = module(backend).sketch(W3, k, seed % 2**64).to(acc)  # (B, m, k) = W Omega
+    Y = implementation(RSVD_SKETCH[backend])(W3, k, seed % 2**64).to(acc)  # (B, m, k) = W Omega
     Wf = W3.to(acc)
     if Wf.shape[0] == 1:  # plain 2-D matmuls: batched bmm with one matrix is slower on CPU BLAS
         Y, Wf = Y[0], Wf[0]
@@ -90,24 +114,14 @@ def rsvd(W: torch.Tensor, rank: int, oversample: int = 8, n_iter: int = 2, seed:
         raise ValueError(f"l2t_ext.ops.{op}: seed must be an int in [0, 2**64), got {seed!r}")
     if W.numel() == 0:
         raise ValueError(f"l2t_ext.ops.{op}: W is empty (shape {tuple(W.shape)})")
-    name = pick(op, backend, W.device, W.dtype)
+    name = pick(op, backend, W.device, W.dtype, rsvd_auto_order(W.device))
     # custom_op int args are int64: pass the seed as a signed value, the kernels read it as 64 raw bits
     return _rsvd_op(W, rank, oversample, n_iter, seed - 2**64 if seed >= 2**63 else seed, name)
 
 
 @torch.library.custom_op("l2t_ext::project", mutates_args=())
 def _project_op(M: torch.Tensor, U: torch.Tensor, V: torch.Tensor, backend: str) -> torch.Tensor:
-    if backend == "torch":
-        return module("torch").project(M, U, V)
-    mod = module(backend)
-    acc = out_dtype(M.dtype) if backend == "cpu" else torch.float32
-    _, chunk_start, seg_start = rows_plan(M.shape[1], mod.CHUNK, M.device)
-    out = []
-    for b in range(M.shape[0]):
-        MV = mod.row_project(M[b], None, V[b])  # (m, r2) = M V
-        P = mod.chunk_outer(U[b].to(acc).contiguous(), MV, chunk_start)  # partial U^T (M V) per row chunk
-        out.append(mod.segment_sum(P, seg_start)[0])
-    return torch.stack(out)
+    return implementation(PROJECT[backend])(M, U, V)
 
 
 @_project_op.register_fake
@@ -141,7 +155,7 @@ def project(M: torch.Tensor, U: torch.Tensor, V: torch.Tensor, backend: str = "a
                              f"{tuple(lead)}")
     if M.numel() == 0:
         raise ValueError(f"l2t_ext.ops.{op}: M is empty (shape {tuple(M.shape)})")
-    name = pick(op, backend, device, M.dtype)
+    name = pick(op, backend, device, M.dtype, project_auto_order(device))
     M3 = M.reshape(-1, m, n)
     U3 = U.expand(*lead, *U.shape[-2:]).reshape(-1, *U.shape[-2:])
     V3 = V.expand(*lead, *V.shape[-2:]).reshape(-1, *V.shape[-2:])

@@ -1,4 +1,4 @@
-"""Segmented projected gradient outer products (DESIGN.md section 3.2).
+"""Segmented projected gradient outer products (docs/architecture.md, "Kernels and backends").
 
 For a Linear layer y = W x with input rows X (T, n) and output gradients D (T, m), the gradient of the loss
 restricted to the tokens of segment s, projected onto the rank-r bases U (m, r), V (n, r), is
@@ -14,8 +14,22 @@ from __future__ import annotations
 
 import torch
 
-from l2t_ext.ops._common import check_same_device, check_tensor, module, out_dtype, pick
-from l2t_ext.ops._plan import segment_plan
+from l2t_ext.ops._common import check_same_device, check_tensor, implementation, out_dtype, pick
+
+# segment_grad_outer per backend ("module.function" under l2t_ext/ops/); tests: python_tests/test_segment_grad_outer.py,
+# benchmark: l2t_ext/bench/segment_grad_outer.py (benchmarks/bench_segment_grad_outer.py)
+IMPLEMENTATIONS = {
+    "torch": "reference.segment_grad_outer",  # the reference: index_add_ of per-token outer products
+    "cpu": "_cpu.segment_grad_outer",  # C++/OpenMP building blocks on the chunked path (_plan.py)
+    "cuda": "_cuda.segment_grad_outer",  # CUDA C++ building blocks on the chunked path (_plan.py)
+    "triton": "_triton.segment_grad_outer",  # sync-free: project every token, one program per segment
+}
+
+
+def auto_order(device: torch.device) -> tuple[str, ...]:
+    """Fastest first, measured by ``l2t bench`` (benchmarks/README.md): on CPU (2-core AMD EPYC) the C++ kernel
+    beats torch; on an H200 Triton beats torch, and the CUDA C++ kernel (an fp32 CUDA-core GEMM) loses to it."""
+    return ("cpu", "torch") if device.type == "cpu" else ("triton", "torch", "cuda")
 
 
 @torch.library.custom_op("l2t_ext::segment_grad_outer", mutates_args=())
@@ -24,16 +38,7 @@ def _segment_grad_outer_op(X: torch.Tensor, D: torch.Tensor, seg: torch.Tensor, 
     if seg.numel() and int(seg.max()) >= num_segments:  # data check before any kernel writes
         raise ValueError(f"l2t_ext.ops.segment_grad_outer: seg contains id {int(seg.max())} >= "
                          f"num_segments={num_segments}")
-    if backend == "torch":
-        return module("torch").segment_grad_outer(X, D, seg, num_segments, U, V)
-    mod = module(backend)
-    if hasattr(mod, "segment_grad_outer"):  # the backend has its own (sync-free) path
-        return mod.segment_grad_outer(X, D, seg, num_segments, U, V)
-    order, chunk_start, seg_chunk_start = segment_plan(seg, num_segments, mod.CHUNK)
-    A = mod.row_project(D, order, U)  # (T', r) = D[order] @ U
-    B = mod.row_project(X, order, V)  # (T', r) = X[order] @ V
-    P = mod.chunk_outer(A, B, chunk_start)  # (C, r, r) per-chunk sums of outer products
-    return mod.segment_sum(P, seg_chunk_start)  # (S, r, r)
+    return implementation(IMPLEMENTATIONS[backend])(X, D, seg, num_segments, U, V)
 
 
 @_segment_grad_outer_op.register_fake
@@ -81,5 +86,5 @@ def segment_grad_outer(X: torch.Tensor, D: torch.Tensor, seg: torch.Tensor, num_
     if V.shape[0] != X.shape[1]:
         raise ValueError(f"l2t_ext.ops.{op}: V must be (n, r) with n = X.shape[1] = {X.shape[1]}, got "
                          f"{tuple(V.shape)}")
-    name = pick(op, backend, device, X.dtype)
+    name = pick(op, backend, device, X.dtype, auto_order(device))
     return _segment_grad_outer_op(X, D, seg.to(torch.int64), num_segments, U, V, name)

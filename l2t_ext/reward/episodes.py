@@ -1,4 +1,4 @@
-"""Token-exact episode segmentation (DESIGN.md section 4; paper section 4.1).
+"""Token-exact episode segmentation (paper section 4.1; docs/architecture.md, "The reward").
 
 A response is split into episodes at marker tokens (default: the id sequence of ``</think>``). Matching is on
 token ids, never on decoded text. A marker token belongs to the episode it closes; tokens after the last
