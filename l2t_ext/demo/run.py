@@ -131,19 +131,7 @@ def run_demo(out: str, quick: bool = False, seeds: int = 1, threads: int | None 
     prog.tick(1, f"warm start eval: pass@1 {warm_eval['overall']['pass@1']:.3f}, tier-1 greedy "
                  f"{warm_tier1_greedy:.3f}")
     # 2. RL from the same warm start, same seeds and budget per method
-    runs: dict[str, list[dict]] = {m: [] for m in METHODS}
-    curves: dict[str, list[list[dict]]] = {m: [] for m in METHODS}
-    for seed in range(seeds):
-        for method in METHODS:
-            cfg = rl_config(S, method, seed, os.path.join(out, "runs", f"{method}_s{seed}"))
-            trainer = Trainer(cfg, init_state=warm)
-            rows = trainer.train()
-            curves[method].append(rows)
-            prog.tick(S["rl_steps"], f"{method} seed {seed}: RL done (last step acc {rows[-1]['accuracy']:.2f}, "
-                                     f"tokens {rows[-1]['response_tokens_mean']:.0f})")
-            torch.manual_seed(1000 + seed)
-            runs[method].append(evaluate(trainer.model, tok, eval_set, arith.verify, arith.extract_answer, **ev_kw))
-            prog.tick(5, f"{method} seed {seed}: evaluated (pass@1 {runs[method][-1]['overall']['pass@1']:.3f})")
+    runs, curves = _rl_runs(S, seeds, warm, tok, eval_set, ev_kw, out, prog)
     # 3. aggregate, plots, report
     results = {"methods": {m: _aggregate(runs[m]) for m in METHODS}, "warm_start": _aggregate([warm_eval]),
                "warm_start_tier1_greedy": warm_tier1_greedy, "reference_tokens": ref_tokens,
@@ -167,6 +155,24 @@ def run_demo(out: str, quick: bool = False, seeds: int = 1, threads: int | None 
         f.write(_report(results, plots, out))
     prog.tick(0, f"wrote {out}/report.md, results.json, " + ", ".join(os.path.basename(p) for p in plots))
     return results
+
+
+def _rl_runs(S: dict, seeds: int, warm: dict, tok, eval_set, ev_kw: dict, out: str, prog: Progress):
+    """Every method x seed from the warm start: (evaluations, training curves), each {method: [per seed]}."""
+    runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+    curves: dict[str, list[list[dict]]] = {m: [] for m in METHODS}
+    for seed in range(seeds):
+        for method in METHODS:
+            cfg = rl_config(S, method, seed, os.path.join(out, "runs", f"{method}_s{seed}"))
+            trainer = Trainer(cfg, init_state=warm)
+            rows = trainer.train()
+            curves[method].append(rows)
+            prog.tick(S["rl_steps"], f"{method} seed {seed}: RL done (last step acc {rows[-1]['accuracy']:.2f}, "
+                                     f"tokens {rows[-1]['response_tokens_mean']:.0f})")
+            torch.manual_seed(1000 + seed)
+            runs[method].append(evaluate(trainer.model, tok, eval_set, arith.verify, arith.extract_answer, **ev_kw))
+            prog.tick(5, f"{method} seed {seed}: evaluated (pass@1 {runs[method][-1]['overall']['pass@1']:.3f})")
+    return runs, curves
 
 
 def _mean_spread(xs: list[float | None]) -> dict:

@@ -44,8 +44,21 @@ def evaluate(model, tokenizer, problems: list[dict], verify, extract, n_samples:
     greedily (then use n_samples=1). Returns a JSON-able dict."""
     model.eval()
     cue_ids = tokenizer.encode(answer_cue, add_special_tokens=False)
+    samples = _sample(model, tokenizer, problems, verify, n_samples, max_new_tokens, temperature, batch_prompts,
+                      do_sample)
+    result = _summaries(problems, samples, verify, extract, answer_cue, n_samples)
+    force = lambda prefixes: _force_answers(model, tokenizer, prefixes, cue_ids, max_answer_tokens)
+    result["accuracy_vs_budget"] = _accuracy_vs_budget(samples, problems, verify, budgets, force, marker + answer_cue)
     marker_ids = tokenizer.encode(marker, add_special_tokens=False)
-    samples = []  # (problem index, prompt ids, response ids, completion text, score)
+    result.update(_acc_by_depth(samples, problems, verify, max_depth, marker_ids, force, marker + answer_cue))
+    result["n_samples"] = n_samples
+    return result
+
+
+def _sample(model, tokenizer, problems, verify, n_samples, max_new_tokens, temperature, batch_prompts,
+            do_sample) -> list[tuple]:
+    """(problem index, prompt ids, response ids without <eos>, completion text, score) per sampled response."""
+    samples = []
     for i in range(0, len(problems), batch_prompts):
         chunk = problems[i:i + batch_prompts]
         rb = generate(model, tokenizer, [p["prompt"] for p in chunk], n_samples, max_new_tokens, temperature,
@@ -58,11 +71,14 @@ def evaluate(model, tokenizer, problems: list[dict], verify, extract, n_samples:
             if resp_ids and resp_ids[-1] == tokenizer.eos_token_id:
                 resp_ids = resp_ids[:-1]
             samples.append((pi, prompt_ids, resp_ids, text, float(verify(text, problems[pi]["answer"]))))
-    # pass@1, maj@k, tokens
+    return samples
+
+
+def _summaries(problems, samples, verify, extract, answer_cue, n_samples) -> dict:
+    """pass@1, maj@k, response tokens and tokens per correct, overall and per tier."""
     by_problem = collections.defaultdict(list)
     for s in samples:
         by_problem[s[0]].append(s)
-    tiers = sorted({p.get("tier", 0) for p in problems})
 
     def summary(idx: list[int]) -> dict:
         ss = [s for i in idx for s in by_problem[i]]
@@ -70,8 +86,7 @@ def evaluate(model, tokenizer, problems: list[dict], verify, extract, n_samples:
         toks = sum(len(s[2]) for s in ss)
         maj = 0.0
         for i in idx:
-            answers = [extract(s[3]) for s in by_problem[i]]
-            answers = [a for a in answers if a is not None]
+            answers = [a for a in (extract(s[3]) for s in by_problem[i]) if a is not None]
             if answers:
                 top = collections.Counter(answers).most_common(1)[0][0]
                 maj += float(verify(answer_cue + str(top), problems[i]["answer"]))
@@ -80,9 +95,13 @@ def evaluate(model, tokenizer, problems: list[dict], verify, extract, n_samples:
                 "n_questions": len(idx)}
 
     all_idx = list(range(len(problems)))
-    result = {"overall": summary(all_idx),
-              "per_tier": {str(t): summary([i for i in all_idx if problems[i].get("tier", 0) == t]) for t in tiers}}
-    # accuracy vs budget
+    tiers = sorted({p.get("tier", 0) for p in problems})
+    return {"overall": summary(all_idx),
+            "per_tier": {str(t): summary([i for i in all_idx if problems[i].get("tier", 0) == t]) for t in tiers}}
+
+
+def _accuracy_vs_budget(samples, problems, verify, budgets, force, cue) -> dict:
+    """Each response cut at B tokens; one not finished by then is forced to answer after ``cue``."""
     prefixes, where = [], []
     budget_scores = {b: [0.0] * len(samples) for b in budgets}
     for si, (_pi, pids, rids, _text, score) in enumerate(samples):
@@ -92,11 +111,14 @@ def evaluate(model, tokenizer, problems: list[dict], verify, extract, n_samples:
             else:
                 prefixes.append(pids + rids[:b])
                 where.append((b, si))
-    for (b, si), ans in zip(where, _force_answers(model, tokenizer, prefixes, cue_ids, max_answer_tokens)):
-        pi, _, rids, _, _ = samples[si]
-        budget_scores[b][si] = float(verify(marker + answer_cue + ans, problems[pi]["answer"]))
-    result["accuracy_vs_budget"] = {str(b): sum(v) / max(1, len(v)) for b, v in budget_scores.items()}
-    # Acc(k), T(k) per tier
+    for (b, si), ans in zip(where, force(prefixes)):
+        budget_scores[b][si] = float(verify(cue + ans, problems[samples[si][0]]["answer"]))
+    return {str(b): sum(v) / max(1, len(v)) for b, v in budget_scores.items()}
+
+
+def _acc_by_depth(samples, problems, verify, max_depth, marker_ids, force, cue) -> dict:
+    """Acc(k), T(k) per tier: responses force-stopped at their k-th marker (fewer episodes: their own answer)."""
+    tiers = sorted({p.get("tier", 0) for p in problems})
     depth_prefix, depth_where = [], []
     acc = {t: {k: [] for k in range(1, max_depth + 1)} for t in tiers}
     tok = {t: {k: [] for k in range(1, max_depth + 1)} for t in tiers}
@@ -112,14 +134,10 @@ def evaluate(model, tokenizer, problems: list[dict], verify, extract, n_samples:
             else:
                 acc[t][k].append(score)
                 tok[t][k].append(len(rids))
-    for (t, k, pi), ans in zip(depth_where, _force_answers(model, tokenizer, depth_prefix, cue_ids,
-                                                           max_answer_tokens)):
-        acc[t][k].append(float(verify(marker + answer_cue + ans, problems[pi]["answer"])))
-    result["acc_by_depth"] = {str(t): {str(k): sum(v) / max(1, len(v)) for k, v in acc[t].items()} for t in tiers}
-    result["tokens_by_depth"] = {str(t): {str(k): sum(v) / max(1, len(v)) for k, v in tok[t].items()}
-                                 for t in tiers}
-    result["n_samples"] = n_samples
-    return result
+    for (t, k, pi), ans in zip(depth_where, force(depth_prefix)):
+        acc[t][k].append(float(verify(cue + ans, problems[pi]["answer"])))
+    return {"acc_by_depth": {str(t): {str(k): sum(v) / max(1, len(v)) for k, v in acc[t].items()} for t in tiers},
+            "tokens_by_depth": {str(t): {str(k): sum(v) / max(1, len(v)) for k, v in tok[t].items()} for t in tiers}}
 
 
 def plot_report(results: dict[str, dict], out_dir: str, prefix: str = "") -> list[str]:

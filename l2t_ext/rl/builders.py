@@ -3,7 +3,6 @@ optimizer with its schedule, the dense process reward. Every builder reads its k
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -44,12 +43,12 @@ def build_model(cfg: TrainConfig, checkpoint_dir: str | None = None):
 
 
 def build_optimizer(cfg: TrainConfig, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW and a linear warm-up (``warmup_ratio`` of the steps) followed by a cosine decay to 0."""
+    """AdamW and ``transformers.get_cosine_schedule_with_warmup``: a linear warm-up over ``warmup_ratio`` of the
+    steps (from 0), then a cosine decay to 0."""
+    from transformers import get_cosine_schedule_with_warmup
+
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warm = max(1, int(cfg.warmup_ratio * cfg.steps))
-    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * cosine(s))
-    return opt, sched
+    return opt, get_cosine_schedule_with_warmup(opt, max(1, int(cfg.warmup_ratio * cfg.steps)), cfg.steps)
 
 
 def build_reward(cfg: TrainConfig, model, tokenizer) -> DenseProcessReward | None:
