@@ -227,6 +227,22 @@ def test_nan_loss_stops_with_message(tmp_path, monkeypatch):
     assert checkpoint.resolve(t.cfg.out) == good  # the last good checkpoint stays the latest
 
 
+def test_train_help_lists_every_config_field_and_flags_override_preset(capsys):
+    from l2t_ext.cli import _train_config, build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    help_text = capsys.readouterr().out
+    missing = [k for k in TrainConfig.keys() if f"--{k}" not in help_text]
+    assert not missing, missing
+    args = build_parser().parse_args(["train", "--preset", "tiny-arith", "--max-new-tokens", "17", "--ppo",
+                                      "--no_bf16", "--tiers", "1", "3"])
+    cfg, ckpt = _train_config(args)
+    assert (cfg.max_new_tokens, cfg.ppo, cfg.bf16, cfg.tiers, cfg.rank, ckpt) == (17, True, False, [1, 3], 8, None)
+    # flags not given keep the preset's values, not the dataclass defaults
+    assert _train_config(build_parser().parse_args(["train", "--preset", "tiny-arith"]))[0].rank == 8
+
+
 def test_tokenizer_without_marker_says_how_to_fix():
     from l2t_ext.lm import char_tokenizer, marker_ids
 

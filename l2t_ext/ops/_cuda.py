@@ -106,8 +106,7 @@ CHUNKED = _plan.Chunked(CHUNK, row_project, chunk_outer, segment_sum, acc=F32)
 
 
 def segment_grad_outer(X, D, seg, num_segments: int, U, V) -> torch.Tensor:
-    return _plan.chunked_segment_grad_outer(CHUNKED,
-                                            X, D, seg, num_segments, U, V)
+    return _plan.chunked_segment_grad_outer(CHUNKED, X, D, seg, num_segments, U, V)
 
 
 def project(M, U, V) -> torch.Tensor:
