@@ -55,13 +55,9 @@ def _cmd_train(args) -> int:
     rows = trainer.train()
     if rows:
         log(f"done: step {rows[-1]['step']}, accuracy {rows[-1]['accuracy']:.3f}, metrics in {cfg.out}/metrics.jsonl")
-    if trainer.world > 1:  # torchrun: rank 0 evaluates the (identical) final model
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
-        if trainer.rank != 0:
-            return 0
+    trainer.close()  # torchrun: every rank leaves the group; rank 0 alone evaluates the (identical) final model
+    if trainer.rank != 0:
+        return 0
     if cfg.eval_problems > 0:
         from l2t_ext.eval import plot_report
 
@@ -127,8 +123,22 @@ def _config_flags(model_required: bool = False) -> argparse.ArgumentParser:
     return parent
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from l2t_ext import __version__
+
     p = argparse.ArgumentParser(prog="l2t", description="Learning to Think (L2T) toolkit")
+    p.add_argument("--version", action="version", version=f"l2t_ext {__version__}")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of expected errors too")
     sub = p.add_subparsers(dest="cmd", required=True)
     pi = sub.add_parser("info", help="print how l2t_ext was built and which backends can run here")
     pi.add_argument("--json", action="store_true", help="print JSON")
@@ -165,16 +175,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     pd = sub.add_parser("demo", help="L2T vs GRPO vs length penalty on a synthetic task (CPU, minutes)")
     pd.add_argument("--quick", action="store_true", help="< 2 minutes; results are noisy")
-    pd.add_argument("--seeds", type=int, default=1)
+    pd.add_argument("--seeds", type=_positive_int, default=1, help="RL seeds per method (>= 1)")
     pd.add_argument("--out", default="l2t_demo")
-    pd.add_argument("--threads", type=int, default=None)
+    pd.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     pd.set_defaults(func=_cmd_demo)
+    for sp in (pi, pb, pt, pe, pd):  # also accepted after the command; SUPPRESS keeps `l2t --debug CMD` working
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
+def _quiet_third_party() -> None:
+    """Our own progress lines stay; transformers' and the Hub's bars (one per checkpoint shard written) go."""
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    """Exit codes: 0 success, 2 an expected error (bad input, missing or corrupt files, a locked run directory:
+    one ``l2t: error:`` line, the traceback only with ``--debug``), 1 anything else (a bug: full traceback)."""
+    from l2t_ext.errors import L2TError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_third_party()
+    try:
+        return int(args.func(args) or 0)
+    except L2TError as e:
+        if args.debug:
+            raise
+        print(f"l2t: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -7,27 +7,41 @@ import torch
 
 from l2t_ext import _backend
 
+F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 HAS_GPU = torch.cuda.is_available()
 INTERP = _backend.triton_interpret()
 
 
-def cases(include_bf16: bool = True):
-    out = [pytest.param("torch", "cpu", torch.float64, id="torch-cpu-f64"),
-           pytest.param("torch", "cpu", torch.float32, id="torch-cpu-f32")]
+def _combos():
+    """(backend, device, dtype) for every implementation this machine can run."""
+    combos = [("torch", "cpu", F64), ("torch", "cpu", F32)]
     if _backend._C is not None:
-        out += [pytest.param("cpu", "cpu", torch.float64, id="cpu-f64"),
-                pytest.param("cpu", "cpu", torch.float32, id="cpu-f32")]
+        combos += [("cpu", "cpu", F64), ("cpu", "cpu", F32)]
     if _backend.triton is not None and (HAS_GPU or INTERP):
         dev = "cuda" if HAS_GPU else "cpu"
-        out.append(pytest.param("triton", dev, torch.float32, id=f"triton-{dev}-f32"))
-        if include_bf16:
-            out.append(pytest.param("triton", dev, torch.bfloat16, id=f"triton-{dev}-bf16"))
+        combos += [("triton", dev, F32), ("triton", dev, BF16)]
     if HAS_GPU:
-        out.append(pytest.param("cuda", "cuda", torch.float32, id="cuda-f32"))
-        if include_bf16:
-            out.append(pytest.param("cuda", "cuda", torch.bfloat16, id="cuda-bf16"))
-        out.append(pytest.param("torch", "cuda", torch.float32, id="torch-cuda-f32"))
-    return out
+        combos += [("cuda", "cuda", F32), ("cuda", "cuda", BF16), ("torch", "cuda", F32)]
+    return combos
+
+
+def _id(backend, device, dtype):
+    name = {F64: "f64", F32: "f32", BF16: "bf16"}[dtype]
+    return f"{backend}-{name}" if backend == device else f"{backend}-{device}-{name}"
+
+
+def cases(tol: dict[torch.dtype, object]):
+    """pytest params (backend, device, dtype, tol) for every combination this machine can run. ``tol`` maps each
+    dtype the test covers to its tolerance (float64/float32: the largest relative error against the float64
+    reference, or a tuple of them for several checks; bfloat16: the largest ratio to torch's own all-bfloat16
+    error); a dtype missing from ``tol`` is not tested."""
+    return [pytest.param(b, d, t, tol[t], id=_id(b, d, t)) for b, d, t in _combos() if t in tol]
+
+
+def exact_cases(*dtypes: torch.dtype):
+    """pytest params (backend, device, dtype) for tests whose checks need no tolerance (bitwise equalities,
+    comparisons against another randomized method)."""
+    return [pytest.param(b, d, t, id=_id(b, d, t)) for b, d, t in _combos() if t in dtypes]
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -37,7 +51,3 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
         return float("inf")
     den = ref64.norm().item()
     return (out64 - ref64).norm().item() / (den if den > 0 else 1.0)
-
-
-def fp_tol(dtype: torch.dtype) -> float:
-    return {torch.float64: 1e-12, torch.float32: 2e-5}[dtype]

@@ -8,14 +8,15 @@ import pathlib
 import pytest
 
 PKG = pathlib.Path(__file__).resolve().parent.parent / "l2t_ext"
-# what each layer may import from l2t_ext (itself always allowed); entry points (cli, demo, bench) may import all
+# what each layer may import from l2t_ext (itself always allowed; ``errors`` is the bottom of every layer); entry
+# points (cli, demo, bench) may import all
 ALLOWED = {
-    "ops": {"_backend", "_C", "_C_cuda", "_build_config"},
-    "lm": {"ops", "_backend"},
-    "tasks": {"lm"},
-    "reward": {"lm", "ops", "_backend"},
-    "eval": {"lm", "tasks", "ops", "_backend"},
-    "rl": {"reward", "eval", "tasks", "lm", "ops", "_backend"},
+    "ops": {"_backend", "_C", "_C_cuda", "_build_config", "errors"},
+    "lm": {"ops", "_backend", "errors"},
+    "tasks": {"lm", "errors"},
+    "reward": {"lm", "ops", "_backend", "errors"},
+    "eval": {"lm", "tasks", "ops", "_backend", "errors"},
+    "rl": {"reward", "eval", "tasks", "lm", "ops", "_backend", "errors"},
 }
 
 

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from l2t_ext.errors import InputError
 from l2t_ext.eval import evaluate, plot_report
 from l2t_ext.lm import tiny_qwen2
 from l2t_ext.lm.sft import warm_start
@@ -105,6 +106,10 @@ def rl_config(S: dict, method: str, seed: int, out: str, extra: list[str] = ()):
 
 
 def run_demo(out: str, quick: bool = False, seeds: int = 1, threads: int | None = None) -> dict:
+    if not isinstance(seeds, int) or seeds < 1:
+        raise InputError(f"seeds must be an integer >= 1, got {seeds!r}")
+    if threads is not None and threads < 1:
+        raise InputError(f"threads must be >= 1, got {threads!r}")
     S = SETTINGS["quick" if quick else "default"]
     if threads:
         torch.set_num_threads(threads)
@@ -166,6 +171,7 @@ def _rl_runs(S: dict, seeds: int, warm: dict, tok, eval_set, ev_kw: dict, out: s
             cfg = rl_config(S, method, seed, os.path.join(out, "runs", f"{method}_s{seed}"))
             trainer = Trainer(cfg, init_state=warm)
             rows = trainer.train()
+            trainer.close()
             curves[method].append(rows)
             prog.tick(S["rl_steps"], f"{method} seed {seed}: RL done (last step acc {rows[-1]['accuracy']:.2f}, "
                                      f"tokens {rows[-1]['response_tokens_mean']:.0f})")

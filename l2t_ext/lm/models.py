@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from l2t_ext.errors import InputError, MissingFileError
+
 SPECIALS = ("<pad>", "<eos>")
 THINK_TOKENS = ("<think>", "</think>")
 
@@ -42,13 +44,32 @@ def tiny_qwen2(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads:
     return Qwen2ForCausalLM(cfg)
 
 
+# what a loadable Hugging Face model directory holds: one file of each group
+MODEL_FILES = {
+    "config": ("config.json",),
+    "weights": ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json"),
+    "tokenizer": ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json"),
+}
+
+
+def check_model_dir(path: str) -> None:
+    """Raise ``MissingFileError`` naming every part (config, weights, tokenizer) a model directory lacks, before
+    anything is loaded."""
+    if not os.path.isdir(path):
+        raise MissingFileError(f"model directory not found: {path} (l2t never downloads; pass a local path "
+                               "or a preset such as 'tiny')")
+    missing = [f"{part} ({' or '.join(names)})" for part, names in MODEL_FILES.items()
+               if not any(os.path.isfile(os.path.join(path, n)) for n in names)]
+    if missing:
+        raise MissingFileError(f"{path} is not a Hugging Face model directory: no {'; no '.join(missing)}")
+
+
 def load_local(path: str, dtype: torch.dtype | None = None):
     """(model, tokenizer) from a local directory via ``from_pretrained`` (local files only)."""
     from transformers import AutoModelForCausalLM
 
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model directory not found: {path} (l2t never downloads; pass a local path "
-                                "or a preset such as 'tiny')")
+    check_model_dir(path)
     tok = _load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
                                                  attn_implementation="sdpa")
@@ -81,7 +102,7 @@ def marker_ids(tokenizer, markers: list[str]) -> list[list[int]]:
         ids = tokenizer.encode(m, add_special_tokens=False)
         unk = getattr(tokenizer, "unk_token_id", None)
         if not ids or (unk is not None and unk in ids) or tokenizer.decode(ids) != m:
-            raise ValueError(f"tokenizer cannot represent the episode marker {m!r} (got ids {ids}); add it with "
+            raise InputError(f"tokenizer cannot represent the episode marker {m!r} (got ids {ids}); add it with "
                              f"tokenizer.add_tokens([{m!r}]) and model.resize_token_embeddings(len(tokenizer)), "
                              "then save both")
         out.append(ids)

@@ -13,12 +13,14 @@ from l2t_ext.ops import reference
 FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def check_tensor(op: str, name: str, t, ndim: int | tuple[int, ...], floating: bool = True) -> None:
+def check_tensor(op: str, name: str, t, ndim: int | tuple[int, ...], floating: bool = True,
+                 want: str | None = None) -> None:
+    """Type, rank (``ndim``: allowed dims; ``want`` describes them in the error) and dtype of one argument."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"l2t_ext.ops.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     dims = (ndim,) if isinstance(ndim, int) else ndim
     if t.dim() not in dims:
-        want = " or ".join(f"{d}-D" for d in dims)
+        want = want or " or ".join(f"{d}-D" for d in dims)
         raise ValueError(f"l2t_ext.ops.{op}: {name} must be {want}, got shape {tuple(t.shape)}")
     if floating and t.dtype not in FLOATS:
         raise TypeError(f"l2t_ext.ops.{op}: {name} must be a floating tensor, got {t.dtype}")

@@ -102,7 +102,7 @@ def rsvd(W: torch.Tensor, rank: int, oversample: int = 8, n_iter: int = 2, seed:
         (float64 for float64 W).
     """
     op = "rsvd"
-    check_tensor(op, "W", W, tuple(range(2, 9)))
+    check_tensor(op, "W", W, tuple(range(2, 9)), want="a matrix (m, n) or a batch of them (..., m, n), at most 8-D")
     for name, val, lo in (("rank", rank, 1), ("oversample", oversample, 0), ("n_iter", n_iter, 0)):
         if not isinstance(val, int) or isinstance(val, bool) or val < lo:
             raise ValueError(f"l2t_ext.ops.{op}: {name} must be an int >= {lo}, got {val!r}")
@@ -114,6 +114,9 @@ def rsvd(W: torch.Tensor, rank: int, oversample: int = 8, n_iter: int = 2, seed:
         raise ValueError(f"l2t_ext.ops.{op}: seed must be an int in [0, 2**64), got {seed!r}")
     if W.numel() == 0:
         raise ValueError(f"l2t_ext.ops.{op}: W is empty (shape {tuple(W.shape)})")
+    if not bool(torch.isfinite(W).all()):  # QR/SVD of NaN/Inf fail deep in LAPACK without naming the input
+        raise ValueError(f"l2t_ext.ops.{op}: W contains NaN or Inf (shape {tuple(W.shape)}); a low-rank basis of "
+                         "non-finite values is undefined")
     name = pick(op, backend, W.device, W.dtype, rsvd_auto_order(W.device))
     # custom_op int args are int64: pass the seed as a signed value, the kernels read it as 64 raw bits
     return _rsvd_op(W, rank, oversample, n_iter, seed - 2**64 if seed >= 2**63 else seed, name)

@@ -24,6 +24,9 @@ IMPLEMENTATIONS = {
     "cuda": "_cuda.segment_grad_outer",  # CUDA C++ building blocks on the chunked path (_plan.py)
     "triton": "_triton.segment_grad_outer",  # sync-free: project every token, one program per segment
 }
+# the largest (S, r1, r2) output segment_grad_outer allocates; a bigger num_segments is almost surely a bug (an
+# episode count is at most the number of tokens) and used to be found by the OOM killer instead
+MAX_OUTPUT_BYTES = 4 * 2**30
 
 
 def auto_order(device: torch.device) -> tuple[str, ...]:
@@ -55,7 +58,7 @@ def segment_grad_outer(X: torch.Tensor, D: torch.Tensor, seg: torch.Tensor, num_
             strides (no copy).
         D: (T, m) gradients w.r.t. the layer outputs, same dtype as X.
         seg: (T,) int64 (or int32, converted) segment id per token; ``seg < 0`` tokens are ignored.
-        num_segments: S >= 1; every id must be < S.
+        num_segments: S >= 1; every id must be < S; the (S, r1, r2) output may take at most MAX_OUTPUT_BYTES (4 GiB).
         U: (m, r) left basis; V: (n, r') right basis (used in the accumulation dtype, made contiguous).
         backend: "auto" | "cuda" | "triton" | "cpu" | "torch".
 
@@ -86,5 +89,10 @@ def segment_grad_outer(X: torch.Tensor, D: torch.Tensor, seg: torch.Tensor, num_
     if V.shape[0] != X.shape[1]:
         raise ValueError(f"l2t_ext.ops.{op}: V must be (n, r) with n = X.shape[1] = {X.shape[1]}, got "
                          f"{tuple(V.shape)}")
+    out_bytes = num_segments * U.shape[1] * V.shape[1] * (8 if X.dtype == torch.float64 else 4)
+    if out_bytes > MAX_OUTPUT_BYTES:  # checked before the (S, r1, r2) output is allocated
+        raise ValueError(f"l2t_ext.ops.{op}: the output (num_segments={num_segments}, {U.shape[1]}, {V.shape[1]}) "
+                         f"would take {out_bytes / 2**30:.1f} GiB, over the {MAX_OUTPUT_BYTES // 2**30} GiB limit; "
+                         "num_segments should be the number of episodes (seg.max() + 1)")
     name = pick(op, backend, device, X.dtype, auto_order(device))
     return _segment_grad_outer_op(X, D, seg.to(torch.int64), num_segments, U, V, name)

@@ -1,16 +1,36 @@
-"""Atomic checkpoints: ``OUT/checkpoints/step_NNNNNN`` is a loadable Hugging Face directory (config.json,
-model.safetensors, tokenizer files) plus ``trainer_state.pt`` (step, optimizer, scheduler, RNG states, and the
-state dicts of the reward and the value head). Everything is written into a temporary directory
-that is renamed into place, and ``latest`` is replaced atomically last, so a crash mid-save never corrupts the
-last good checkpoint."""
+"""Run directories and their checkpoints.
+
+``OUT/checkpoints/step_NNNNNN`` is a loadable Hugging Face directory (config.json, model.safetensors, tokenizer
+files) plus ``trainer_state.pt`` (step, optimizer, scheduler, RNG states, and the state dicts of the reward and
+the value head), ``train_config.json`` (the run's TrainConfig) and ``manifest.json`` (every other file's size and
+SHA-256). Everything is written into a temporary directory that is renamed into place, and ``latest`` is replaced
+atomically last, so a crash mid-save never corrupts the last good checkpoint; a checkpoint damaged afterwards
+(truncated copy, full disk, bit rot) fails its manifest check by file name, and resuming a run directory falls
+back to the newest intact one.
+
+One process writes a run directory at a time: ``lock_run_dir`` takes an exclusive OS lock (``filelock``; the
+kernel drops it when the holder dies, so a killed run's lock is taken over without a stale-lock timeout) and
+records the holder's pid beside it for the error message."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import random
+import re
 import shutil
+import socket
+import warnings
 
+import filelock
 import torch
+
+from l2t_ext.errors import CheckpointError, MissingFileError, RunDirLocked
+
+MANIFEST = "manifest.json"
+TRAIN_CONFIG = "train_config.json"
 
 
 def rng_state() -> dict:
@@ -36,6 +56,9 @@ def save(out_dir: str, step: int, model, tokenizer, state: dict) -> str:
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+    with open(os.path.join(tmp, TRAIN_CONFIG), "w") as f:
+        f.write(state["config"])
+    _write_manifest(tmp, step)
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -46,16 +69,74 @@ def save(out_dir: str, step: int, model, tokenizer, state: dict) -> str:
     return final
 
 
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_manifest(ckpt: str, step: int) -> None:
+    files = {}
+    for name in sorted(os.listdir(ckpt)):
+        path = os.path.join(ckpt, name)
+        files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    with open(os.path.join(ckpt, MANIFEST), "w") as f:
+        json.dump({"step": step, "files": files}, f, indent=1)
+
+
+def verify(ckpt: str) -> None:
+    """Raise ``CheckpointError`` naming the first file of ``ckpt`` that is missing, of the wrong size or whose
+    SHA-256 differs from the manifest written with it (hashing reads every byte: about a second per GB)."""
+    path = os.path.join(ckpt, MANIFEST)
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: missing or unreadable checkpoint manifest ({e.__class__.__name__})") from None
+    for name, want in files.items():
+        fp = os.path.join(ckpt, name)
+        if not os.path.isfile(fp):
+            raise CheckpointError(f"{fp}: missing (listed in the manifest)")
+        if os.path.getsize(fp) != want["bytes"]:
+            raise CheckpointError(f"{fp}: {os.path.getsize(fp)} bytes, the manifest says {want['bytes']} (truncated?)")
+    for name, want in files.items():
+        if _sha256(os.path.join(ckpt, name)) != want["sha256"]:
+            raise CheckpointError(f"{os.path.join(ckpt, name)}: contents differ from the manifest (SHA-256 mismatch)")
+
+
+def _steps(root: str) -> list[str]:
+    """Checkpoint directories under ``root``, newest first (``latest``'s target first when it exists)."""
+    names = sorted((n for n in os.listdir(root) if re.fullmatch(r"step_\d+", n)), reverse=True)
+    latest = os.path.join(root, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            target = f.read().strip()
+        names = [target] * (target in names) + [n for n in names if n != target]
+    return [os.path.join(root, n) for n in names]
+
+
 def resolve(path: str) -> str:
-    """A checkpoint directory: ``path`` itself, or OUT/checkpoints/<latest> for a run directory."""
-    for cand in (path, os.path.join(path, "checkpoints")):
-        latest = os.path.join(cand, "latest")
-        if os.path.isfile(latest):
-            with open(latest) as f:
-                return os.path.join(cand, f.read().strip())
-    if os.path.isfile(os.path.join(path, "trainer_state.pt")):
+    """The checkpoint to resume: ``path`` itself when it is one (verified; an error names a damaged file), or the
+    newest intact checkpoint of a run directory, warning about every newer one that is damaged."""
+    if not os.path.exists(path):
+        raise MissingFileError(f"--resume {path}: no such file or directory")
+    if os.path.isfile(os.path.join(path, "trainer_state.pt")) or os.path.isfile(os.path.join(path, MANIFEST)):
+        verify(path)
         return path
-    raise FileNotFoundError(f"no checkpoint found under {path} (expected trainer_state.pt or checkpoints/latest)")
+    root = os.path.join(path, "checkpoints")
+    candidates = _steps(root) if os.path.isdir(root) else []
+    skipped = []
+    for ckpt in candidates:
+        try:
+            verify(ckpt)
+        except CheckpointError as e:
+            skipped.append(str(e))
+            continue
+        if skipped:
+            warnings.warn(f"skipping damaged checkpoint(s): {'; '.join(skipped)}; resuming from {ckpt}", stacklevel=2)
+        return ckpt
+    if skipped:
+        raise CheckpointError(f"no intact checkpoint under {root}: {'; '.join(skipped)}")
+    raise MissingFileError(f"--resume {path}: not a checkpoint and no checkpoints/step_* under it")
 
 
 def load_state(ckpt: str) -> dict:
@@ -65,12 +146,8 @@ def load_state(ckpt: str) -> dict:
 
 def saved_config(ckpt: str) -> dict:
     """The TrainConfig (as a dict) that the run which wrote ``ckpt`` used."""
-    import json
-
-    cfg = load_state(ckpt).get("config")
-    if cfg is None:
-        raise FileNotFoundError(f"{ckpt}: trainer_state.pt holds no config")
-    return json.loads(cfg)
+    with open(os.path.join(ckpt, TRAIN_CONFIG)) as f:
+        return json.load(f)
 
 
 def run_dir(ckpt: str) -> str | None:
@@ -82,8 +159,6 @@ def run_dir(ckpt: str) -> str | None:
 def truncate_jsonl(path: str, step: int) -> None:
     """Drop the rows of a ``{"step": ...}`` JSON-lines log written after ``step`` (a resumed run logs them
     again); atomic."""
-    import json
-
     if not os.path.isfile(path):
         return
     with open(path) as f:
@@ -92,3 +167,41 @@ def truncate_jsonl(path: str, step: int) -> None:
     with open(tmp, "w") as f:
         f.writelines(keep)
     os.replace(tmp, path)
+
+
+class RunLock:
+    """The exclusive lock on a run directory (see the module docstring); ``release()`` or process exit frees it."""
+
+    def __init__(self, out_dir: str):
+        os.makedirs(out_dir, exist_ok=True)
+        self.owner = os.path.join(out_dir, ".lock.owner")
+        self._lock = filelock.FileLock(os.path.join(out_dir, ".lock"), timeout=0)
+        try:
+            self._lock.acquire()
+        except filelock.Timeout:
+            raise RunDirLocked(f"run directory {out_dir} is in use by {self._holder()}; wait for it to finish, "
+                               f"stop it, or pass another --out") from None
+        self.previous = self._holder() if os.path.exists(self.owner) else None  # a run that died holding it
+        with open(self.owner, "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
+        root = os.path.join(out_dir, "checkpoints")  # half-written checkpoints of a run that was killed
+        for name in os.listdir(root) if os.path.isdir(root) else []:
+            path = os.path.join(root, name)
+            if name.startswith(".tmp_step_"):
+                shutil.rmtree(path, ignore_errors=True)
+            elif name.startswith(".latest_"):
+                os.remove(path)
+
+    def _holder(self) -> str:
+        try:
+            with open(self.owner) as f:
+                who = json.load(f)
+            return f"pid {who['pid']} on {who['host']}"
+        except (OSError, ValueError, KeyError):
+            return "another process"
+
+    def release(self) -> None:
+        if self._lock.is_locked:
+            with contextlib.suppress(OSError):
+                os.remove(self.owner)
+            self._lock.release()

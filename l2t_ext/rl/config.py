@@ -11,6 +11,8 @@ import json
 import types
 import typing
 
+from l2t_ext.errors import InputError
+
 METHODS = ("grpo", "length_penalty", "l2t")
 
 
@@ -87,30 +89,30 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+            raise InputError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.loss_agg not in ("token-mean", "seq-mean"):
-            raise ValueError(f"loss_agg must be 'token-mean' or 'seq-mean', got {self.loss_agg!r}")
+            raise InputError(f"loss_agg must be 'token-mean' or 'seq-mean', got {self.loss_agg!r}")
         if self.process_norm not in ("std", "mean_std"):
-            raise ValueError(f"process_norm must be 'std' or 'mean_std', got {self.process_norm!r}")
+            raise InputError(f"process_norm must be 'std' or 'mean_std', got {self.process_norm!r}")
         if self.penalty_mode not in ("batch", "self"):
-            raise ValueError(f"penalty_mode must be 'batch' or 'self', got {self.penalty_mode!r}")
+            raise InputError(f"penalty_mode must be 'batch' or 'self', got {self.penalty_mode!r}")
         if self.rollout_backend not in ("auto", "hf", "vllm"):
-            raise ValueError(f"rollout_backend must be 'auto', 'hf' or 'vllm', got {self.rollout_backend!r}")
+            raise InputError(f"rollout_backend must be 'auto', 'hf' or 'vllm', got {self.rollout_backend!r}")
         if not 0.0 < self.vllm_gpu_memory_utilization < 1.0:
-            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1), got {self.vllm_gpu_memory_utilization!r}")
+            raise InputError(f"vllm_gpu_memory_utilization must be in (0, 1), got {self.vllm_gpu_memory_utilization!r}")
         for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "micro_batch", "ppo_epochs",
                      "eval_samples", "log_every", "save_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("eval_every", "eval_problems", "sft_steps"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.group_size < 2 and not self.ppo:
-            raise ValueError("group_size must be >= 2 for group-normalised advantages (or set ppo: true)")
+            raise InputError("group_size must be >= 2 for group-normalised advantages (or set ppo: true)")
         if not self.tiers or any(t not in (1, 2, 3, 4) for t in self.tiers):
-            raise ValueError(f"tiers must be a non-empty list of 1..4, got {self.tiers!r}")
+            raise InputError(f"tiers must be a non-empty list of 1..4, got {self.tiers!r}")
         if not self.markers:
-            raise ValueError("markers must list at least one episode marker")
+            raise InputError("markers must list at least one episode marker")
 
     # ----------------------------------------------------------------------------------------- loading
     @classmethod
@@ -123,7 +125,7 @@ class TrainConfig:
         key (and ``source``: a file, 'preset x', 'the command line')."""
         unknown = sorted(set(d) - set(cls.keys()))
         if unknown:
-            raise ValueError(f"{source}: unknown config key(s) {unknown}; valid keys: {', '.join(cls.keys())}")
+            raise InputError(f"{source}: unknown config key(s) {unknown}; valid keys: {', '.join(cls.keys())}")
         hints = typing.get_type_hints(cls)
         return cls(**{k: _coerce(k, v, hints[k], source) for k, v in d.items()})
 
@@ -134,7 +136,7 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         for p in pairs:
             if "=" not in p:
-                raise ValueError(f"override {p!r} must look like key=value")
+                raise InputError(f"override {p!r} must look like key=value")
             k, v = p.split("=", 1)
             d[k.strip()] = yaml.safe_load(v)
         return TrainConfig.from_dict(d, "override")
@@ -150,7 +152,7 @@ def load_yaml(path: str) -> dict:
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file must be a mapping of key: value")
+        raise InputError(f"{path}: a config file must be a mapping of key: value")
     return data
 
 
@@ -162,7 +164,7 @@ def _coerce(key: str, value, hint, source: str = "config"):
     """``value`` checked against the field type ``hint`` (int widened to float, a tuple or a single string to a
     list); ``ValueError`` naming the key and the expected type otherwise."""
     def bad():
-        return ValueError(f"{source}: config key {key!r} must be {_type_name(hint)}, got {value!r}")
+        return InputError(f"{source}: config key {key!r} must be {_type_name(hint)}, got {value!r}")
 
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (types.UnionType, typing.Union):  # X | None
@@ -201,7 +203,7 @@ PRESETS: dict[str, dict] = {
 
 def preset(name: str) -> TrainConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+        raise InputError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
     return TrainConfig.from_dict(PRESETS[name], f"preset {name!r}")
 
 
@@ -210,7 +212,7 @@ def resolve_config(preset_name: str | None = None, yaml_path: str | None = None,
     """The config from layers, later ones winning: the defaults, ``base`` (a run's saved config), a preset, a YAML
     file, command-line flags. Each layer is checked as it is added, so an error names the layer it came from."""
     if preset_name is not None and preset_name not in PRESETS:
-        raise ValueError(f"unknown preset {preset_name!r}; presets: {sorted(PRESETS)}")
+        raise InputError(f"unknown preset {preset_name!r}; presets: {sorted(PRESETS)}")
     layers = [(base, "the run's saved config"), (PRESETS.get(preset_name or ""), f"preset {preset_name!r}"),
               (load_yaml(yaml_path) if yaml_path else None, yaml_path), (flags, "command line")]
     d: dict = {}

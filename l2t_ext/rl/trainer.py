@@ -37,10 +37,18 @@ import time
 import torch
 import torch.distributed as dist
 
+from l2t_ext.errors import InputError
 from l2t_ext.reward import DenseProcessReward, RewardOutput, Rollouts, segment_episodes
 from l2t_ext.rl import advantages as adv_lib
 from l2t_ext.rl import checkpoint
-from l2t_ext.rl.builders import build_distributed, build_model, build_optimizer, build_reward, episode_markers
+from l2t_ext.rl.builders import (
+    build_distributed,
+    build_model,
+    build_optimizer,
+    build_reward,
+    close_distributed,
+    episode_markers,
+)
 from l2t_ext.rl.config import TrainConfig
 from l2t_ext.rl.loss import ppo_loss
 from l2t_ext.rl.policy import Policy, ValueHead
@@ -89,9 +97,16 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str | None = None, init_state: dict | None = None):
         self.cfg = cfg
         self.rank, self.world, self.device = build_distributed(cfg.device)
+        # rank 0 writes the run directory: lock it before anything is written (or a checkpoint is chosen)
+        self.run_lock = checkpoint.RunLock(cfg.out) if self.rank == 0 else None
+        if self.run_lock is not None and self.run_lock.previous:
+            log(f"{cfg.out}: taking over the lock of a run that ended without releasing it ({self.run_lock.previous})")
         random.seed(cfg.seed + self.rank)  # per-rank sampling streams; rank 0 of a single process = seed
         torch.manual_seed(cfg.seed + self.rank)
         self.task = load_task(cfg.task, cfg.tiers)
+        if cfg.sft_steps > 0 and not resume and init_state is None and not self.task.has_traces:
+            raise InputError(f"task {cfg.task!r} has no reference traces for a supervised warm start; "
+                             "set --sft_steps 0")
         self.verify = load_verifier(cfg.verifier)
         ckpt = checkpoint.resolve(resume) if resume else None
         self.model, self.tok = build_model(cfg, ckpt)
@@ -362,6 +377,14 @@ class Trainer:
         if progress is not None:
             progress.close()
         return rows
+
+    def close(self) -> None:
+        """Release the run directory's lock and, under torchrun, leave the process group (collective: every rank
+        calls it once, after its last collective op). Evaluation still works afterwards."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+        if self.world > 1:
+            close_distributed()
 
     def _append_eval(self, res: dict) -> None:
         row = {"step": self.step_idx, **res["overall"]}

@@ -12,18 +12,20 @@ import re
 from fractions import Fraction
 from pathlib import Path
 
+from l2t_ext.errors import InputError, MissingFileError
+
 
 def load_dataset(path: str, question_key: str = "question", answer_key: str = "answer") -> list[dict]:
     """Rows ``{"question", "answer"}`` from a .jsonl or .parquet file. GSM8K answers (``... #### 42``) are
     reduced to the final answer."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"dataset not found: {path}")
+        raise MissingFileError(f"dataset not found: {path}")
     if p.suffix == ".parquet":
         try:
             import pandas as pd
         except ImportError as exc:
-            raise ImportError("reading .parquet needs pandas + pyarrow: pip install pandas pyarrow") from exc
+            raise InputError(f"{path}: reading .parquet needs pandas + pyarrow: pip install pandas pyarrow") from exc
         records = pd.read_parquet(p).to_dict("records")
     elif p.suffix in (".jsonl", ".json"):
         records = []
@@ -33,16 +35,18 @@ def load_dataset(path: str, question_key: str = "question", answer_key: str = "a
                     try:
                         records.append(json.loads(line))
                     except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path}:{i}: not valid JSON ({exc.msg})") from exc
+                        raise InputError(f"{path}:{i}: not valid JSON ({exc.msg})") from exc
     else:
-        raise ValueError(f"dataset must be .jsonl or .parquet, got {path}")
+        raise InputError(f"dataset must be .jsonl or .parquet, got {path}")
     rows = []
     for i, rec in enumerate(records):
         if question_key not in rec or answer_key not in rec or rec[answer_key] in (None, ""):
-            raise ValueError(f"{path}: row {i} has no {question_key!r}/{answer_key!r} (keys: {sorted(rec)})")
+            raise InputError(f"{path}: row {i} has no {question_key!r}/{answer_key!r} (keys: {sorted(rec)})")
         ans = str(rec[answer_key])
         gsm = extract_gsm8k(ans)
         rows.append({"question": str(rec[question_key]), "answer": gsm if gsm is not None else ans})
+    if not rows:
+        raise InputError(f"{path}: the dataset has no rows")
     return rows
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 
+from l2t_ext.errors import InputError
 from l2t_ext.tasks import arith
 from l2t_ext.tasks import math as math_task
 
@@ -17,6 +18,7 @@ class ArithTask:
 
     name = "arith"
     default_verifier = "arith"
+    has_traces = True  # reference solutions for the supervised warm start
     extract_answer = staticmethod(arith.extract_answer)
 
     def __init__(self, tiers=(1, 2, 3, 4)):
@@ -43,6 +45,7 @@ class FileTask:
     """Rows of a .jsonl / .parquet file; the prompt is the question and a newline."""
 
     default_verifier = "math"
+    has_traces = False
     extract_answer = staticmethod(math_task.extract_answer)
 
     def __init__(self, path: str):
@@ -56,7 +59,7 @@ class FileTask:
         return self.rows[:n]
 
     def sft_pairs(self, rng: random.Random, n: int) -> list[tuple[str, str]]:
-        raise ValueError(f"task {self.name!r} has no reference traces for a supervised warm start; set sft_steps 0")
+        raise InputError(f"task {self.name!r} has no reference traces for a supervised warm start; set sft_steps 0")
 
 
 def load_task(spec: str, tiers=(1, 2, 3, 4)):

@@ -48,6 +48,7 @@ UPDATE_SCRIPT = textwrap.dedent("""
     t.update(batch)
     flat = torch.cat([p.detach().reshape(-1) for p in t.model.parameters()])
     torch.save(flat, os.path.join(out, f"params_w{t.world}_r{t.rank}.pt"))
+    t.close()
 """)
 
 

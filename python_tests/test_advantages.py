@@ -1,0 +1,66 @@
+"""Advantages (group normalisation, the length-penalised baseline, L2T's per-token process advantages, GAE)
+against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from l2t_ext.rl import advantages as A  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------- advantages
+def test_group_normalize_hand_computed():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    a = A.group_normalize(r, 3, eps=0.0)
+    # group 1: mean 1/3, std sqrt(2)/3; group 2: mean 2/3, same std
+    s = math.sqrt(2) / 3
+    want = torch.tensor([2 / 3 / s, -1 / 3 / s, -1 / 3 / s, -2 / 3 / s, 1 / 3 / s, 1 / 3 / s])
+    assert torch.allclose(a, want, atol=1e-6)
+    assert torch.equal(A.group_normalize(torch.ones(4), 2), torch.zeros(4))  # a tied group gives no signal
+
+
+def test_length_penalized_hand_computed():
+    r = torch.tensor([1.0, 1.0])
+    lengths = torch.tensor([10.0, 30.0])  # group mean 20, std 10 -> z = -1, +1
+    assert torch.allclose(A.length_penalized(r, lengths, 2, coef=0.5), torch.tensor([1.5, 0.5]), atol=1e-6)
+
+
+def test_process_token_advantages_hand_computed():
+    # one group of 2 rollouts; rollout 0 has 2 valid episodes, rollout 1 has 1
+    r_prg = torch.tensor([[1.0, 3.0], [2.0, 0.0]])
+    valid = torch.tensor([[True, True], [True, False]])
+    # valid values 1, 3, 2: mean 2, population std sqrt(2/3)
+    s = math.sqrt(2 / 3)
+    ep = torch.tensor([[-1, 0, 0, 1, -1], [-1, 0, 0, -1, -1]])
+    for norm, n in (("mean_std", {(0, 0): -1 / s, (0, 1): 1 / s, (1, 0): 0.0}),
+                    ("std", {(0, 0): 1 / s, (0, 1): 3 / s, (1, 0): 2 / s})):
+        adv = A.process_token_advantages(r_prg, valid, ep, group_size=2, eps=0.0, norm=norm)
+        want = torch.tensor([[0, n[0, 0] + n[0, 1], n[0, 0] + n[0, 1], n[0, 1], 0],
+                             [0, n[1, 0], n[1, 0], 0, 0]])
+        assert torch.allclose(adv, want.float(), atol=1e-6), norm
+    with pytest.raises(ValueError, match="norm must be"):
+        A.process_token_advantages(r_prg, valid, ep, group_size=2, norm="z")
+
+
+def test_gae_hand_computed():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.2, 0.4, 9.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    g, lam = 0.9, 0.8
+    d2 = 1.0 - 0.4
+    d1 = 0.0 + g * 0.4 - 0.2
+    d0 = 0.0 + g * 0.2 - 0.5
+    a2 = d2
+    a1 = d1 + g * lam * a2
+    a0 = d0 + g * lam * a1
+    adv, ret = A.gae(rewards, values, mask, g, lam)
+    assert torch.allclose(adv, torch.tensor([[a0, a1, a2, 0.0]]), atol=1e-6)
+    assert torch.allclose(ret, torch.tensor([[a0 + 0.5, a1 + 0.2, a2 + 0.4, 0.0]]), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- loss

@@ -1,0 +1,115 @@
+"""The training loop on CPU: short runs for every method, exact resume, atomic checkpoints, NaN stops, and
+clear errors for a tokenizer without the episode marker."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from l2t_ext.rl import checkpoint  # noqa: E402
+from l2t_ext.rl.config import preset  # noqa: E402
+
+METRIC_KEYS = ("step", "accuracy", "reward_mean", "response_tokens_mean", "episodes_mean", "loss", "kl",
+               "clip_frac", "penalty_mean", "jr_gain_mean", "time_s")
+
+
+def small_cfg(tmp_path, name, **kw):
+    base = dict(steps=3, prompts_per_step=4, group_size=4, max_new_tokens=40, sft_steps=30, sft_batch=32,
+                eval_problems=0, save_every=2, hidden_size=64, num_layers=2, rank=4, refresh_every=2,
+                out=str(tmp_path / name), tiers=(1, 2))
+    base.update(kw)
+    return preset("tiny-arith").override([f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
+                                          for k, v in base.items()])
+
+
+@pytest.mark.parametrize("method,ppo", [("grpo", False), ("length_penalty", False), ("l2t", False),
+                                        ("l2t", True)])
+def test_three_step_run_every_method(tmp_path, method, ppo):
+    from l2t_ext.rl.trainer import Trainer
+
+    cfg = small_cfg(tmp_path, f"{method}{ppo}", method=method, ppo=ppo, kl_coef=0.01 if ppo else 0.0)
+    rows = Trainer(cfg).train()
+    assert len(rows) == 3
+    lines = [json.loads(x) for x in open(os.path.join(cfg.out, "metrics.jsonl"))]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    for r in lines:
+        for k in METRIC_KEYS:
+            assert k in r and math.isfinite(r[k]), (k, r)
+    if method == "l2t":
+        assert any(r["penalty_mean"] > 0 for r in lines)
+    assert os.path.isdir(checkpoint.resolve(cfg.out))
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["length_penalty", "l2t"])
+def test_resume_equals_uninterrupted(tmp_path, method):
+    from l2t_ext.rl.trainer import Trainer
+
+    full = Trainer(small_cfg(tmp_path, "full", method=method, steps=4, save_every=2, refresh_every=3))
+    full_rows = full.train()
+    part = Trainer(small_cfg(tmp_path, "part", method=method, steps=4, save_every=2, refresh_every=3))
+    part.train(stop_at=2)  # stop after 2 steps, as a crash after the step-2 checkpoint would
+    part.close()
+    mid = _weights(part.model)
+    resumed = Trainer(small_cfg(tmp_path, "part", method=method, steps=4, save_every=2, refresh_every=3),
+                      resume=str(tmp_path / "part"))
+    assert resumed.step_idx == 2
+    rows = resumed.train()
+    a, b = _weights(full.model), _weights(resumed.model)
+    assert any(not torch.equal(mid[k], b[k]) for k in b)  # steps 3-4 really changed the weights
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["accuracy"] for r in full_rows[2:]] == [r["accuracy"] for r in rows]
+    assert [r["loss"] for r in full_rows[2:]] == [r["loss"] for r in rows]
+
+
+def test_crash_mid_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    from l2t_ext.rl.trainer import Trainer
+
+    t = Trainer(small_cfg(tmp_path, "crash", method="grpo", steps=2, save_every=1))
+    t.train()
+    good = checkpoint.resolve(t.cfg.out)
+    t.step_idx = 5
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        t.save()
+    assert checkpoint.resolve(t.cfg.out) == good
+    state = checkpoint.load_state(good)
+    assert state["step"] == 2
+
+
+def test_nan_loss_stops_with_message(tmp_path, monkeypatch):
+    import l2t_ext.rl.trainer as trainer_mod
+    from l2t_ext.rl.trainer import Trainer
+
+    t = Trainer(small_cfg(tmp_path, "nan", method="grpo", steps=3, save_every=1, sft_steps=0))
+    t.train(stop_at=1)
+    good = checkpoint.resolve(t.cfg.out)
+
+    def nan_loss(logp, *a, **k):
+        return logp.sum() * float("nan"), {"clip_frac": 0.0, "kl": 0.0}
+
+    monkeypatch.setattr(trainer_mod, "ppo_loss", nan_loss)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 2"):
+        t.train()
+    assert checkpoint.resolve(t.cfg.out) == good  # the last good checkpoint stays the latest
+
+
+
+def test_tokenizer_without_marker_says_how_to_fix():
+    from l2t_ext.lm import char_tokenizer, marker_ids
+
+    with pytest.raises(ValueError, match="tokenizer.add_tokens"):
+        marker_ids(char_tokenizer(chars="0123456789"), ["<reflect>"])
