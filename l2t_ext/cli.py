@@ -72,8 +72,9 @@ def _cmd_eval(args) -> int:
     import torch
 
     from l2t_ext.eval import evaluate, plot_report
-    from l2t_ext.lm import load_local
+    from l2t_ext.lm import load_local, render_prompt
     from l2t_ext.rl import checkpoint
+    from l2t_ext.rl.builders import resolve_task_defaults
     from l2t_ext.rl.config import TrainConfig, resolve_config
     from l2t_ext.tasks import load_extractor, load_task, load_verifier
 
@@ -84,9 +85,12 @@ def _cmd_eval(args) -> int:
     except FileNotFoundError:
         path, base = flags["model"], None
     cfg = resolve_config(args.preset, args.config, base, flags)
+    task = load_task(cfg.task, cfg.tiers)
+    cfg = resolve_task_defaults(cfg, task)
     model, tok = load_local(path)
     model.to("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
-    problems = load_task(cfg.task, cfg.tiers).eval_problems(cfg.eval_problems, cfg.seed)
+    problems = [{**p, "prompt": render_prompt(tok, p["prompt"], cfg.instruction, cfg.chat_template)}
+                for p in task.eval_problems(cfg.eval_problems, cfg.seed)]
     res = evaluate(model, tok, problems, load_verifier(cfg.verifier), load_extractor(cfg.verifier),
                    n_samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, answer_cue=cfg.answer_cue,
                    marker=cfg.markers[0])

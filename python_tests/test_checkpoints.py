@@ -22,9 +22,10 @@ from safetensors.torch import load_file  # noqa: E402
 from l2t_ext.errors import CheckpointError, MissingFileError, RunDirLocked  # noqa: E402
 from l2t_ext.rl import checkpoint  # noqa: E402
 
-TRAIN = ["train", "--preset", "tiny-arith", "--method", "l2t", "--steps", "6", "--sft_steps", "5", "--eval_problems", "0",
-         "--save_every", "1", "--hidden_size", "32", "--num_layers", "1", "--max_new_tokens", "24",
-         "--prompts_per_step", "2", "--group_size", "4", "--rank", "4", "--refresh_every", "2"]
+TRAIN = ["train", "--preset", "tiny-arith", "--method", "l2t", "--steps", "6", "--sft_steps", "5",
+         "--eval_problems", "0", "--save_every", "1", "--hidden_size", "32", "--num_layers", "1",
+         "--max_new_tokens", "24", "--prompts_per_step", "2", "--group_size", "4", "--rank", "4",
+         "--refresh_every", "2"]
 
 
 def _l2t(args, **kw) -> subprocess.Popen:

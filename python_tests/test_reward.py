@@ -83,14 +83,17 @@ def test_segment_episodes_edge_cases():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(marker_ids=[]), "marker_ids must be a non-empty"),
-    (dict(marker_ids=[[]]), r"marker_ids\[0\]"),
+    (dict(markers=[]), "markers must be a non-empty list"),
+    (dict(markers=[[]]), r"markers\[0\] must be a non-empty list of ints"),
+    (dict(markers=["paragraph"]), "text markers need tokenizer="),
+    (dict(markers=["re:("]), "not a valid regex"),
+    (dict(markers=["line", [5]]), "mix text and token ids"),
     (dict(max_episodes=0), "max_episodes"),
     (dict(response_mask=torch.ones(2, 3, dtype=torch.bool)), "response_mask"),
 ])
 def test_segment_episodes_bad_input(kwargs, match):
     args = dict(input_ids=torch.ones(2, 4, dtype=torch.long), response_mask=torch.ones(2, 4, dtype=torch.bool),
-                marker_ids=[[M]])
+                markers=[[M]])
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         segment_episodes(**args)

@@ -15,10 +15,13 @@ from __future__ import annotations
 import collections
 import json
 import os
+import sys
 
 import torch
+from tqdm.auto import tqdm
 
 from l2t_ext.lm import generate, left_pad
+from l2t_ext.lm.markers import closing_positions, marker_text, text_patterns
 
 
 @torch.no_grad()
@@ -48,9 +51,10 @@ def evaluate(model, tokenizer, problems: list[dict], verify, extract, n_samples:
                       do_sample)
     result = _summaries(problems, samples, verify, extract, answer_cue, n_samples)
     force = lambda prefixes: _force_answers(model, tokenizer, prefixes, cue_ids, max_answer_tokens)
-    result["accuracy_vs_budget"] = _accuracy_vs_budget(samples, problems, verify, budgets, force, marker + answer_cue)
-    marker_ids = tokenizer.encode(marker, add_special_tokens=False)
-    result.update(_acc_by_depth(samples, problems, verify, max_depth, marker_ids, force, marker + answer_cue))
+    result["accuracy_vs_budget"] = _accuracy_vs_budget(samples, problems, verify, budgets, force,
+                                                       marker_text(marker) + answer_cue)
+    ends = closing_positions(tokenizer, [rids for _, _, rids, _, _ in samples], text_patterns([marker]))
+    result.update(_acc_by_depth(samples, problems, verify, max_depth, ends, force, marker_text(marker) + answer_cue))
     result["n_samples"] = n_samples
     return result
 
@@ -59,7 +63,9 @@ def _sample(model, tokenizer, problems, verify, n_samples, max_new_tokens, tempe
             do_sample) -> list[tuple]:
     """(problem index, prompt ids, response ids without <eos>, completion text, score) per sampled response."""
     samples = []
-    for i in range(0, len(problems), batch_prompts):
+    starts = range(0, len(problems), batch_prompts)
+    for i in tqdm(starts, desc="evaluate", unit="batch", disable=not sys.stderr.isatty() or len(starts) < 2,
+                  leave=False):
         chunk = problems[i:i + batch_prompts]
         rb = generate(model, tokenizer, [p["prompt"] for p in chunk], n_samples, max_new_tokens, temperature,
                       do_sample=do_sample)
@@ -116,18 +122,18 @@ def _accuracy_vs_budget(samples, problems, verify, budgets, force, cue) -> dict:
     return {str(b): sum(v) / max(1, len(v)) for b, v in budget_scores.items()}
 
 
-def _acc_by_depth(samples, problems, verify, max_depth, marker_ids, force, cue) -> dict:
-    """Acc(k), T(k) per tier: responses force-stopped at their k-th marker (fewer episodes: their own answer)."""
+def _acc_by_depth(samples, problems, verify, max_depth, marker_ends, force, cue) -> dict:
+    """Acc(k), T(k) per tier: responses force-stopped after the token closing their k-th marker (``marker_ends``:
+    those token indices per sample; fewer episodes: their own answer)."""
     tiers = sorted({p.get("tier", 0) for p in problems})
     depth_prefix, depth_where = [], []
     acc = {t: {k: [] for k in range(1, max_depth + 1)} for t in tiers}
     tok = {t: {k: [] for k in range(1, max_depth + 1)} for t in tiers}
-    for pi, pids, rids, _text, score in samples:
+    for (pi, pids, rids, _text, score), ends in zip(samples, marker_ends):
         t = problems[pi].get("tier", 0)
-        ends = [j for j in range(len(rids)) if rids[j:j + len(marker_ids)] == marker_ids]
         for k in range(1, max_depth + 1):
             if k <= len(ends):
-                cut = ends[k - 1] + len(marker_ids)
+                cut = ends[k - 1] + 1
                 depth_prefix.append(pids + rids[:cut])
                 depth_where.append((t, k, pi))
                 tok[t][k].append(cut)

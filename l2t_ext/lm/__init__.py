@@ -6,7 +6,8 @@ This package sits below ``reward``, ``eval`` and ``rl`` (docs/architecture.md, "
 
 from l2t_ext.lm.generation import RolloutBatch, generate, left_pad, pack
 from l2t_ext.lm.logprobs import position_ids_from_mask, token_logprobs
-from l2t_ext.lm.models import char_tokenizer, load_local, marker_ids, tiny_qwen2
+from l2t_ext.lm.models import char_tokenizer, check_model_dir, load_local, marker_ids, tiny_qwen2
+from l2t_ext.lm.prompts import render_prompt
 
 __all__ = ["RolloutBatch", "generate", "left_pad", "pack", "position_ids_from_mask", "token_logprobs",
-           "char_tokenizer", "load_local", "marker_ids", "tiny_qwen2"]
+           "char_tokenizer", "check_model_dir", "load_local", "marker_ids", "render_prompt", "tiny_qwen2"]

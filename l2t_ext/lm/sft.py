@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from collections.abc import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 Pairs = Callable[[random.Random, int], list[tuple[str, str]]]
 
@@ -30,7 +32,8 @@ def make_batch(tokenizer, pairs: list[tuple[str, str]], device):
 
 def warm_start(model, tokenizer, pairs: Pairs, steps: int, lr: float, batch: int, seed: int, device,
                log=None) -> list[float]:
-    """Train ``steps`` AdamW steps of ``batch`` examples each; returns the loss curve."""
+    """Train ``steps`` AdamW steps of ``batch`` examples each; returns the loss curve. Progress: a tqdm bar on
+    a terminal, else a ``log`` line every 50 steps."""
     rng = random.Random(seed + 12345)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     # Not transformers' get_cosine_schedule_with_warmup (the RL loop uses it): that one starts from lr 0, and
@@ -41,6 +44,7 @@ def warm_start(model, tokenizer, pairs: Pairs, steps: int, lr: float, batch: int
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
     losses = []
+    bar = tqdm(total=steps, desc="warm start", unit="step", disable=not sys.stderr.isatty(), leave=False)
     for s in range(steps):
         ids, am, labels = make_batch(tokenizer, pairs(rng, batch), device)
         loss = model(input_ids=ids, attention_mask=am, labels=labels).loss
@@ -50,7 +54,10 @@ def warm_start(model, tokenizer, pairs: Pairs, steps: int, lr: float, batch: int
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-        if log and (s % 50 == 0 or s == steps - 1):
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        if log and bar.disable and (s % 50 == 0 or s == steps - 1):
             log(f"warm start {s + 1}/{steps}: loss {loss:.3f}")
+    bar.close()
     model.eval()
     return losses

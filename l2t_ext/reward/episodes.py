@@ -1,26 +1,36 @@
-"""Token-exact episode segmentation (paper section 4.1; docs/architecture.md, "The reward").
+"""Episode segmentation (paper section 4.1; docs/architecture.md, "The reward").
 
-A response is split into episodes at marker tokens (default: the id sequence of ``</think>``). Matching is on
-token ids, never on decoded text. A marker token belongs to the episode it closes; tokens after the last
-marker (the final answer), prompt and padding get -1; a response without a marker is one episode; episodes
-beyond ``max_episodes`` merge into the last one.
+A response is split into episodes at markers. Two kinds of marker, one contract:
+
+* **text markers** (strings, regexes or a built-in mode) are matched in the *decoded text* of each response and
+  mapped back to tokens: the token holding a match's last character closes the episode. A marker split across
+  tokens, with or without a leading space (``" </think>"``), or a blank line emitted as two ``"\n"`` tokens is
+  found however the tokenizer cut it. Modes: ``think`` (``</think>``), ``paragraph`` (a blank line: a newline,
+  optional spaces/tabs, a newline), ``line`` (a run of newlines), ``sentence`` (``.``, ``!`` or ``?`` followed
+  by whitespace). Any other string is a literal; ``"re:<pattern>"`` or an ``re.Pattern`` is a regex.
+* **token-id markers** (lists of ints) match exact id sequences, never text.
+
+A closing token belongs to the episode it closes; tokens after the last marker (the final answer), prompt and
+padding get -1; a response without a marker is one episode; episodes beyond ``max_episodes`` merge into the last.
 """
 
 from __future__ import annotations
 
 import torch
 
+from l2t_ext.lm.markers import text_marker_ends, text_patterns
+
 
 def _check_markers(marker_ids) -> list[list[int]]:
     if not isinstance(marker_ids, (list, tuple)) or not marker_ids:
-        raise ValueError("segment_episodes: marker_ids must be a non-empty list of token-id lists, e.g. "
+        raise ValueError("segment_episodes: token-id markers must be a non-empty list of token-id lists, e.g. "
                          "[tokenizer.encode('</think>', add_special_tokens=False)]")
     out = []
     for i, m in enumerate(marker_ids):
         if isinstance(m, int):
             m = [m]
         if not isinstance(m, (list, tuple)) or not m or not all(isinstance(t, int) for t in m):
-            raise ValueError(f"segment_episodes: marker_ids[{i}] must be a non-empty list of ints, got {m!r}")
+            raise ValueError(f"segment_episodes: markers[{i}] must be a non-empty list of ints, got {m!r}")
         out.append(list(m))
     return out
 
@@ -40,14 +50,17 @@ def marker_ends(input_ids: torch.Tensor, response_mask: torch.Tensor, marker_ids
     return ends
 
 
-def segment_episodes(input_ids: torch.Tensor, response_mask: torch.Tensor, marker_ids,
+def segment_episodes(input_ids: torch.Tensor, response_mask: torch.Tensor, markers, *, tokenizer=None,
                      max_episodes: int = 30) -> torch.Tensor:
     """Episode id of every token.
 
     Args:
         input_ids: (B, L) int token ids (prompt + response + padding).
         response_mask: (B, L) bool, True on response tokens.
-        marker_ids: list of marker id sequences (each a list of ints; multi-token markers match as sequences).
+        markers: text markers (mode names ``think``/``paragraph``/``line``/``sentence``, literal strings,
+            ``"re:<pattern>"`` or ``re.Pattern``; need ``tokenizer``) or token-id markers (lists of ints, matched
+            as id sequences). See the module docstring.
+        tokenizer: decodes the responses for text markers (a Hugging Face tokenizer).
         max_episodes: K cap (>= 1); later episodes merge into episode ``max_episodes - 1``.
 
     Returns:
@@ -62,8 +75,14 @@ def segment_episodes(input_ids: torch.Tensor, response_mask: torch.Tensor, marke
                          f"{getattr(response_mask, 'shape', type(response_mask))}")
     if not isinstance(max_episodes, int) or max_episodes < 1:
         raise ValueError(f"segment_episodes: max_episodes must be an int >= 1, got {max_episodes!r}")
+    patterns = text_patterns(markers)
+    if patterns is not None and tokenizer is None:
+        raise ValueError("segment_episodes: text markers need tokenizer= to decode the responses")
     resp = response_mask.to(torch.bool).to(input_ids.device)
-    ends = marker_ends(input_ids, resp, marker_ids)
+    if patterns is not None:
+        ends = text_marker_ends(input_ids, resp, patterns, tokenizer)
+    else:
+        ends = marker_ends(input_ids, resp, markers)
     before = torch.cumsum(ends.to(torch.int64), 1) - ends.to(torch.int64)  # markers strictly before t
     total = ends.sum(1, keepdim=True)
     ep = before.clamp(max=max_episodes - 1)

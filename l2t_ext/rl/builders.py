@@ -3,6 +3,7 @@ optimizer with its schedule, the dense process reward. Every builder reads its k
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -61,6 +62,15 @@ def build_optimizer(cfg: TrainConfig, params) -> tuple[torch.optim.Optimizer, to
     return opt, get_cosine_schedule_with_warmup(opt, max(1, int(cfg.warmup_ratio * cfg.steps)), cfg.steps)
 
 
+def resolve_task_defaults(cfg: TrainConfig, task) -> TrainConfig:
+    """``cfg`` with its ``auto`` verifier, answer cue and instruction replaced by the task's (saved with the run,
+    so a resumed or evaluated run uses the same)."""
+    return dataclasses.replace(
+        cfg, verifier=task.default_verifier if cfg.verifier == "auto" else cfg.verifier,
+        answer_cue=task.default_cue if cfg.answer_cue == "auto" else cfg.answer_cue,
+        instruction=task.default_instruction(cfg.markers[0]) if cfg.instruction == "auto" else cfg.instruction)
+
+
 def build_reward(cfg: TrainConfig, model, tokenizer) -> DenseProcessReward | None:
     """The dense process reward over ``model``'s final weights (method l2t), else None. The tracker computes
     its SVD bases here, once: build it after the weights are final (warm start, broadcast)."""
@@ -72,6 +82,10 @@ def build_reward(cfg: TrainConfig, model, tokenizer) -> DenseProcessReward | Non
                               damping=cfg.damping, fisher_decay=cfg.fisher_decay)
 
 
-def episode_markers(cfg: TrainConfig, tokenizer) -> list[list[int]]:
-    """Token-id sequences of the configured episode markers (an error names a marker the tokenizer lacks)."""
-    return marker_ids(tokenizer, list(cfg.markers))
+def episode_markers(cfg: TrainConfig, tokenizer) -> list[str]:
+    """The configured episode markers (text markers: modes, literals, ``re:`` regexes), after checking that the
+    tokenizer can write every one that has a text (an error names a marker it cannot represent)."""
+    from l2t_ext.lm.markers import marker_text
+
+    marker_ids(tokenizer, [marker_text(m) for m in cfg.markers if not m.startswith("re:")])
+    return list(cfg.markers)

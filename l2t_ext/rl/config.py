@@ -28,7 +28,7 @@ class TrainConfig:
     # what to train
     model: str = _f("tiny", "'tiny' (a tiny Qwen2 built from a config) or a local Hugging Face model directory")
     task: str = _f("arith", "'arith' (synthetic, generated) or a .jsonl/.parquet file of {question, answer}")
-    verifier: str = _f("arith", "'arith', 'math' or 'module:function'")
+    verifier: str = _f("auto", "auto (the task's: arith for arith, math for files) | arith | math | module:function")
     method: str = _f("l2t", "grpo | length_penalty | l2t")
     ppo: bool = _f(False, "value head + GAE over the same token rewards instead of group-normalised advantages")
     tiers: list[int] = _f(lambda: [1, 2, 3, 4], "arith difficulty tiers to sample")
@@ -62,8 +62,14 @@ class TrainConfig:
     rank: int = _f(16, "rank r of the low-rank parameter proxy per tracked layer")
     refresh_every: int = _f(10, "optimizer steps between SVD basis refreshes")
     layers: str | None = _f(None, "tracked layers: unset (last block after attention) or a regex")
-    answer_cue: str = _f("A:", "appended after a boundary to probe Jr, and before a forced answer in evaluation")
-    markers: list[str] = _f(lambda: ["</think>"], "episode markers (each must be representable by the tokenizer)")
+    answer_cue: str = _f("auto", "appended after a boundary to probe Jr, and before a forced answer in evaluation "
+                         "(auto: the task's answer format: 'A:' for arith, 'The answer is' for files)")
+    instruction: str = _f("auto", "text put before each question (as the system message under a chat template); "
+                          "auto: none for arith, for files a request to reason in steps separated by the first "
+                          "marker and to end with the answer cue")
+    chat_template: str = _f("auto", "auto (apply the tokenizer's chat template when it has one) | none")
+    markers: list[str] = _f(lambda: ["</think>"], "episode markers, matched in the decoded response: a mode (think, "
+                            "paragraph, line, sentence), a literal string, or re:<regex>")
     max_episodes: int = _f(30, "cap on episodes per response")
     process_norm: str = _f("std", "l2t episode-reward normalisation: std | mean_std (advantages.py says why)")
     length_coef: float = _f(0.5, "length_penalty: weight of the group-normalised length term")
@@ -74,6 +80,10 @@ class TrainConfig:
     sft_steps: int = _f(0, "supervised warm-start steps before RL (tasks with reference traces)")
     sft_lr: float = _f(3e-3, "warm-start learning rate")
     sft_batch: int = _f(64, "warm-start examples per step")
+    # machine and checkpoints
+    threads: int | None = _f(None, "torch intra-op CPU threads (unset: torch's default, one per physical core)")
+    save_optimizer: bool = _f(True, "checkpoints hold the optimizer state (exact resume); false: weights, RNG and "
+                              "reward state only (about 3x smaller with AdamW; a resume restarts the moments)")
     # tiny model size (model="tiny")
     hidden_size: int = _f(64, "hidden size of the tiny model")
     num_layers: int = _f(2, "layers of the tiny model")
@@ -113,6 +123,10 @@ class TrainConfig:
             raise InputError(f"tiers must be a non-empty list of 1..4, got {self.tiers!r}")
         if not self.markers:
             raise InputError("markers must list at least one episode marker")
+        if self.chat_template not in ("auto", "none"):
+            raise InputError(f"chat_template must be 'auto' or 'none', got {self.chat_template!r}")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"threads must be >= 1, got {self.threads!r}")
 
     # ----------------------------------------------------------------------------------------- loading
     @classmethod

@@ -5,7 +5,7 @@ One training step is two calls, ``batch = trainer.collect(problems)`` then ``tra
 ``collect`` (no parameter changes) returns a ``ScoredBatch``:
   1. ``group_size`` rollouts per problem (HF ``generate``, or a colocated vLLM engine: ``rollout.py``);
   2. the outcome reward r_out in {0, 1} from the verifier;
-  3. episodes: responses split at the marker token ids (``segment_episodes``);
+  3. episodes: responses split where a marker matches their decoded text (``segment_episodes``);
   4. l2t: the dense process reward per episode (Jr probes + Fisher compression penalty), from the same forward
      that yields the rollouts' old log-probs; other methods: a plain no-grad forward; the frozen reference's
      log-probs when ``kl_coef > 0``;
@@ -33,11 +33,13 @@ import os
 import random
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
 
 from l2t_ext.errors import InputError
+from l2t_ext.lm import check_model_dir, render_prompt
 from l2t_ext.reward import DenseProcessReward, RewardOutput, Rollouts, segment_episodes
 from l2t_ext.rl import advantages as adv_lib
 from l2t_ext.rl import checkpoint
@@ -48,6 +50,7 @@ from l2t_ext.rl.builders import (
     build_reward,
     close_distributed,
     episode_markers,
+    resolve_task_defaults,
 )
 from l2t_ext.rl.config import TrainConfig
 from l2t_ext.rl.loss import ppo_loss
@@ -97,21 +100,27 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str | None = None, init_state: dict | None = None):
         self.cfg = cfg
         self.rank, self.world, self.device = build_distributed(cfg.device)
+        # inputs are checked before anything is written or trained: the task's rows, the verifier, the model files
+        self.task = load_task(cfg.task, cfg.tiers)
+        cfg = self.cfg = resolve_task_defaults(cfg, self.task)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.sft_steps > 0 and not resume and init_state is None and not self.task.has_traces:
+            raise InputError(f"task {cfg.task!r} has no reference traces for a supervised warm start; "
+                             "set --sft_steps 0")
+        self.verify = load_verifier(cfg.verifier)
+        if cfg.model != "tiny" and not resume:
+            check_model_dir(cfg.model)
         # rank 0 writes the run directory: lock it before anything is written (or a checkpoint is chosen)
         self.run_lock = checkpoint.RunLock(cfg.out) if self.rank == 0 else None
         if self.run_lock is not None and self.run_lock.previous:
             log(f"{cfg.out}: taking over the lock of a run that ended without releasing it ({self.run_lock.previous})")
         random.seed(cfg.seed + self.rank)  # per-rank sampling streams; rank 0 of a single process = seed
         torch.manual_seed(cfg.seed + self.rank)
-        self.task = load_task(cfg.task, cfg.tiers)
-        if cfg.sft_steps > 0 and not resume and init_state is None and not self.task.has_traces:
-            raise InputError(f"task {cfg.task!r} has no reference traces for a supervised warm start; "
-                             "set --sft_steps 0")
-        self.verify = load_verifier(cfg.verifier)
         ckpt = checkpoint.resolve(resume) if resume else None
         self.model, self.tok = build_model(cfg, ckpt)
         self.model.to(self.device)
-        self.marker_ids = episode_markers(cfg, self.tok)
+        self.markers = episode_markers(cfg, self.tok)
         self.value_head = ValueHead(self.model.config.hidden_size).to(self.device) if cfg.ppo else None
         if not ckpt:
             self._init_weights(init_state)
@@ -161,8 +170,26 @@ class Trainer:
         t0 = time.time()
         batch = self.collect(self.next_problems())
         stats = self.update(batch)
-        return {"step": self.step_idx, **self._metrics(batch, stats), "lr": self.sched.get_last_lr()[0],
-                "time_s": time.time() - t0}
+        m = self._metrics(batch, stats)
+        self._check_episode_health(m)
+        return {"step": self.step_idx, **m, "lr": self.sched.get_last_lr()[0], "time_s": time.time() - t0}
+
+    def _check_episode_health(self, m: dict) -> None:
+        """Warn once when most rollouts are one episode: L2T's process reward then reduces to an outcome reward."""
+        if self.cfg.method != "l2t" or m["single_episode_share"] <= 0.5 or getattr(self, "_warned_episodes", False):
+            return
+        self._warned_episodes = True
+        if self.rank == 0:
+            warnings.warn(
+                f"step {self.step_idx}: {m['single_episode_share']:.0%} of the rollouts have a single episode (markers "
+                f"{self.cfg.markers} found nothing in them), so L2T's process reward degrades to an outcome reward. "
+                "Pick a marker the model writes (--markers paragraph, line or sentence), prompt for steps in that "
+                "format (--instruction), or warm start on traces that use it.", stacklevel=2)
+
+    def prompted(self, problems: list[dict]) -> list[dict]:
+        """``problems`` with each question rendered as the model's prompt (instruction, chat template)."""
+        return [{**p, "prompt": render_prompt(self.tok, p["prompt"], self.cfg.instruction, self.cfg.chat_template)}
+                for p in problems]
 
     def next_problems(self) -> list[dict]:
         """This rank's ``prompts_per_step`` problems: its slice of the stream shared by all ranks."""
@@ -174,11 +201,12 @@ class Trainer:
         cfg = self.cfg
         self.model.eval()
         with self.autocast():
-            ro = self.rollouts.generate([p["prompt"] for p in problems], cfg.group_size, cfg.max_new_tokens,
-                                        cfg.temperature, cfg.top_p)
+            prompts = [p["prompt"] for p in self.prompted(problems)]
+            ro = self.rollouts.generate(prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
         answers = [p["answer"] for p in problems for _ in range(cfg.group_size)]
         outcome = torch.tensor([float(self.verify(c, a)) for c, a in zip(ro.completions, answers)], device=self.device)
-        episode_ids = segment_episodes(ro.input_ids, ro.response_mask, self.marker_ids, cfg.max_episodes)
+        episode_ids = segment_episodes(ro.input_ids, ro.response_mask, self.markers, tokenizer=self.tok,
+                                       max_episodes=cfg.max_episodes)
         loss_mask = torch.zeros_like(ro.response_mask)
         loss_mask[:, :-1] = ro.response_mask[:, 1:]
         episode_ids_pred = torch.full_like(episode_ids, -1)
@@ -203,7 +231,7 @@ class Trainer:
         if self.reward is None:
             with torch.no_grad():
                 return self.policy(ro.input_ids, ro.attention_mask)[0], None
-        answer_ids = [self.tok.encode(a, add_special_tokens=False) for a in answers]
+        answer_ids = [self.tok.encode(self.task.answer_prefix + a, add_special_tokens=False) for a in answers]
         out = self.reward(Rollouts(ro.input_ids, ro.attention_mask, ro.response_mask, episode_ids,
                                    answer_ids=answer_ids))
         return out.token_logprobs.float(), out
@@ -284,6 +312,7 @@ class Trainer:
         m = {"accuracy": float(b.outcome.mean()), "reward_mean": float(b.sequence_reward.mean()),
              "response_tokens_mean": float(b.response_lengths.mean()),
              "episodes_mean": float((b.episode_ids.max(1).values + 1).float().mean()),
+             "single_episode_share": float((b.episode_ids.max(1).values == 0).float().mean()),
              "kl": stats["kl"], "clip_frac": stats["clip_frac"], **parts}
         loss = stats["loss"]
         if self.world > 1:
@@ -309,7 +338,8 @@ class Trainer:
             dist.all_gather_object(rngs, checkpoint.rng_state())
         path = None
         if self.rank == 0:
-            state = {"step": self.step_idx, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            state = {"step": self.step_idx, "optimizer": self.opt.state_dict() if self.cfg.save_optimizer else None,
+                     "scheduler": self.sched.state_dict(),
                      "rng_per_rank": rngs, "prompt_rng": self.prompt_rng.getstate(),
                      "reward": self.reward.state_dict() if self.reward is not None else None,
                      "value_head": self.value_head.state_dict() if self.value_head is not None else None,
@@ -321,7 +351,10 @@ class Trainer:
 
     def _restore(self, ckpt: str) -> None:
         state = checkpoint.load_state(ckpt)
-        self.opt.load_state_dict(state["optimizer"])
+        if state["optimizer"] is not None:
+            self.opt.load_state_dict(state["optimizer"])
+        else:
+            log(f"resume: {ckpt} holds no optimizer state (save_optimizer false); AdamW's moments start from zero")
         self.sched.load_state_dict(state["scheduler"])
         self.step_idx = state["step"]
         self.prompt_rng.setstate(state["prompt_rng"])
@@ -351,7 +384,8 @@ class Trainer:
         cfg = self.cfg
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(cfg.seed + 1_000_003 * (self.step_idx + 1))
-            return evaluate(self.model, self.tok, self.task.eval_problems(cfg.eval_problems, cfg.seed), self.verify,
+            problems = self.prompted(self.task.eval_problems(cfg.eval_problems, cfg.seed))
+            return evaluate(self.model, self.tok, problems, self.verify,
                             load_extractor(cfg.verifier), n_samples=n_samples or cfg.eval_samples,
                             max_new_tokens=cfg.max_new_tokens, answer_cue=cfg.answer_cue, marker=cfg.markers[0])
 

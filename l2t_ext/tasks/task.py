@@ -18,6 +18,8 @@ class ArithTask:
 
     name = "arith"
     default_verifier = "arith"
+    default_cue = "A:"  # the warm start's traces end with "A: <answer>"
+    answer_prefix = ""  # what separates the cue from the answer when Jr scores it
     has_traces = True  # reference solutions for the supervised warm start
     extract_answer = staticmethod(arith.extract_answer)
 
@@ -40,11 +42,16 @@ class ArithTask:
     def sft_pairs(self, rng: random.Random, n: int) -> list[tuple[str, str]]:
         return arith.sft_pairs(rng, n, self.tiers)
 
+    def default_instruction(self, marker: str) -> str:
+        return ""  # the prompt format is the warm start's
+
 
 class FileTask:
     """Rows of a .jsonl / .parquet file; the prompt is the question and a newline."""
 
     default_verifier = "math"
+    default_cue = "The answer is"
+    answer_prefix = " "
     has_traces = False
     extract_answer = staticmethod(math_task.extract_answer)
 
@@ -57,6 +64,15 @@ class FileTask:
 
     def eval_problems(self, n: int, seed: int) -> list[dict]:
         return self.rows[:n]
+
+    def default_instruction(self, marker: str) -> str:
+        """Asks for steps in the episode format the markers find, and for the answer after the task's cue."""
+        how = {"paragraph": "Write each step as its own paragraph, separated by a blank line.",
+               "line": "Write each step on its own line.",
+               "sentence": "Keep each step to one sentence.",
+               "think": "End each step with </think>."}.get(marker, f"End each step with {marker}.")
+        return (f"Solve the problem step by step. {how} Finish with a last line of the form "
+                f"'{self.default_cue} <number>'.")
 
     def sft_pairs(self, rng: random.Random, n: int) -> list[tuple[str, str]]:
         raise InputError(f"task {self.name!r} has no reference traces for a supervised warm start; set sft_steps 0")
