@@ -108,6 +108,24 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_convert(args) -> int:
+    import torch
+
+    from l2t_ext.errors import InputError
+    from l2t_ext.lm.models import load_gguf
+
+    if not args.gguf.endswith(".gguf"):
+        raise InputError(f"convert: {args.gguf} is not a .gguf file")
+    if os.path.exists(args.out) and os.listdir(args.out):
+        raise InputError(f"convert: {args.out} exists and is not empty")
+    model, tok = load_gguf(args.gguf, getattr(torch, args.dtype))
+    model.save_pretrained(args.out, safe_serialization=True)
+    tok.save_pretrained(args.out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.out}: {type(model).__name__}, {n / 1e6:.1f}M parameters, {args.dtype}")
+    return 0
+
+
 def _config_flags(model_required: bool = False) -> argparse.ArgumentParser:
     """A parent parser with one flag per ``TrainConfig`` field (``transformers.HfArgumentParser``). Defaults are
     shown in the help but not filled in, so the caller sees only the flags that were given and can layer them
@@ -183,7 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--out", default="l2t_demo")
     pd.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     pd.set_defaults(func=_cmd_demo)
-    for sp in (pi, pb, pt, pe, pd):  # also accepted after the command; SUPPRESS keeps `l2t --debug CMD` working
+    pc = sub.add_parser("convert", help="write a .gguf model as a Hugging Face directory (dequantised)")
+    pc.add_argument("gguf", help="path of the .gguf file")
+    pc.add_argument("out", help="output directory (created; must be empty)")
+    pc.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    pc.set_defaults(func=_cmd_convert)
+    for sp in (pi, pb, pt, pe, pd, pc):  # also accepted after the command; SUPPRESS keeps `l2t --debug CMD` working
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 

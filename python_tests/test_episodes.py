@@ -14,7 +14,8 @@ pytest.importorskip("transformers")
 from l2t_ext.lm.markers import token_texts  # noqa: E402
 from l2t_ext.reward import segment_episodes  # noqa: E402
 
-CORPUS = ["One. Two! Three? Four. Add 3 and 4. Step one: add 3 and 4 to get 7.\n\nStep two: double it, 14. </think>The answer is 14.",
+CORPUS = ["One. Two! Three? Four. Add 3 and 4.",
+          "Step one: add 3 and 4 to get 7.\n\nStep two: double it, 14. </think>The answer is 14.",
           "First, 12 - 5 = 7.\nThen 7 * 2 = 14!\n\n</think> So 14.", "We check: 2 + 2 = 4? Yes.\n\nDone.</think>4"] * 50
 
 

@@ -64,20 +64,44 @@ def test_arith_verifier_cases():
         arith.generate_problem(random.Random(0), 5)
 
 
-@pytest.mark.parametrize("completion,reference,score", [
-    ("so \\boxed{\\frac{1}{2}}", "0.5", 1.0),
-    ("\\boxed{\\frac{1}{2}}", "1/2", 1.0),
+# (response, reference, expected grade): every format the verifier reads, right and wrong answers
+VERIFIER_TABLE = [
+    ("so \\boxed{\\frac{1}{2}}", "0.5", 1.0), ("so \\boxed{\\frac{1}{3}}", "0.5", 0.0),
+    ("\\boxed{\\frac{1}{2}}", "1/2", 1.0), ("\\boxed{\\dfrac{1}{2}}", "0.5", 1.0),
+    ("\\boxed{-\\frac{3}{4}}", "-0.75", 1.0), ("\\boxed{-\\frac{3}{4}}", "0.75", 0.0),
     ("x = \\boxed{{3}}", "3", 1.0),  # nested braces
-    ("first \\boxed{2} then \\boxed{4}", "4", 1.0),  # the last box counts
-    ("The answer is #### 1,234", "1234", 1.0),
-    ("#### 72", "71", 0.0),
-    ("it is 12.50 dollars", "12.5", 1.0),
+    ("first \\boxed{2} then \\boxed{4}", "4", 1.0), ("first \\boxed{4} then \\boxed{2}", "4", 0.0),
+    ("The answer is #### 1,234", "1234", 1.0), ("#### 72", "71", 0.0),
+    ("it is 12.50 dollars", "12.5", 1.0), ("it is 12.50 dollars", "12.6", 0.0),
     ("no digits here", "5", 0.0),
     ("\\boxed{", "5", 0.0),  # unbalanced: unparseable scores 0, never raises
-    ("\\boxed{x^2+}", "x^2", 0.0),
-])
+    ("\\boxed{x^2+}", "x^2", 0.0), ("\\boxed{x^2+1}", "1+x^2", 1.0), ("\\boxed{x^2+2}", "1+x^2", 0.0),
+    ("The answer is \u22125.", "-5", 1.0), ("The answer is \u22125.", "5", 0.0),  # unicode minus
+    ("The answer is - 5", "-5", 1.0), ("The answer is - 5", "5", 0.0),
+    ("\\boxed{\\$42}", "42", 1.0), ("\\boxed{\\$42}", "24", 0.0),
+    ("\\boxed{x=5}", "5", 1.0), ("The answer is x = 5.", "5", 1.0), ("The answer is x = 6.", "5", 0.0),
+    ("\\boxed{5 \\text{ cm}}", "5", 1.0), ("\\boxed{5 \\text{ cm}}", "50", 0.0),
+    ("The answer is 7 apples.", "7", 1.0), ("The answer is 8 apples.", "7", 0.0),
+    ("Final answer: 1,234", "1234", 1.0), ("Final answer: 1,243", "1234", 0.0),
+    ("answer: 3.5", "7/2", 1.0), ("answer: 3.25", "7/2", 0.0),
+    ("The answer is 50%.", "50", 1.0),
+    ("The answer is 0 and 392.", "392", 0.0),  # several numbers offered: no credit for one of them
+    ("It is 3 or 4", "4", 0.0), ("We get 3, 4", "4", 0.0),
+    ("First 3, then 4.\nSo 7.", "7", 1.0), ("First 3, then 4.\nSo 7.", "4", 0.0),  # last number, last sentence
+    ("The answer is 12. Then I add 5 to get 17", "12", 1.0),  # an explicit statement beats a later number
+    ("Step 1: 3 + 4 = 7\n\nStep 2: 7 * 2 = 14\n\nThe answer is 14", "14", 1.0),
+    ("Step 1: 3 + 4 = 7\n\nStep 2: 7 * 2 = 14\n\nThe answer is 14", "7", 0.0),
+]
+
+
+@pytest.mark.parametrize("completion,reference,score", VERIFIER_TABLE)
 def test_math_verifier(completion, reference, score):
     assert mt.verify(completion, reference) == score
+
+
+def test_verifier_table_covers_both_directions():
+    assert len(VERIFIER_TABLE) >= 40
+    assert sum(score == 1.0 for _, _, score in VERIFIER_TABLE) >= 15 <= sum(s == 0.0 for _, _, s in VERIFIER_TABLE)
 
 
 def test_math_loader(tmp_path):
@@ -92,6 +116,12 @@ def test_math_loader(tmp_path):
         mt.load_dataset(str(bad))
     with pytest.raises(FileNotFoundError):
         mt.load_dataset(str(tmp_path / "missing.jsonl"))
+    math_style = tmp_path / "m.jsonl"
+    math_style.write_text(json.dumps({"problem": "Half of 1?", "solution": "It is \\boxed{\\frac{1}{2}}."}) + "\n")
+    assert mt.load_dataset(str(math_style)) == [{"question": "Half of 1?", "answer": "\\frac{1}{2}"}]
+    math_style.write_text(json.dumps({"problem": "Half of 1?", "solution": "one half"}) + "\n")
+    with pytest.raises(ValueError, match="no .boxed"):
+        mt.load_dataset(str(math_style))
 
 
 def test_load_verifier():

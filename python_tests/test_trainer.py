@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -113,3 +114,47 @@ def test_tokenizer_without_marker_says_how_to_fix():
 
     with pytest.raises(ValueError, match="tokenizer.add_tokens"):
         marker_ids(char_tokenizer(chars="0123456789"), ["<reflect>"])
+
+
+def test_chat_template_and_instruction_shape_the_prompt():
+    from l2t_ext.lm import render_prompt
+    from l2t_ext.tasks import arith
+
+    tok = arith.tokenizer()
+    assert render_prompt(tok, "3+4=", "") == "3+4="  # no template, no instruction: the task's own prompt
+    assert render_prompt(tok, "3+4=", "Think.") == "Think.\n\n3+4="
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    assert render_prompt(tok, "3+4=\n", "Think.") == "<system>Think.<user>3+4=<assistant>"
+    assert render_prompt(tok, "3+4=", "Think.", chat_template="none") == "Think.\n\n3+4="
+
+
+def test_file_task_defaults_follow_the_task_and_markers(tmp_path):
+    from l2t_ext.rl.builders import resolve_task_defaults
+    from l2t_ext.tasks import load_task
+
+    f = tmp_path / "t.jsonl"
+    f.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    cfg = resolve_task_defaults(preset("tiny-arith").override([f"task={f}", "verifier=auto", "answer_cue=auto",
+                                                               "markers=[\"paragraph\"]"]), load_task(str(f)))
+    assert cfg.verifier == "math" and cfg.answer_cue == "The answer is"
+    assert "blank line" in cfg.instruction and "The answer is" in cfg.instruction
+    arith_cfg = resolve_task_defaults(preset("tiny-arith").override(["verifier=auto", "answer_cue=auto"]),
+                                      load_task("arith"))
+    assert (arith_cfg.verifier, arith_cfg.answer_cue, arith_cfg.instruction) == ("arith", "A:", "")
+
+
+def test_single_episode_rollouts_warn_once(tmp_path):
+    from l2t_ext.rl.trainer import Trainer
+
+    # no warm start: the random model rarely writes </think>, so most rollouts are one episode
+    t = Trainer(small_cfg(tmp_path, "health", method="l2t", steps=2, sft_steps=0, max_new_tokens=12))
+    with pytest.warns(UserWarning, match=r"step 1: \d+% of the rollouts have a single episode .*--markers paragraph"):
+        rows = t.train()
+    assert all(r["single_episode_share"] > 0.5 for r in rows)
+    for r in rows:  # the share is the fraction of rollouts without a marker
+        assert 1.0 <= r["episodes_mean"] <= 1.0 + (1 - r["single_episode_share"]) * (t.cfg.max_episodes - 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t.cfg.steps = 3
+        t.train()  # once per run

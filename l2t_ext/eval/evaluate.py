@@ -56,6 +56,8 @@ def evaluate(model, tokenizer, problems: list[dict], verify, extract, n_samples:
     ends = closing_positions(tokenizer, [rids for _, _, rids, _, _ in samples], text_patterns([marker]))
     result.update(_acc_by_depth(samples, problems, verify, max_depth, ends, force, marker_text(marker) + answer_cue))
     result["n_samples"] = n_samples
+    # episodes per response as the training loop counts them: one per marker, one when there is none
+    result["overall"]["episodes_mean"] = sum(max(1, len(e)) for e in ends) / max(1, len(ends))
     return result
 
 

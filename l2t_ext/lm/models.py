@@ -3,6 +3,7 @@ download), or, for CPU presets and tests, a character-level tokenizer and a tiny
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -55,7 +56,12 @@ MODEL_FILES = {
 
 def check_model_dir(path: str) -> None:
     """Raise ``MissingFileError`` naming every part (config, weights, tokenizer) a model directory lacks, before
-    anything is loaded."""
+    anything is loaded; a ``.gguf`` file must exist and its readers (the ``gguf`` extra) be installed."""
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise MissingFileError(f"GGUF file not found: {path}")
+        _require_gguf()
+        return
     if not os.path.isdir(path):
         raise MissingFileError(f"model directory not found: {path} (l2t never downloads; pass a local path "
                                "or a preset such as 'tiny')")
@@ -65,14 +71,70 @@ def check_model_dir(path: str) -> None:
         raise MissingFileError(f"{path} is not a Hugging Face model directory: no {'; no '.join(missing)}")
 
 
+def _require_gguf() -> None:
+    import importlib.util
+
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise InputError(f"reading a .gguf model needs {' and '.join(missing)}: pip install 'l2t_ext[gguf]'")
+
+
+@contextlib.contextmanager
+def _quiet_gguf_bar():
+    """transformers dequantises GGUF tensors under a plain ``tqdm`` bar that no logging switch reaches; in a log
+    (stderr not a terminal) that bar is replaced by a disabled one."""
+    import functools
+    import sys
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None or sys.stderr.isatty():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
+def load_gguf(path: str, dtype: torch.dtype | None = None):
+    """(model, tokenizer) from a ``.gguf`` file, dequantised to ``dtype`` (default float32) by transformers.
+
+    transformers marks a GGUF-loaded model as quantized and refuses to ``save_pretrained`` it; the weights are
+    plain tensors after dequantisation, so the architecture is rebuilt from the config and loaded with them: the
+    result trains, checkpoints and converts like any Hugging Face model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_dir(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    with _quiet_gguf_bar():
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype or torch.float32)
+    config = loaded.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
+    return model.eval(), tok
+
+
 def load_local(path: str, dtype: torch.dtype | None = None):
-    """(model, tokenizer) from a local directory via ``from_pretrained`` (local files only)."""
+    """(model, tokenizer) from a local Hugging Face directory via ``from_pretrained`` (local files only), or from
+    a ``.gguf`` file (``load_gguf``)."""
     from transformers import AutoModelForCausalLM
 
     check_model_dir(path)
-    tok = _load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
-                                                 attn_implementation="sdpa")
+    if path.endswith(".gguf"):
+        model, tok = load_gguf(path, dtype)
+    else:
+        tok = _load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                                     attn_implementation="sdpa")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

@@ -27,7 +27,8 @@ def _f(default, help: str):
 class TrainConfig:
     # what to train
     model: str = _f("tiny", "'tiny' (a tiny Qwen2 built from a config) or a local Hugging Face model directory")
-    task: str = _f("arith", "'arith' (synthetic, generated) or a .jsonl/.parquet file of {question, answer}")
+    task: str = _f("arith", "'arith' (synthetic arithmetic), 'word' (generated word problems) or a .jsonl/.parquet "
+                   "file of {question, answer} or {problem, solution} rows")
     verifier: str = _f("auto", "auto (the task's: arith for arith, math for files) | arith | math | module:function")
     method: str = _f("l2t", "grpo | length_penalty | l2t")
     ppo: bool = _f(False, "value head + GAE over the same token rewards instead of group-normalised advantages")

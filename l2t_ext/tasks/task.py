@@ -66,21 +66,31 @@ class FileTask:
         return self.rows[:n]
 
     def default_instruction(self, marker: str) -> str:
-        """Asks for steps in the episode format the markers find, and for the answer after the task's cue."""
-        how = {"paragraph": "Write each step as its own paragraph, separated by a blank line.",
-               "line": "Write each step on its own line.",
-               "sentence": "Keep each step to one sentence.",
-               "think": "End each step with </think>."}.get(marker, f"End each step with {marker}.")
-        return (f"Solve the problem step by step. {how} Finish with a last line of the form "
-                f"'{self.default_cue} <number>'.")
+        return step_instruction(marker, self.default_cue)
 
     def sft_pairs(self, rng: random.Random, n: int) -> list[tuple[str, str]]:
         raise InputError(f"task {self.name!r} has no reference traces for a supervised warm start; set sft_steps 0")
 
 
+def step_instruction(marker: str, cue: str) -> str:
+    """An instruction asking for steps in the episode format ``marker`` finds, and for the answer after ``cue``."""
+    how = {"paragraph": "Write each step as its own paragraph, separated by a blank line.",
+           "line": "Write each step on its own line.",
+           "sentence": "Keep each step to one sentence.",
+           "think": "End each step with </think>."}.get(marker, f"End each step with {marker}.")
+    return f"Solve the problem step by step. {how} Finish with a last line of the form '{cue} <number>'."
+
+
 def load_task(spec: str, tiers=(1, 2, 3, 4)):
-    """``"arith"`` or the path of a {question, answer} file."""
-    return ArithTask(tiers) if spec == "arith" else FileTask(spec)
+    """``"arith"`` (synthetic arithmetic), ``"word"`` (generated word problems) or the path of a file of
+    {question, answer} / {problem, solution} rows."""
+    if spec == "arith":
+        return ArithTask(tiers)
+    if spec == "word":
+        from l2t_ext.tasks.word import WordTask
+
+        return WordTask(tiers)
+    return FileTask(spec)
 
 
 def load_extractor(verifier: str):

