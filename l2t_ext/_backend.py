@@ -167,8 +167,9 @@ def build_info() -> dict:
     }
     if _C is None:
         info["cpu_module_error"] = _C_ERR
-    if source_tree_shadowing():
-        info["warning"] = source_tree_shadowing()
+    shadow = source_tree_shadowing()
+    if shadow:
+        info["warning"] = shadow
     if _C_cuda is None and getattr(_cfg, "CUDA_COMPILED", False):
         info["cuda_module_error"] = _C_CUDA_ERR
     return info

@@ -125,7 +125,11 @@ def test_project_matches_float64(backend, device, dtype, tol, shape):
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(rank=0), ValueError, "rank must be an int >= 1"),
     (dict(rank=31), ValueError, r"rank=31 exceeds min\(m, n\)=30"),
-    (dict(W=torch.randn(30)), ValueError, "W must be"),
+    (dict(W=torch.randn(30)), ValueError, r"W must be a matrix \(m, n\) or a batch of them \(\.\.\., m, n\), at most "
+                                          r"8-D, got shape \(30,\)"),
+    (dict(W=torch.full((30, 30), float("nan"))), ValueError, "W contains NaN or Inf"),
+    (dict(W=torch.eye(30).index_put_((torch.tensor([3]), torch.tensor([4])), torch.tensor(float("inf")))),
+     ValueError, "W contains NaN or Inf"),
     (dict(seed=-1), ValueError, "seed must be"),
     (dict(n_iter=-1), ValueError, "n_iter must be"),
     (dict(W=torch.zeros(0, 30, 30)), ValueError, "W is empty"),

@@ -135,6 +135,8 @@ def test_int32_seg_and_auto_backend_agree():
     (dict(D=torch.randn(5, 4, dtype=torch.float64)), TypeError, "X and D must share a dtype"),
     (dict(X=torch.ones(5, 3, dtype=torch.int64)), TypeError, "X must be a floating tensor"),
     (dict(backend="gpu"), ValueError, "backend must be"),
+    # 10**9 x 2 x 2 float32 = 14.9 GiB: refused before the output is allocated (it used to be OOM-killed)
+    (dict(num_segments=10**9), ValueError, r"num_segments=1000000000, 2, 2\) would take 14.9 GiB, over the 4 GiB"),
 ])
 def test_bad_input_raises_naming_the_argument(bad, exc, match):
     args = dict(X=torch.randn(5, 3), D=torch.randn(5, 4), seg=torch.tensor([0, 1, -1, 3, 2]), num_segments=4,

@@ -101,6 +101,10 @@ def verify(ckpt: str) -> None:
     """Raise ``CheckpointError`` naming the first file of ``ckpt`` that is missing, of the wrong size or whose
     SHA-256 differs from the manifest written with it (hashing reads every byte: about a second per GB)."""
     path = os.path.join(ckpt, MANIFEST)
+    if not os.path.exists(path) and os.path.isfile(os.path.join(ckpt, "trainer_state.pt")):
+        warnings.warn(f"{ckpt} was written before checkpoints had manifests: its files cannot be verified",
+                      stacklevel=2)
+        return
     try:
         with open(path) as f:
             files = json.load(f)["files"]
@@ -160,7 +164,10 @@ def load_state(ckpt: str) -> dict:
 
 def saved_config(ckpt: str) -> dict:
     """The TrainConfig (as a dict) that the run which wrote ``ckpt`` used."""
-    with open(os.path.join(ckpt, TRAIN_CONFIG)) as f:
+    path = os.path.join(ckpt, TRAIN_CONFIG)
+    if not os.path.isfile(path):  # written before train_config.json existed: the config is in the trainer state
+        return json.loads(load_state(ckpt)["config"])
+    with open(path) as f:
         return json.load(f)
 
 
