@@ -30,6 +30,18 @@ def test_length_penalized_hand_computed():
     assert torch.allclose(A.length_penalized(r, lengths, 2, coef=0.5), torch.tensor([1.5, 0.5]), atol=1e-6)
 
 
+def test_gated_length_penalty_only_charges_correct_answers():
+    r = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    lengths = torch.tensor([10.0, 30.0, 5.0, 20.0, 50.0, 1.0, 2.0, 3.0])
+    # group 1: correct lengths 10, 30, 20 -> mean 20, std sqrt(200/3); the wrong answer pays nothing
+    z = (torch.tensor([10.0, 30.0, 20.0]) - 20.0) / (200.0 / 3) ** 0.5
+    # group 2 has one correct answer: no length term
+    want = torch.tensor([1 - 0.5 * z[0], 1 - 0.5 * z[1], 0.0, 1 - 0.5 * z[2], 1.0, 0.0, 0.0, 0.0])
+    got = A.length_penalized(r, lengths, 4, coef=0.5, gated=True)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(A.length_penalized(r, lengths, 4, coef=0.5), want, atol=1e-3)  # ungated differs
+
+
 def test_process_token_advantages_hand_computed():
     # one group of 2 rollouts; rollout 0 has 2 valid episodes, rollout 1 has 1
     r_prg = torch.tensor([[1.0, 3.0], [2.0, 0.0]])

@@ -393,3 +393,27 @@ def test_forced_answer_jr_samples_and_grades():
     assert ((jr >= 0) & (jr <= 1)).all() and (jr[~valid] == 0).all()
     assert len(graded) == 3 * int(valid.sum())  # m samples graded per valid boundary
     assert {r for _, r in graded} == {"3", "8"}
+
+
+@pytest.mark.parametrize("kind", ["count", "tokens", "none"])
+def test_penalty_ablations_replace_only_the_penalty(kind):
+    """l2t_count / l2t_tokens / l2t_no_penalty: same gains, the penalty is 1, the episode's token count, or 0."""
+    model = tiny_model("qwen2", dtype=torch.float32)
+    ids, am, resp = rollouts(B=3, seed=3)
+    ep = segment_episodes(ids, resp, [[M]])
+    r = Rollouts(ids, am, resp, ep, answers=["1", "2", "3"])
+    jr = lambda r, cache=None: (torch.rand(3, r.num_episodes + 1), torch.ones(3, r.num_episodes + 1, dtype=torch.bool))  # noqa: E731
+    torch.manual_seed(5)
+    ref = DenseProcessReward(jr, FisherTracker(model, rank=4), beta=0.6)(r)
+    torch.manual_seed(5)
+    out = DenseProcessReward(jr, FisherTracker(model, rank=4), beta=0.6, penalty_kind=kind)(r)
+    v = out.valid
+    assert torch.equal(out.jr_gain, ref.jr_gain) and torch.equal(v, ref.valid)
+    tokens = torch.stack([(ep == k).sum(1) for k in range(r.num_episodes)], 1).to(out.penalty.dtype)
+    want = {"count": torch.ones_like(tokens), "tokens": tokens, "none": torch.zeros_like(tokens)}[kind]
+    assert torch.equal(out.penalty[v], want[v]) and (out.penalty[~v] == 0).all()
+    if kind != "none":
+        assert torch.allclose(out.penalty_normalized[v].mean(), torch.tensor(1.0, dtype=out.penalty.dtype))
+    assert torch.allclose(out.r_prg[v], out.jr_gain[v] - 0.6 * out.penalty_normalized[v])
+    with pytest.raises(ValueError, match="penalty_kind must be one of"):
+        DenseProcessReward(jr, FisherTracker(model, rank=4), penalty_kind="length")

@@ -29,8 +29,9 @@ def small_cfg(tmp_path, name, **kw):
                                           for k, v in base.items()])
 
 
-@pytest.mark.parametrize("method,ppo", [("grpo", False), ("length_penalty", False), ("l2t", False),
-                                        ("l2t", True)])
+@pytest.mark.parametrize("method,ppo", [("grpo", False), ("length_penalty", False), ("length_penalty_gated", False),
+                                        ("l2t", False), ("l2t", True), ("l2t_no_penalty", False),
+                                        ("l2t_count", False), ("l2t_tokens", False)])
 def test_three_step_run_every_method(tmp_path, method, ppo):
     from l2t_ext.rl.trainer import Trainer
 
@@ -42,7 +43,7 @@ def test_three_step_run_every_method(tmp_path, method, ppo):
     for r in lines:
         for k in METRIC_KEYS:
             assert k in r and math.isfinite(r[k]), (k, r)
-    if method == "l2t":
+    if method.startswith("l2t") and method != "l2t_no_penalty":
         assert any(r["penalty_mean"] > 0 for r in lines)
     assert os.path.isdir(checkpoint.resolve(cfg.out))
 

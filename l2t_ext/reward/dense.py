@@ -31,6 +31,9 @@ class RewardOutput:
         return r_out.to(self.r_prg.dtype) + alpha * self.r_prg.sum(1)
 
 
+PENALTY_KINDS = ("fisher", "count", "tokens", "none")
+
+
 class DenseProcessReward:
     """Per-episode L2T rewards for a batch of rollouts.
 
@@ -45,6 +48,10 @@ class DenseProcessReward:
             (``ops.fisher_accumulate``) and use it instead of the batch's implicit Fisher.
         backend: kernel backend of every op the reward calls (the tracker's rsvd / segment_grad_outer and the
             penalty's fisher_quadform / fisher_accumulate); None keeps the tracker's own.
+        penalty_kind: what the penalty measures. "fisher" (the paper's compression penalty g^T (F + lambda I) g);
+            ablations that keep everything else: "count" (every episode costs the same: P = 1), "tokens"
+            (P = the episode's token count), "none" (no penalty: information gain only). Normalised to mean 1
+            over the batch's valid episodes like the Fisher penalty (``normalize``).
 
     State: the EMA Fisher (``fisher_decay``) and the tracker's bases travel through ``state_dict()`` /
     ``load_state_dict()``.
@@ -52,7 +59,10 @@ class DenseProcessReward:
 
     def __init__(self, jr, tracker: FisherTracker, alpha: float = 0.8, beta: float = 0.6,
                  penalty_mode: str = "batch", damping: float = 1e-5, normalize: bool = True,
-                 fisher_decay: float | None = None, backend: str | None = None):
+                 fisher_decay: float | None = None, backend: str | None = None, penalty_kind: str = "fisher"):
+        if penalty_kind not in PENALTY_KINDS:
+            raise ValueError(f"DenseProcessReward: penalty_kind must be one of {PENALTY_KINDS}, got {penalty_kind!r}")
+        self.penalty_kind = penalty_kind
         if penalty_mode not in ("batch", "self"):
             raise ValueError(f"DenseProcessReward: penalty_mode must be 'batch' or 'self', got {penalty_mode!r}")
         if fisher_decay is not None and not 0.0 <= fisher_decay < 1.0:
@@ -90,8 +100,7 @@ class DenseProcessReward:
             self.fisher = ops.fisher_accumulate(gv, self.fisher, self.fisher_decay if self.fisher is not None
                                                 else None, backend=self.backend)
             fisher = self.fisher
-        P = compression_penalty(g, valid, self.penalty_mode, self.damping, normalize=False, fisher=fisher,
-                                backend=self.backend)
+        P = self._penalty(g, valid, fisher, r.episode_ids)
         Pbar = P / (P[valid].mean() + 1e-12) if (self.normalize and bool(valid.any())) else P
         dt = P.dtype
         jr_before = torch.where(valid, jr_all[:, :-1].to(dt), torch.zeros((), dtype=dt, device=P.device))
@@ -100,3 +109,16 @@ class DenseProcessReward:
         r_prg = torch.where(valid, gain - self.beta * Pbar, torch.zeros((), dtype=dt, device=P.device))
         return RewardOutput(r_prg=r_prg, valid=valid, jr_before=jr_before, jr_after=jr_after, jr_gain=gain,
                             penalty=P, penalty_normalized=Pbar, token_logprobs=token_lp)
+
+    def _penalty(self, g: torch.Tensor, valid: torch.Tensor, fisher, episode_ids: torch.Tensor) -> torch.Tensor:
+        """(B, K) raw penalty of ``penalty_kind`` (0 where ~valid)."""
+        if self.penalty_kind == "fisher":
+            return compression_penalty(g, valid, self.penalty_mode, self.damping, normalize=False, fisher=fisher,
+                                       backend=self.backend)
+        K = valid.shape[1]
+        if self.penalty_kind == "tokens":  # tokens per episode: a one-hot count over episode ids
+            hot = torch.nn.functional.one_hot(episode_ids.clamp(min=0), K) * (episode_ids >= 0)[..., None]
+            P = hot.sum(1).to(g.dtype)
+        else:
+            P = torch.full(valid.shape, 0.0 if self.penalty_kind == "none" else 1.0, dtype=g.dtype, device=g.device)
+        return torch.where(valid, P, torch.zeros((), dtype=g.dtype, device=g.device))

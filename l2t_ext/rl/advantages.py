@@ -29,9 +29,22 @@ def group_normalize(x: torch.Tensor, group_size: int, eps: float = EPS) -> torch
     return ((g - g.mean(1, keepdim=True)) / (g.std(1, unbiased=False, keepdim=True) + eps)).reshape(-1)
 
 
-def length_penalized(r_out: torch.Tensor, lengths: torch.Tensor, group_size: int, coef: float) -> torch.Tensor:
-    """Outcome minus a group-normalised length term (per rollout)."""
-    return r_out - coef * group_normalize(lengths.to(r_out.dtype), group_size)
+def length_penalized(r_out: torch.Tensor, lengths: torch.Tensor, group_size: int, coef: float,
+                     gated: bool = False) -> torch.Tensor:
+    """Outcome minus ``coef`` x a group-normalised length term (per rollout).
+
+    ``gated=False``: lengths are normalised over the whole group and every answer pays. ``gated=True``: only
+    correct answers (``r_out > 0``) pay, with their lengths normalised over the group's correct answers (a group
+    with fewer than two correct answers has no length term), so a wrong answer is never pushed shorter."""
+    if not gated:
+        return r_out - coef * group_normalize(lengths.to(r_out.dtype), group_size)
+    ok = (r_out > 0).reshape(-1, group_size).to(r_out.dtype)
+    ln = lengths.to(r_out.dtype).reshape(-1, group_size)
+    n = ok.sum(1, keepdim=True)
+    mean = (ln * ok).sum(1, keepdim=True) / n.clamp(min=1)
+    std = (((ln - mean) ** 2 * ok).sum(1, keepdim=True) / n.clamp(min=1)).sqrt()
+    z = torch.where((ok > 0) & (n >= 2), (ln - mean) / (std + EPS), torch.zeros_like(ln))
+    return r_out - coef * z.reshape(-1)
 
 
 def normalized_episode_rewards(r_prg: torch.Tensor, valid: torch.Tensor, group_size: int, eps: float = EPS,

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from l2t_ext.lm import load_local, marker_ids, tiny_qwen2
 from l2t_ext.reward import AnswerLikelihoodJr, DenseProcessReward, FisherTracker
-from l2t_ext.rl.config import TrainConfig
+from l2t_ext.rl.config import PENALTY_KIND, TrainConfig
 from l2t_ext.tasks import arith
 
 
@@ -74,12 +74,12 @@ def resolve_task_defaults(cfg: TrainConfig, task) -> TrainConfig:
 def build_reward(cfg: TrainConfig, model, tokenizer) -> DenseProcessReward | None:
     """The dense process reward over ``model``'s final weights (method l2t), else None. The tracker computes
     its SVD bases here, once: build it after the weights are final (warm start, broadcast)."""
-    if cfg.method != "l2t":
+    if cfg.method not in PENALTY_KIND:
         return None
     tracker = FisherTracker(model, layers=cfg.layers, rank=cfg.rank, seed=cfg.seed, refresh_every=cfg.refresh_every)
     jr = AnswerLikelihoodJr(model, tokenizer.encode(cfg.answer_cue, add_special_tokens=False), tokenizer.pad_token_id)
     return DenseProcessReward(jr, tracker, alpha=cfg.alpha, beta=cfg.beta, penalty_mode=cfg.penalty_mode,
-                              damping=cfg.damping, fisher_decay=cfg.fisher_decay)
+                              damping=cfg.damping, fisher_decay=cfg.fisher_decay, penalty_kind=PENALTY_KIND[cfg.method])
 
 
 def episode_markers(cfg: TrainConfig, tokenizer) -> list[str]:

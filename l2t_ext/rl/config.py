@@ -13,7 +13,9 @@ import typing
 
 from l2t_ext.errors import InputError
 
-METHODS = ("grpo", "length_penalty", "l2t")
+METHODS = ("grpo", "length_penalty", "length_penalty_gated", "l2t", "l2t_no_penalty", "l2t_count", "l2t_tokens")
+# the L2T ablations differ only in the penalty (DenseProcessReward's penalty_kind); everything else is l2t's
+PENALTY_KIND = {"l2t": "fisher", "l2t_no_penalty": "none", "l2t_count": "count", "l2t_tokens": "tokens"}
 
 
 def _f(default, help: str):
@@ -30,7 +32,9 @@ class TrainConfig:
     task: str = _f("arith", "'arith' (synthetic arithmetic), 'word' (generated word problems) or a .jsonl/.parquet "
                    "file of {question, answer} or {problem, solution} rows")
     verifier: str = _f("auto", "auto (the task's: arith for arith, math for files) | arith | math | module:function")
-    method: str = _f("l2t", "grpo | length_penalty | l2t")
+    method: str = _f("l2t", "grpo | length_penalty (all answers' length) | length_penalty_gated (correct answers' "
+                     "length only) | l2t | ablations l2t_no_penalty (beta 0), l2t_count (each episode costs the same), "
+                     "l2t_tokens (penalty = episode tokens)")
     ppo: bool = _f(False, "value head + GAE over the same token rewards instead of group-normalised advantages")
     tiers: list[int] = _f(lambda: [1, 2, 3, 4], "arith difficulty tiers to sample")
     # rollouts

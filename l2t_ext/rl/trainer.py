@@ -176,7 +176,7 @@ class Trainer:
 
     def _check_episode_health(self, m: dict) -> None:
         """Warn once when most rollouts are one episode: L2T's process reward then reduces to an outcome reward."""
-        if self.cfg.method != "l2t" or m["single_episode_share"] <= 0.5 or getattr(self, "_warned_episodes", False):
+        if self.reward is None or m["single_episode_share"] <= 0.5 or getattr(self, "_warned_episodes", False):
             return
         self._warned_episodes = True
         if self.rank == 0:
@@ -218,9 +218,9 @@ class Trainer:
                 with torch.no_grad():
                     ref_logprobs = self.ref_policy(ro.input_ids, ro.attention_mask)[0]
         seq_reward = outcome
-        if cfg.method == "length_penalty":
+        if cfg.method in ("length_penalty", "length_penalty_gated"):
             seq_reward = adv_lib.length_penalized(outcome, ro.response_mask.sum(1).to(torch.float32), cfg.group_size,
-                                                  cfg.length_coef)
+                                                  cfg.length_coef, gated=cfg.method == "length_penalty_gated")
         batch = ScoredBatch(ro.input_ids, ro.attention_mask, ro.response_mask, ro.completions, answers, episode_ids,
                             episode_ids_pred, loss_mask, outcome, seq_reward, old_logprobs, ref_logprobs, reward)
         batch.advantages, batch.returns = self._advantages(batch)
