@@ -17,6 +17,7 @@ ALLOWED = {
     "reward": {"lm", "ops", "_backend", "errors"},
     "eval": {"lm", "tasks", "ops", "_backend", "errors"},
     "rl": {"reward", "eval", "tasks", "lm", "ops", "_backend", "errors"},
+    "integrations": {"rl", "reward", "tasks", "lm", "ops", "_backend", "errors"},
 }
 
 

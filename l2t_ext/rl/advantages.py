@@ -69,10 +69,15 @@ def process_token_advantages(r_prg: torch.Tensor, valid: torch.Tensor, episode_i
     """(B, L) process advantage: every token of episode k gets the suffix sum over episodes k..K of its
     rollout's normalised episode rewards (``normalized_episode_rewards``); tokens outside episodes get 0."""
     _, suffix = normalized_episode_rewards(r_prg, valid, group_size, eps, norm)
-    K = r_prg.shape[1]
+    return episode_token_values(suffix, episode_ids)
+
+
+def episode_token_values(per_episode: torch.Tensor, episode_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L): token t gets ``per_episode[b, episode_ids[b, t]]``; tokens outside episodes (-1) get 0."""
+    K = per_episode.shape[1]
     idx = episode_ids.clamp(min=0, max=max(K - 1, 0))
-    adv = suffix.gather(1, idx) if K else torch.zeros_like(episode_ids, dtype=r_prg.dtype)
-    return torch.where(episode_ids >= 0, adv, torch.zeros_like(adv))
+    out = per_episode.gather(1, idx) if K else torch.zeros_like(episode_ids, dtype=per_episode.dtype)
+    return torch.where(episode_ids >= 0, out, torch.zeros_like(out))
 
 
 def token_rewards(seq_reward: torch.Tensor, r_prg: torch.Tensor | None, valid: torch.Tensor | None,

@@ -1,0 +1,1 @@
+"""Integrations with training libraries people already use (``l2t_ext.integrations.trl``)."""

@@ -1,0 +1,108 @@
+"""L2T inside TRL's GRPOTrainer (CPU): the per-token advantages handed to TRL's loss equal TRL's outcome
+advantage + alpha x our loop's ``process_token_advantages`` on the same rollouts (with the loop's position
+alignment), and two training steps run, log the l2t/* metrics and change the weights."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from l2t_ext.integrations.trl import L2TConfig, L2TGRPOTrainer  # noqa: E402
+from l2t_ext.lm import tiny_qwen2  # noqa: E402
+from l2t_ext.reward import (  # noqa: E402
+    AnswerLikelihoodJr,
+    DenseProcessReward,
+    FisherTracker,
+    Rollouts,
+    segment_episodes,  # noqa: E402
+)
+from l2t_ext.rl.advantages import process_token_advantages  # noqa: E402
+from l2t_ext.tasks import arith  # noqa: E402
+
+
+def _outcome(completions, answer, **kw):
+    return [arith.verify(c, a) for c, a in zip(completions, answer)]
+
+
+def _trainer(tmp_path, cls=L2TGRPOTrainer, steps=2):
+    tok = arith.tokenizer()
+    model = tiny_qwen2(tok, hidden_size=32, num_layers=1, seed=0)
+    rng = random.Random(0)
+    rows = [{"prompt": p.prompt, "answer": p.answer} for p in arith.dataset(16, seed=0, tiers=(1,))]
+    rng.shuffle(rows)
+    args = L2TConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_steps=steps,
+                     max_completion_length=24, learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no",
+                     use_cpu=True, bf16=False, seed=0, l2t_markers=["</think>"], l2t_answer_cue="A:",
+                     l2t_answer_prefix="", l2t_rank=4, temperature=1.0, beta=0.0)
+    return cls(model=model, reward_funcs=_outcome, args=args, train_dataset=datasets.Dataset.from_list(rows),
+               processing_class=tok)
+
+
+def test_advantages_handed_to_trl_equal_the_loops(tmp_path, monkeypatch):
+    seen = []
+    base = trl.GRPOTrainer._generate_and_score_completions
+
+    def record_base(self, inputs):
+        out = base(self, inputs)
+        seen.append({"outcome": out["advantages"].clone()})
+        return out
+
+    monkeypatch.setattr(trl.GRPOTrainer, "_generate_and_score_completions", record_base)
+
+    class Recording(L2TGRPOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            seen[-1].update(out=out, inputs=inputs)
+            return out
+
+    t = _trainer(tmp_path, Recording, steps=1)
+    t.train()
+    rec = seen[0]
+    out, inputs = rec["out"], rec["inputs"]
+    P = out["prompt_ids"].shape[1]
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    am = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    resp = torch.cat([torch.zeros_like(out["prompt_mask"]), out["completion_mask"]], 1).bool()
+    tok = t.processing_class
+    ep = segment_episodes(ids, resp, ["</think>"], tokenizer=tok)
+    assert (ep.max(1).values >= 0).all()
+    # the reward as the loop builds it, on the weights of that step (a fresh tracker with the same seed; the
+    # optimizer step has happened since, so restore the initial weights first)
+    init = tiny_qwen2(tok, hidden_size=32, num_layers=1, seed=0).eval()
+    reward = DenseProcessReward(AnswerLikelihoodJr(init, tok.encode("A:", add_special_tokens=False), tok.pad_token_id),
+                                FisherTracker(init, rank=4, seed=0))
+    parts = reward(Rollouts(ids, am, resp, ep, answer_ids=[tok.encode(x["answer"], add_special_tokens=False)
+                                                           for x in inputs]))
+    ep_pred = torch.full_like(ep, -1)
+    ep_pred[:, :-1] = ep[:, 1:]  # the loop's alignment: position t predicts token t + 1
+    loop = process_token_advantages(parts.r_prg.float(), parts.valid, ep_pred, 4)
+    want = rec["outcome"][:, None] * out["completion_mask"] + 0.8 * loop[:, P - 1:ids.shape[1] - 1]
+    torch.testing.assert_close(out["advantages"], want, rtol=1e-5, atol=1e-6)
+    assert out["advantages"].shape == out["completion_ids"].shape
+    assert (loop != 0).any(), "no process advantage at all: the test cannot fail"
+
+
+def test_two_steps_change_the_weights_and_log_l2t_metrics(tmp_path):
+    t = _trainer(tmp_path)
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.train()
+    after = t.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    logged = {k for row in t.state.log_history for k in row}
+    assert {"l2t/episodes_mean", "l2t/penalty_mean", "l2t/jr_gain_mean", "l2t/single_episode_share"} <= logged
+
+
+def test_config_and_version_errors(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="args must be an L2TConfig"):
+        L2TGRPOTrainer(model=None, reward_funcs=_outcome,
+                       args=trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False))
+    from l2t_ext.integrations import trl as integration
+
+    monkeypatch.setattr(trl, "__version__", "1.99.0")
+    with pytest.raises(ImportError, match="supports trl >= 1.16, < 1.17 .* found trl 1.99.0"):
+        integration._check_trl()
