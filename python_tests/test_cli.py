@@ -100,6 +100,6 @@ def test_gguf_needs_its_extra_and_convert_checks_its_arguments(tmp_path, capsys,
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
     _fails(capsys, ["train", "--model", str(fake), "--out", str(tmp_path / "r"), "--sft_steps", "0"],
-           r"reading a .gguf model needs gguf: pip install 'l2t_ext\[gguf\]'")
+           r"reading a .gguf model needs gguf( and accelerate)?: pip install 'l2t_ext\[gguf\]'")
     _fails(capsys, ["convert", str(tmp_path / "none.gguf"), str(tmp_path / "o")], "GGUF file not found")
     _fails(capsys, ["convert", str(tmp_path / "x.bin"), str(tmp_path / "o")], "is not a .gguf file")

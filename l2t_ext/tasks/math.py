@@ -23,7 +23,7 @@ def load_dataset(path: str, question_key: str | None = None, answer_key: str | N
     rows = []
     for i, rec in enumerate(records):
         q_key = question_key or ("question" if "question" in rec else "problem")
-        a_key = answer_key or ("answer" if "answer" in rec else "solution")
+        a_key = answer_key or ("answer" if "answer" in rec or q_key == "question" else "solution")
         if rec.get(q_key) in (None, "") or rec.get(a_key) in (None, ""):
             raise InputError(f"{path}: row {i} has no {q_key!r}/{a_key!r} (keys: {sorted(rec)}); rows need "
                              "{question, answer} or {problem, solution}")
