@@ -52,6 +52,50 @@ UPDATE_SCRIPT = textwrap.dedent("""
 """)
 
 
+REWARD_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import torch
+    from l2t_ext.reward import DenseProcessReward, FisherTracker, Rollouts
+    from l2t_ext.lm import tiny_qwen2
+    from l2t_ext.tasks import arith
+
+    out = sys.argv[1]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    gather = None
+    if world > 1:
+        import torch.distributed as dist
+        from l2t_ext.rl.builders import gather_rows
+        dist.init_process_group("gloo")
+        gather = gather_rows
+    rank = int(os.environ.get("RANK", "0"))
+    tok = arith.tokenizer()
+    model = tiny_qwen2(tok, hidden_size=32, num_layers=1, seed=0).eval()
+    g = torch.Generator().manual_seed(7)
+    B, L = 6, 20
+    ids = torch.randint(5, 30, (B, L), generator=g)
+    am = torch.ones(B, L, dtype=torch.long)
+    resp = torch.zeros(B, L, dtype=torch.bool)
+    resp[:, 6:] = True
+    ep = torch.full((B, L), -1)
+    for b in range(B):  # 1 + b % 3 episodes per row: ranks hold different numbers of episodes
+        k = 1 + b % 3
+        cuts = torch.linspace(6, L, k + 1).long()
+        for j in range(k):
+            ep[b, cuts[j]:cuts[j + 1]] = j
+    jr = lambda r, cache=None: (torch.arange(r.input_ids.shape[0] * (r.num_episodes + 1), dtype=torch.float32)
+                                .reshape(r.input_ids.shape[0], -1) * 0.01, torch.ones(r.input_ids.shape[0],
+                                r.num_episodes + 1, dtype=torch.bool))
+    rows = slice(rank * B // world, (rank + 1) * B // world)
+    rw = DenseProcessReward(jr, FisherTracker(model, rank=4, seed=0), gather=gather)
+    o = rw(Rollouts(ids[rows], am[rows], resp[rows], ep[rows], answers=["1"] * (rows.stop - rows.start)))
+    torch.save({"P": o.penalty, "Pbar": o.penalty_normalized, "valid": o.valid},
+               os.path.join(out, f"r{rank}_w{world}.pt"))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+""")
+
+
 def _torchrun(args: list[str], cwd, timeout=600) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
@@ -107,3 +151,21 @@ def test_torchrun_train_and_resume_matches_uninterrupted(tmp_path):
         assert torch.equal(wa[k], wb[k]), k
     rb = [json.loads(x) for x in open(b / "metrics.jsonl")]
     assert rb[-1]["accuracy"] == rows[-1]["accuracy"] and rb[-1]["loss"] == rows[-1]["loss"]
+
+
+def test_penalty_uses_one_fisher_over_all_ranks(tmp_path):
+    """The reward of an episode does not depend on how the batch is split: two ranks holding 3 rows each give
+    the penalties a single process computes for all 6 rows (raw and normalised)."""
+    script = tmp_path / "reward.py"
+    script.write_text(REWARD_SCRIPT)
+    _torchrun([str(script), str(tmp_path)], cwd=tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, env=env, cwd=tmp_path, timeout=600)
+    one = torch.load(tmp_path / "r0_w1.pt")
+    parts = [torch.load(tmp_path / f"r{r}_w2.pt") for r in (0, 1)]
+    for key in ("P", "Pbar"):
+        K = one[key].shape[1]
+        two = torch.cat([torch.nn.functional.pad(p[key], (0, K - p[key].shape[1])) for p in parts])
+        torch.testing.assert_close(two, one[key], rtol=1e-5, atol=1e-7)
+    assert one["valid"].sum() > 6 and (one["P"][one["valid"]] > 0).all()

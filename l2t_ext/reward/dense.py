@@ -52,6 +52,9 @@ class DenseProcessReward:
             ablations that keep everything else: "count" (every episode costs the same: P = 1), "tokens"
             (P = the episode's token count), "none" (no penalty: information gain only). Normalised to mean 1
             over the batch's valid episodes like the Fisher penalty (``normalize``).
+        gather: data parallelism. A function concatenating a (n, ...) tensor over the ranks (in rank order),
+            called collectively on every rank; with it the batch Fisher, its EMA and the penalty's normalisation
+            cover the global batch, so an episode's reward does not depend on how the batch was split.
 
     State: the EMA Fisher (``fisher_decay``) and the tracker's bases travel through ``state_dict()`` /
     ``load_state_dict()``.
@@ -59,10 +62,11 @@ class DenseProcessReward:
 
     def __init__(self, jr, tracker: FisherTracker, alpha: float = 0.8, beta: float = 0.6,
                  penalty_mode: str = "batch", damping: float = 1e-5, normalize: bool = True,
-                 fisher_decay: float | None = None, backend: str | None = None, penalty_kind: str = "fisher"):
+                 fisher_decay: float | None = None, backend: str | None = None, penalty_kind: str = "fisher",
+                 gather=None):
         if penalty_kind not in PENALTY_KINDS:
             raise ValueError(f"DenseProcessReward: penalty_kind must be one of {PENALTY_KINDS}, got {penalty_kind!r}")
-        self.penalty_kind = penalty_kind
+        self.penalty_kind, self.gather = penalty_kind, gather
         if penalty_mode not in ("batch", "self"):
             raise ValueError(f"DenseProcessReward: penalty_mode must be 'batch' or 'self', got {penalty_mode!r}")
         if fisher_decay is not None and not 0.0 <= fisher_decay < 1.0:
@@ -95,13 +99,14 @@ class DenseProcessReward:
         valid = jr_valid[:, 1:] & jr_valid[:, :1]
         valid = valid & (torch.arange(K, device=valid.device)[None] < (r.episode_ids.max(1).values + 1)[:, None])
         fisher = None
-        if self.fisher_decay is not None and self.penalty_mode == "batch" and bool(valid.any()):
-            gv = g[valid]
-            self.fisher = ops.fisher_accumulate(gv, self.fisher, self.fisher_decay if self.fisher is not None
+        g_all = self._gathered(g[valid])  # every rank's valid episodes (collective when gather is set)
+        if self.fisher_decay is not None and self.penalty_mode == "batch" and g_all.shape[0]:
+            self.fisher = ops.fisher_accumulate(g_all, self.fisher, self.fisher_decay if self.fisher is not None
                                                 else None, backend=self.backend)
             fisher = self.fisher
-        P = self._penalty(g, valid, fisher, r.episode_ids)
-        Pbar = P / (P[valid].mean() + 1e-12) if (self.normalize and bool(valid.any())) else P
+        P = self._penalty(g, valid, fisher, r.episode_ids, g_all)
+        p_all = self._gathered(P[valid][:, None])
+        Pbar = P / (p_all.mean() + 1e-12) if (self.normalize and p_all.shape[0]) else P
         dt = P.dtype
         jr_before = torch.where(valid, jr_all[:, :-1].to(dt), torch.zeros((), dtype=dt, device=P.device))
         jr_after = torch.where(valid, jr_all[:, 1:].to(dt), torch.zeros((), dtype=dt, device=P.device))
@@ -110,11 +115,15 @@ class DenseProcessReward:
         return RewardOutput(r_prg=r_prg, valid=valid, jr_before=jr_before, jr_after=jr_after, jr_gain=gain,
                             penalty=P, penalty_normalized=Pbar, token_logprobs=token_lp)
 
-    def _penalty(self, g: torch.Tensor, valid: torch.Tensor, fisher, episode_ids: torch.Tensor) -> torch.Tensor:
-        """(B, K) raw penalty of ``penalty_kind`` (0 where ~valid)."""
+    def _gathered(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.gather is None else self.gather(x)
+
+    def _penalty(self, g: torch.Tensor, valid: torch.Tensor, fisher, episode_ids: torch.Tensor,
+                 g_all: torch.Tensor) -> torch.Tensor:
+        """(B, K) raw penalty of ``penalty_kind`` (0 where ~valid); ``g_all``: the global batch's episodes."""
         if self.penalty_kind == "fisher":
             return compression_penalty(g, valid, self.penalty_mode, self.damping, normalize=False, fisher=fisher,
-                                       backend=self.backend)
+                                       backend=self.backend, fisher_grads=g_all)
         K = valid.shape[1]
         if self.penalty_kind == "tokens":  # tokens per episode: a one-hot count over episode ids
             hot = torch.nn.functional.one_hot(episode_ids.clamp(min=0), K) * (episode_ids >= 0)[..., None]

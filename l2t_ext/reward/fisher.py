@@ -268,7 +268,7 @@ class FisherTracker:
 
 def compression_penalty(g: torch.Tensor, valid: torch.Tensor, mode: str = "batch", damping: float = 1e-5,
                         normalize: bool = True, fisher: torch.Tensor | None = None, eps: float = 1e-12,
-                        backend: str = "auto") -> torch.Tensor:
+                        backend: str = "auto", fisher_grads: torch.Tensor | None = None) -> torch.Tensor:
     """Compression penalty P[b, k] = dtheta~^T (F + damping I) dtheta~ with dtheta~ = g[b, k] (Theorem 4.2).
 
     Args:
@@ -278,6 +278,8 @@ def compression_penalty(g: torch.Tensor, valid: torch.Tensor, mode: str = "batch
             or the explicit ``fisher`` (p, p) when given (e.g. an EMA from ``ops.fisher_accumulate``);
             "self" - F = g g^T per episode (Theorem 4.2 read literally): P = ||g||^4 + damping ||g||^2.
         normalize: divide by the mean over valid episodes (+eps), so beta is unit-free.
+        fisher_grads: (N, p) gradients whose empirical Fisher is F in "batch" mode (default: the valid rows of
+            ``g``); data-parallel training passes every rank's episodes so that F is the global batch's.
 
     Returns:
         P (B, K), 0 at invalid entries; all zeros if no entry is valid.
@@ -301,7 +303,8 @@ def compression_penalty(g: torch.Tensor, valid: torch.Tensor, mode: str = "batch
     elif fisher is not None:
         q = ops.fisher_quadform(gv, fisher=fisher, damping=damping, backend=backend)
     else:
-        q = ops.fisher_quadform(gv, grads=gv, damping=damping, backend=backend)
+        q = ops.fisher_quadform(gv, grads=gv if fisher_grads is None else fisher_grads, damping=damping,
+                                backend=backend)
     q = q.to(g.dtype)
     if normalize:
         q = q / (q.mean() + eps)

@@ -31,6 +31,20 @@ def build_distributed(device: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), dev
 
 
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate a (n, ...) tensor over the process group's ranks in rank order (n may differ per rank);
+    collective. Used so that the reward's batch Fisher is one Fisher over every rank's episodes."""
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    rows = int(max(s.item() for s in sizes))
+    padded = torch.zeros((rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[:x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
+
+
 def close_distributed() -> None:
     """Leave the process group (a no-op without one). Every rank must call it: the barrier keeps a fast rank from
     tearing down its gloo/nccl threads while a peer still talks to it, and destroying the group before the
@@ -71,7 +85,7 @@ def resolve_task_defaults(cfg: TrainConfig, task) -> TrainConfig:
         instruction=task.default_instruction(cfg.markers[0]) if cfg.instruction == "auto" else cfg.instruction)
 
 
-def build_reward(cfg: TrainConfig, model, tokenizer) -> DenseProcessReward | None:
+def build_reward(cfg: TrainConfig, model, tokenizer, gather=None) -> DenseProcessReward | None:
     """The dense process reward over ``model``'s final weights (method l2t), else None. The tracker computes
     its SVD bases here, once: build it after the weights are final (warm start, broadcast)."""
     if cfg.method not in PENALTY_KIND:
@@ -79,7 +93,8 @@ def build_reward(cfg: TrainConfig, model, tokenizer) -> DenseProcessReward | Non
     tracker = FisherTracker(model, layers=cfg.layers, rank=cfg.rank, seed=cfg.seed, refresh_every=cfg.refresh_every)
     jr = AnswerLikelihoodJr(model, tokenizer.encode(cfg.answer_cue, add_special_tokens=False), tokenizer.pad_token_id)
     return DenseProcessReward(jr, tracker, alpha=cfg.alpha, beta=cfg.beta, penalty_mode=cfg.penalty_mode,
-                              damping=cfg.damping, fisher_decay=cfg.fisher_decay, penalty_kind=PENALTY_KIND[cfg.method])
+                              damping=cfg.damping, fisher_decay=cfg.fisher_decay, penalty_kind=PENALTY_KIND[cfg.method],
+                              gather=gather)
 
 
 def episode_markers(cfg: TrainConfig, tokenizer) -> list[str]:

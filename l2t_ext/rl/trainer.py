@@ -50,6 +50,7 @@ from l2t_ext.rl.builders import (
     build_reward,
     close_distributed,
     episode_markers,
+    gather_rows,
     resolve_task_defaults,
 )
 from l2t_ext.rl.config import TrainConfig
@@ -134,7 +135,9 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.policy, device_ids=ids, broadcast_buffers=False)
-        self.reward: DenseProcessReward | None = build_reward(cfg, self.model, self.tok)
+        # under torchrun one Fisher (and one penalty scale) covers every rank's episodes
+        self.reward: DenseProcessReward | None = build_reward(cfg, self.model, self.tok,
+                                                              gather=gather_rows if self.world > 1 else None)
         self.prompt_rng = random.Random(cfg.seed)  # the same stream on every rank; next_problems slices it
         self.step_idx = 0
         if ckpt:
