@@ -97,6 +97,50 @@ def test_two_steps_change_the_weights_and_log_l2t_metrics(tmp_path):
     assert {"l2t/episodes_mean", "l2t/penalty_mean", "l2t/jr_gain_mean", "l2t/single_episode_share"} <= logged
 
 
+TWO_PROCESS_SCRIPT = """
+import os, sys, torch, datasets
+from l2t_ext.integrations.trl import L2TConfig, L2TGRPOTrainer
+from l2t_ext.lm import tiny_qwen2
+from l2t_ext.tasks import arith
+
+def outcome(completions, answer, **kw):
+    return [arith.verify(c, a) for c, a in zip(completions, answer)]
+
+out = sys.argv[1]
+tok = arith.tokenizer()
+model = tiny_qwen2(tok, hidden_size=32, num_layers=1, seed=0)
+rows = [{"prompt": p.prompt, "answer": p.answer} for p in arith.dataset(16, seed=0, tiers=(1,))]
+args = L2TConfig(output_dir=out, per_device_train_batch_size=4, num_generations=4, max_steps=1,
+                 max_completion_length=16, learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no",
+                 use_cpu=True, bf16=False, seed=0, l2t_markers=["</think>"], l2t_answer_cue="A:",
+                 l2t_answer_prefix="", l2t_rank=4, beta=0.0)
+t = L2TGRPOTrainer(model=model, reward_funcs=outcome, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                   processing_class=tok)
+t.train()
+flat = torch.cat([p.detach().reshape(-1) for p in t.model.parameters()])
+torch.save(flat, os.path.join(out, f"params_r{t.accelerator.process_index}_of{t.accelerator.num_processes}.pt"))
+"""
+
+
+def test_two_cpu_processes_keep_identical_replicas(tmp_path):
+    """Two processes (gloo, started by torchrun; accelerate reads its environment): one step, the episode
+    rewards gathered across processes for group normalisation, replicas identical afterwards."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "train.py").write_text(TWO_PROCESS_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(tmp_path / "train.py"), str(tmp_path)], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    a, b = (torch.load(tmp_path / f"params_r{r}_of2.pt") for r in (0, 1))
+    init = torch.cat([p.detach().reshape(-1) for p in tiny_qwen2(arith.tokenizer(), hidden_size=32, num_layers=1,
+                                                                   seed=0).parameters()])
+    assert torch.equal(a, b) and not torch.equal(a, init)
+
+
 def test_config_and_version_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="args must be an L2TConfig"):
         L2TGRPOTrainer(model=None, reward_funcs=_outcome,

@@ -127,10 +127,12 @@ class L2TGRPOTrainer(GRPOTrainer):
         acc, G = self.accelerator, self.num_generations
         if acc.num_processes == 1:
             return normalized_episode_rewards(r_prg, valid, G, norm=self.args.l2t_process_norm)[1]
-        K = r_prg.shape[1]
-        r_all = acc.gather(acc.pad_across_processes(r_prg, dim=1))
-        v_all = acc.gather(acc.pad_across_processes(valid, dim=1))
-        suffix = normalized_episode_rewards(r_all, v_all, G, norm=self.args.l2t_process_norm)[1]
+        K = r_prg.shape[1]  # may differ per process: pad to the largest, then gather equal shapes
+        K_max = int(acc.gather(torch.tensor([K], device=r_prg.device)).max())
+        both = torch.zeros(r_prg.shape[0], K_max, 2, dtype=torch.float32, device=r_prg.device)
+        both[:, :K, 0], both[:, :K, 1] = r_prg, valid.float()
+        both = acc.gather(both)
+        suffix = normalized_episode_rewards(both[..., 0], both[..., 1] > 0, G, norm=self.args.l2t_process_norm)[1]
         n = r_prg.shape[0]
         return suffix[acc.process_index * n:(acc.process_index + 1) * n, :K]
 
