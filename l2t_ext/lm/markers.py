@@ -4,6 +4,7 @@ Lives below ``reward`` and ``eval`` because both cut responses at the same marke
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -65,18 +66,11 @@ def token_texts(tokenizer, rows: list[list[int]]) -> list[list[str]]:
         texts = []
         for _ in ids:
             a, b = head[k], full[k]
-            n = len(a) if b.startswith(a) else len(_common_prefix(a, b))  # an incomplete UTF-8 char became U+FFFD
+            n = len(os.path.commonprefix([a, b]))  # shorter than a when an incomplete UTF-8 char became U+FFFD
             texts.append(b[n:])
             k += 1
         out.append(texts)
     return out
-
-
-def _common_prefix(a: str, b: str) -> str:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return a[:n]
 
 
 def closing_positions(tokenizer, rows: list[list[int]], patterns) -> list[list[int]]:
