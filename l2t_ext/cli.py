@@ -1,5 +1,5 @@
 """The ``l2t`` command: ``info`` (build and backends), ``bench`` (kernel benchmarks), ``train`` (RL loop),
-``eval`` (evaluation with plots)."""
+``eval`` (evaluation with plots), ``inspect`` (reward anatomy of a run), ``demo``, ``convert`` (GGUF)."""
 
 from __future__ import annotations
 
@@ -100,10 +100,45 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_inspect(args) -> int:
+    """The reward anatomy of one batch of a run's rollouts (``l2t_ext.reward.anatomy``)."""
+    import dataclasses
+    import tempfile
+
+    from l2t_ext.lm import load_local
+    from l2t_ext.reward import episode_anatomy, format_summary, summarize
+    from l2t_ext.rl import checkpoint
+    from l2t_ext.rl.config import PENALTY_KIND, TrainConfig
+    from l2t_ext.rl.trainer import Trainer
+
+    path = checkpoint.resolve(args.run)
+    cfg = TrainConfig.from_dict(checkpoint.saved_config(path), f"{path}/train_config.json")
+    model, _ = load_local(path)
+    with tempfile.TemporaryDirectory() as tmp:  # the run directory is only read
+        cfg = dataclasses.replace(cfg, out=tmp, eval_problems=0, prompts_per_step=args.prompts, seed=args.seed,
+                                  method=cfg.method if cfg.method in PENALTY_KIND else "l2t", device="cpu"
+                                  if args.cpu else cfg.device)
+        trainer = Trainer(cfg, init_state=model.state_dict())
+        batch = trainer.collect(trainer.next_problems())
+        rows = episode_anatomy(batch.reward, batch.episode_ids, batch.input_ids, trainer.tok,
+                               kind=getattr(trainer.task, "episode_kind", None), outcome=batch.outcome)
+        trainer.close()
+    summary = summarize(rows)
+    print(f"{path}: {len(rows)} episodes in {batch.input_ids.shape[0]} rollouts of {args.prompts} training prompts "
+          f"(method {cfg.method}, beta {cfg.beta}, penalty_norm {cfg.penalty_norm})")
+    print(format_summary(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"summary": summary, "episodes": rows}, f, indent=1)
+        print("wrote", args.json)
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from l2t_ext.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seeds=args.seeds, threads=args.threads)
+    run_demo(args.out, quick=args.quick, full=args.full, tune=args.tune, jobs=args.jobs, threads=args.threads,
+             seeds=args.seeds, warm_starts=args.warm_starts)
     print(f"report: {os.path.join(args.out, 'report.md')}")
     return 0
 
@@ -195,18 +230,32 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--config", default=None, help="YAML file of TrainConfig keys")
     pe.set_defaults(func=_cmd_eval)
 
-    pd = sub.add_parser("demo", help="L2T vs GRPO vs length penalty on a synthetic task (CPU, minutes)")
-    pd.add_argument("--quick", action="store_true", help="< 2 minutes; results are noisy")
-    pd.add_argument("--seeds", type=_positive_int, default=1, help="RL seeds per method (>= 1)")
+    pd = sub.add_parser("demo", help="does L2T cut over-thinking? L2T vs GRPO vs a tuned length penalty, with "
+                                     "ablations, on a synthetic task (CPU)")
+    mode = pd.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="CI smoke run, < 2 minutes; every method, noisy results")
+    mode.add_argument("--full", action="store_true", help="the whole grid: 3 warm starts x 2 seeds, every method")
+    mode.add_argument("--tune", action="store_true", help="validation sweep of beta and the length coefficient")
+    pd.add_argument("--seeds", type=_positive_int, default=None, help="RL seeds per warm start (default: setting's)")
+    pd.add_argument("--warm-starts", type=_positive_int, default=None, help="warm starts (default: setting's)")
+    pd.add_argument("--jobs", type=_positive_int, default=None, help="parallel runs (default: 2, quick: 1)")
     pd.add_argument("--out", default="l2t_demo")
-    pd.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    pd.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads per job (default: cores "
+                                                                        "/ jobs)")
     pd.set_defaults(func=_cmd_demo)
+    ps = sub.add_parser("inspect", help="per-episode reward anatomy (gain, penalty, surprise) of a run's rollouts")
+    ps.add_argument("run", help="a run or checkpoint directory")
+    ps.add_argument("--prompts", type=_positive_int, default=16, help="training prompts to roll out (x group_size)")
+    ps.add_argument("--seed", type=int, default=0, help="seed of the prompts and the sampling")
+    ps.add_argument("--json", default=None, help="write the summary and every episode's row here")
+    ps.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is available")
+    ps.set_defaults(func=_cmd_inspect)
     pc = sub.add_parser("convert", help="write a .gguf model as a Hugging Face directory (dequantised)")
     pc.add_argument("gguf", help="path of the .gguf file")
     pc.add_argument("out", help="output directory (created; must be empty)")
     pc.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     pc.set_defaults(func=_cmd_convert)
-    for sp in (pi, pb, pt, pe, pd, pc):  # also accepted after the command; SUPPRESS keeps `l2t --debug CMD` working
+    for sp in (pi, pb, pt, pe, pd, ps, pc):  # also accepted after the command; SUPPRESS keeps `l2t --debug CMD` working
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 

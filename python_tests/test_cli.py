@@ -13,8 +13,6 @@ import pytest
 pytest.importorskip("transformers")
 
 
-
-
 def test_cli_train_and_eval(tmp_path):
     from l2t_ext.cli import main
 
@@ -30,6 +28,13 @@ def test_cli_train_and_eval(tmp_path):
     for key in ("overall", "per_tier", "accuracy_vs_budget", "acc_by_depth", "tokens_by_depth"):
         assert key in r
     assert (tmp_path / "ev" / "acc_tokens_by_depth.png").exists()
+    # inspect: the L2T reward anatomy of the (grpo) run's rollouts; the run directory is only read
+    before = sorted(p.name for p in out.rglob("*"))
+    assert main(["inspect", str(out), "--prompts", "2", "--json", str(tmp_path / "anat.json")]) == 0
+    anat = json.loads((tmp_path / "anat.json").read_text())
+    assert anat["summary"]["n"] == len(anat["episodes"]) > 0
+    assert {"gain", "penalty", "penalty_normalized", "surprise", "tokens", "text"} <= set(anat["episodes"][0])
+    assert sorted(p.name for p in out.rglob("*")) == before
 
 
 def _fails(capsys, argv, match):

@@ -1,4 +1,5 @@
-"""`l2t demo --quick`: report, JSON and plots with finite numbers; the warm start reaches its tier-1 floor."""
+"""`l2t demo`: the quick setting end to end (every method name, the results schema, report and plots), and the
+experiment's statistics, premise check and tuning rule on hand-made inputs."""
 
 from __future__ import annotations
 
@@ -9,24 +10,89 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from l2t_ext.demo import run as demo  # noqa: E402
+
 
 def test_demo_quick(tmp_path):
     from l2t_ext.cli import main
-    from l2t_ext.demo.run import METHODS, TIER1_FLOOR_QUICK
 
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert set(res["methods"]) == set(METHODS)
-    for m in METHODS:
-        r = res["methods"][m]
-        for key in ("accuracy", "response_tokens"):
-            assert math.isfinite(r[key]["mean"])
+    assert set(res["methods"]) == set(demo.GRID)
+    for m, r in res["methods"].items():
+        for key in ("accuracy", "response_tokens", "episodes"):
+            assert set(r[key]) == {"mean", "spread", "ci95", "n"} and math.isfinite(r[key]["mean"])
         assert set(r["per_tier"]) == {"1", "2", "3", "4"}
-        assert all(math.isfinite(v) for v in r["accuracy_vs_budget"].values())
-    assert {"config", "machine", "warm_start"} <= set(res)
-    assert res["warm_start_tier1_greedy"] >= TIER1_FLOOR_QUICK
+        assert set(r["per_tier"]["1"]["accuracy"]) == {"mean", "spread", "ci95", "n"}
+        assert r["episode_kinds"] and all(math.isfinite(v["mean"]) for v in r["episode_kinds"].values())
+        assert r["runs"][0]["ws"] == 0 and r["runs"][0]["seed"] == 0
+    assert {"premise", "splits", "paired", "anatomy", "warm_starts", "machine", "config"} <= set(res)
+    assert set(res["premise"]) == {"warm start", "grpo"}
+    assert set(res["premise"]["grpo"]["per_tier"]) == {"1", "2", "3", "4"}
+    assert res["splits"]["evaluated_split"] == "test" and res["splits"]["rl_seeds"] == [0]
+    assert res["warm_starts"][0]["sft_steps"] == 100
+    assert res["anatomy"][0]["summary"]["n"] > 0
     report = (out / "report.md").read_text()
-    assert "| l2t |" in report and "## Reading" in report
+    for text in ("## The premise", "| l2t |", "| l2t_count |", "## Paired comparisons", "## Reward anatomy",
+                 "## Reading"):
+        assert text in report
     assert (out / "accuracy_vs_budget.png").stat().st_size > 1000
     assert (out / "acc_tokens_by_depth.png").stat().st_size > 1000
+    # the warm start is reused by a later run in the same directory (its evaluation is redone)
+    again = demo.warm_start_job(0, demo.SETTINGS["quick"], str(out), 1)
+    assert again.get("reused") and again["sft_steps"] == 100
+
+
+def test_stat_mean_spread_and_t_interval():
+    s = demo.stat([1.0, 2.0, 3.0, None])
+    assert s["n"] == 3 and s["mean"] == 2.0 and s["spread"] == pytest.approx(1.0)
+    assert s["ci95"] == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    assert demo.stat([5.0]) == {"mean": 5.0, "spread": 0.0, "ci95": None, "n": 1}
+    assert demo.stat([None])["mean"] is None
+
+
+def _run(name, ws, seed, acc, tokens):
+    return {"name": name, "ws": ws, "seed": seed, "eval": {"overall": {"pass@1": acc, "response_tokens": tokens}}}
+
+
+def test_paired_comparison_matches_runs_by_warm_start_and_seed():
+    runs = [_run("l2t", 0, 0, 0.8, 30.0), _run("grpo", 0, 0, 0.7, 60.0),
+            _run("l2t", 1, 0, 0.9, 40.0), _run("grpo", 1, 0, 0.9, 50.0), _run("grpo", 2, 0, 0.1, 10.0)]
+    p = demo._paired(runs, "l2t", "grpo")
+    assert p["token_saving"]["n"] == 2  # ws 2 has no l2t run: not paired
+    assert p["token_saving"]["mean"] == pytest.approx((0.5 + 0.2) / 2)
+    assert p["accuracy_diff_points"]["mean"] == pytest.approx((10.0 + 0.0) / 2)
+    assert demo._paired(runs, "l2t", "length_penalty") is None
+
+
+def _curves(*tiers):
+    return {"acc_by_depth": {str(t + 1): {str(k + 1): a for k, a in enumerate(c)} for t, c in enumerate(tiers)}}
+
+
+def test_premise_peak_fall_and_order():
+    holds = _curves([0.2, 0.9, 0.8, 0.8], [0.1, 0.5, 0.9, 0.7])
+    p = demo.premise({"grpo": [holds]})["grpo"]
+    assert p["holds"] and p["easy_peak_earlier"]
+    assert p["per_tier"]["1"]["peak_k"] == 2 and p["per_tier"]["2"]["peak_k"] == 3 and p["per_tier"]["2"]["falls"]
+    flat = _curves([0.2, 0.9, 0.9, 0.9], [0.1, 0.5, 0.9, 0.7])  # tier 1 never falls
+    assert not demo.premise({"x": [flat]})["x"]["holds"]
+    late = _curves([0.1, 0.2, 0.9, 0.5], [0.9, 0.5, 0.4, 0.3])  # the hard tier peaks first
+    q = demo.premise({"x": [late]})["x"]
+    assert not q["easy_peak_earlier"] and not q["holds"]
+
+
+def test_tuning_rule_fewest_tokens_within_two_points_of_grpo():
+    by = {f"l2t@beta={b}": {"accuracy": {"mean": a}, "response_tokens": {"mean": t}}
+          for b, a, t in ((0.15, 0.80, 50), (0.3, 0.79, 40), (0.6, 0.70, 20), (1.2, 0.5, 10))}
+    assert demo._choose(by, "l2t@beta=", demo.BETAS, grpo_acc=0.80) == 0.3
+    assert demo._choose(by, "l2t@beta=", demo.BETAS, grpo_acc=0.95) == 0.15  # none qualifies: most accurate
+
+
+def test_demo_bad_input():
+    from l2t_ext.errors import InputError
+
+    with pytest.raises(InputError, match="at most one of quick, full, tune"):
+        demo.run_demo("/nonexistent/never", quick=True, full=True)
+    with pytest.raises(InputError, match="jobs must be an integer >= 1"):
+        demo.run_demo("/nonexistent/never", jobs=0)

@@ -417,3 +417,86 @@ def test_penalty_ablations_replace_only_the_penalty(kind):
     assert torch.allclose(out.r_prg[v], out.jr_gain[v] - 0.6 * out.penalty_normalized[v])
     with pytest.raises(ValueError, match="penalty_kind must be one of"):
         DenseProcessReward(jr, FisherTracker(model, rank=4), penalty_kind="length")
+
+
+def test_penalty_normalisations_batch_initial_none():
+    """normalize="batch": Pbar = P / this batch's mean; "initial": / the first batch's mean, kept (and saved in
+    state_dict); "none": Pbar = P."""
+    model = tiny_model("qwen2", dtype=torch.float64)
+    ids, am, resp = rollouts(B=3, seed=6)
+    ep = segment_episodes(ids, resp, [[M]])
+    r = Rollouts(ids, am, resp, ep, answers=["1", "2", "3"])
+    jr = lambda r, cache=None: (torch.rand(3, r.num_episodes + 1), torch.ones(3, r.num_episodes + 1, dtype=torch.bool))  # noqa: E731
+    outs = {}
+    for norm in ("batch", "initial", "none"):
+        torch.manual_seed(1)
+        rew = DenseProcessReward(jr, FisherTracker(model, rank=4, backend="cpu"), normalize=norm)
+        first = rew(r)
+        with torch.no_grad():  # a second batch with a different penalty scale: scale the tracked layer's weights
+            rew.tracker.modules[0].weight.mul_(3.0)
+        second = rew(r)
+        with torch.no_grad():
+            rew.tracker.modules[0].weight.div_(3.0)
+        outs[norm] = (rew, first, second)
+    _, f1, f2 = outs["batch"]
+    v = f1.valid
+    assert not torch.allclose(f1.penalty[v], f2.penalty[v])  # the scale really changed
+    for out in (f1, f2):
+        assert torch.allclose(out.penalty_normalized[v], out.penalty[v] / out.penalty[v].mean())
+    rew, i1, i2 = outs["initial"]
+    assert rew.scale == pytest.approx(float(i1.penalty[v].mean()), rel=1e-12)
+    assert torch.allclose(i1.penalty_normalized[v], f1.penalty_normalized[v])
+    assert torch.allclose(i2.penalty_normalized[v], i2.penalty[v] / rew.scale)
+    assert rew.state_dict()["scale"] == rew.scale
+    fresh = DenseProcessReward(jr, FisherTracker(model, rank=4), normalize="initial")
+    fresh.load_state_dict(rew.state_dict())
+    assert fresh.scale == rew.scale
+    _, n1, n2 = outs["none"]
+    assert torch.equal(n1.penalty_normalized, n1.penalty) and torch.equal(n2.penalty_normalized, n2.penalty)
+    assert DenseProcessReward(jr, FisherTracker(model, rank=4), normalize=False).normalize == "none"
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        DenseProcessReward(jr, FisherTracker(model, rank=4), normalize="ema")
+
+
+def test_episode_anatomy_rows_match_the_reward_and_a_bruteforce_surprise():
+    from l2t_ext.reward import episode_anatomy, format_summary, summarize
+    from l2t_ext.reward.anatomy import spearman
+
+    from l2t_ext.lm import position_ids_from_mask, token_logprobs
+
+    model = tiny_model("qwen2", dtype=torch.float64)
+    ids, am, resp = rollouts(B=3, seed=7)
+    ep = segment_episodes(ids, resp, [[M]])
+    r = Rollouts(ids, am, resp, ep, answer_ids=[[20], [21, 22], [23]])
+    out = DenseProcessReward(AnswerLikelihoodJr(model, cue_ids=[11]), FisherTracker(model, rank=4, backend="cpu"))(r)
+
+    class Tok:
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    rows = episode_anatomy(out, ep, ids, Tok(), kind=lambda t: "long" if len(t.split()) > 3 else "short",
+                           outcome=torch.tensor([1.0, 0.0, 1.0]))
+    assert len(rows) == int(out.valid.sum())
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am)).logits
+    full = token_logprobs(logits, ids)  # full[b, t] = log p(ids[b, t + 1])
+    for row in rows:
+        b, k = row["rollout"], row["k"]
+        pos = (ep[b] == k).nonzero().flatten()
+        assert row["tokens"] == len(pos)
+        want = -full[b, pos - 1].mean()
+        assert row["surprise"] == pytest.approx(float(want), rel=1e-6)
+        assert row["gain"] == pytest.approx(float(out.jr_gain[b, k]))
+        assert row["penalty"] == pytest.approx(float(out.penalty[b, k]))
+        assert row["penalty_normalized"] == pytest.approx(float(out.penalty_normalized[b, k]))
+        assert row["text"] == " ".join(map(str, ids[b, pos].tolist())) and row["kind"] in ("long", "short")
+        assert row["outcome"] == [1.0, 0.0, 1.0][b]
+    s = summarize(rows)
+    assert sum(g["n"] for g in s["groups"].values()) == len(rows)
+    assert sum(g["share_of_penalty"] for g in s["groups"].values()) == pytest.approx(1.0)
+    assert "| long |" in format_summary(s) or "| short |" in format_summary(s)
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 1], [1, 2, 3]) is None and spearman([1, 2], [1, 2]) is None
+    with pytest.raises(ValueError, match="episode_ids"):
+        episode_anatomy(out, ep[:2], ids)

@@ -149,3 +149,59 @@ def test_dm_math_converter_writes_a_task_file(tmp_path):
     task = load_task(str(out))
     assert len(task.rows) == 40  # two matching modules x 20
     assert all(mt.verify(f"The answer is {r['answer']}.", r["answer"]) == 1.0 for r in task.rows)
+
+
+# ------------------------------------------------------------------------------------------- overthink task
+def test_overthink_traces_checks_fix_errors_and_distractors_can_corrupt():
+    from l2t_ext.tasks import overthink as ot
+
+    rng = random.Random(0)
+    stats = {t: {"concise": [], "overthink": []} for t in (1, 2, 3, 4)}
+    for _ in range(3000):
+        t = rng.choice((1, 2, 3, 4))
+        p = arith.generate_problem(rng, t)
+        for style in ot.STYLES:
+            tr = ot.trace(p, style, rng)
+            eps = [e.split(ot.END_THINK)[0] for e in tr.split(ot.THINK)[1:]]
+            kinds = [ot.episode_kind(e) for e in eps]
+            assert kinds.count("step") == len(p.ops) and "other" not in kinds
+            if style == "concise":
+                assert kinds == ["step"] * len(p.ops)
+            for i, (e, k) in enumerate(zip(eps, kinds)):  # every check is a true statement about the step before
+                if k == "check":
+                    assert kinds[i - 1] == "step" and e[len(ot.CHECK):].split("=")[0] == eps[i - 1].split("=")[0]
+                    lhs, rhs = e[len(ot.CHECK):].split("=")
+                    assert arith._apply(int(lhs[0]), lhs[1], int(lhs[2])) == int(rhs)
+                if style == "overthink" and k == "step" and i + 1 < len(eps):  # a wrong step: its check follows
+                    lhs, rhs = e.split("=")
+                    if arith._apply(int(lhs[0]), lhs[1], int(lhs[2])) != int(rhs):
+                        assert kinds[i + 1] == "check"
+            if "distractor" not in kinds and style == "overthink":
+                assert arith.verify(tr, p.answer) == 1.0  # checks fix every error
+            stats[t][style].append(arith.verify(tr, p.answer))
+    acc = {t: {s: sum(v) / len(v) for s, v in d.items()} for t, d in stats.items()}
+    assert acc[1]["concise"] == 1.0 and acc[1]["overthink"] < 0.95  # tier 1: checks useless, distractors hurt
+    assert acc[4]["overthink"] > acc[4]["concise"] + 0.15  # tier 4: checks save answers
+    assert acc[4]["concise"] < acc[2]["concise"]  # steps are noisier on harder tiers
+    with pytest.raises(ValueError, match="style must be one of"):
+        ot.trace(p, "terse", rng)
+
+
+def test_overthink_splits_are_disjoint_and_stable():
+    from l2t_ext.tasks import load_task
+    from l2t_ext.tasks import overthink as ot
+
+    assert ot.split_of("Q:3+5*2\n") == ot.split_of("Q:3+5*2\n")
+    assert ot.split_of("Q:1+1\n") == "train"  # fixed by the prompt bytes (blake2b), not by Python's hash seed
+    val, test = ot.problems("val", 80, 0), ot.problems("test", 80, 0)
+    assert {ot.split_of(p["prompt"]) for p in val} == {"val"} and {ot.split_of(p["prompt"]) for p in test} == {"test"}
+    assert len({p["prompt"] for p in val}) == 80 and [p["tier"] for p in val[:4]] == [1, 2, 3, 4]
+    task = load_task("overthink")
+    train = task.sample(random.Random(0), 400)
+    assert {ot.split_of(p["prompt"]) for p in train} == {"train"}
+    assert {ot.split_of(p) for p, _ in task.sft_pairs(random.Random(1), 200)} == {"train"}
+    assert task.eval_problems(8, 0)[0]["prompt"] in {p["prompt"] for p in ot.problems("val", 8, 10_000)}
+    with pytest.raises(ValueError, match="split must be one of"):
+        ot.problems("dev", 4, 0)
+    assert [ot.episode_kind(x) for x in ("<think>chk1+2=3</think>", "by4*2=8", "3+4=7", "hmm")] == [
+        "check", "distractor", "step", "other"]

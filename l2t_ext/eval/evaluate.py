@@ -42,9 +42,10 @@ def _force_answers(model, tokenizer, prefixes: list[list[int]], cue_ids: list[in
 def evaluate(model, tokenizer, problems: list[dict], verify, extract, n_samples: int = 4, max_new_tokens: int = 256,
              budgets: tuple[int, ...] = (16, 32, 48, 64, 96, 128), max_depth: int = 8, answer_cue: str = "A:",
              marker: str = "</think>", temperature: float = 1.0, batch_prompts: int = 32,
-             max_answer_tokens: int = 6, do_sample: bool = True) -> dict:
+             max_answer_tokens: int = 6, do_sample: bool = True, episode_kind=None) -> dict:
     """``problems``: dicts with ``prompt``, ``answer`` and optional ``tier``; ``do_sample=False`` decodes
-    greedily (then use n_samples=1). Returns a JSON-able dict."""
+    greedily (then use n_samples=1); ``episode_kind(text) -> str`` (a task's labeller) adds the mean number of
+    episodes of each kind per response, overall and per tier (``episode_kinds``). Returns a JSON-able dict."""
     model.eval()
     cue_ids = tokenizer.encode(answer_cue, add_special_tokens=False)
     samples = _sample(model, tokenizer, problems, verify, n_samples, max_new_tokens, temperature, batch_prompts,
@@ -56,6 +57,8 @@ def evaluate(model, tokenizer, problems: list[dict], verify, extract, n_samples:
     ends = closing_positions(tokenizer, [rids for _, _, rids, _, _ in samples], text_patterns([marker]))
     result.update(_acc_by_depth(samples, problems, verify, max_depth, ends, force, marker_text(marker) + answer_cue))
     result["n_samples"] = n_samples
+    if episode_kind is not None:
+        result["episode_kinds"] = _episode_kinds(samples, problems, episode_kind, marker_text(marker))
     # episodes per response as the training loop counts them: one per marker, one when there is none
     result["overall"]["episodes_mean"] = sum(max(1, len(e)) for e in ends) / max(1, len(ends))
     return result
@@ -106,6 +109,18 @@ def _summaries(problems, samples, verify, extract, answer_cue, n_samples) -> dic
     tiers = sorted({p.get("tier", 0) for p in problems})
     return {"overall": summary(all_idx),
             "per_tier": {str(t): summary([i for i in all_idx if problems[i].get("tier", 0) == t]) for t in tiers}}
+
+
+def _episode_kinds(samples, problems, kind, marker: str) -> dict:
+    """Mean episodes of each kind per response (the text before each ``marker``), overall and per tier."""
+    counts = collections.defaultdict(lambda: collections.Counter())
+    n = collections.Counter()
+    for pi, _pids, _rids, text, _score in samples:
+        t = str(problems[pi].get("tier", 0))
+        for key in ("overall", t):
+            n[key] += 1
+            counts[key].update(kind(e) for e in text.split(marker)[:-1])
+    return {key: {k: v / n[key] for k, v in sorted(c.items())} for key, c in counts.items()}
 
 
 def _accuracy_vs_budget(samples, problems, verify, budgets, force, cue) -> dict:

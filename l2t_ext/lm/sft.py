@@ -31,9 +31,10 @@ def make_batch(tokenizer, pairs: list[tuple[str, str]], device):
 
 
 def warm_start(model, tokenizer, pairs: Pairs, steps: int, lr: float, batch: int, seed: int, device,
-               log=None) -> list[float]:
+               log=None, stop=None, check_every: int = 0) -> list[float]:
     """Train ``steps`` AdamW steps of ``batch`` examples each; returns the loss curve. Progress: a tqdm bar on
-    a terminal, else a ``log`` line every 50 steps."""
+    a terminal, else a ``log`` line every 50 steps. ``stop(step) -> bool``, called every ``check_every`` steps
+    (model in eval mode), ends training early when it returns True (e.g. a validation accuracy target)."""
     rng = random.Random(seed + 12345)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     # Not transformers' get_cosine_schedule_with_warmup (the RL loop uses it): that one starts from lr 0, and
@@ -58,6 +59,12 @@ def warm_start(model, tokenizer, pairs: Pairs, steps: int, lr: float, batch: int
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         if log and bar.disable and (s % 50 == 0 or s == steps - 1):
             log(f"warm start {s + 1}/{steps}: loss {loss:.3f}")
+        if stop is not None and check_every and (s + 1) % check_every == 0 and s + 1 < steps:
+            model.eval()
+            done = stop(s + 1)
+            model.train()
+            if done:
+                break
     bar.close()
     model.eval()
     return losses

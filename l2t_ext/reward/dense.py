@@ -23,7 +23,7 @@ class RewardOutput:
     jr_after: torch.Tensor  # (B, K) Jr(s_k + z_k)
     jr_gain: torch.Tensor  # (B, K) fitting gain jr_after - jr_before
     penalty: torch.Tensor  # (B, K) raw compression penalty g^T (F + lambda I) g
-    penalty_normalized: torch.Tensor  # (B, K) Pbar = P / mean over valid episodes
+    penalty_normalized: torch.Tensor  # (B, K) Pbar: P over its scale (``normalize``)
     token_logprobs: torch.Tensor  # (B, L) log pi(x_{t+1} | x_<=t) at t from the tracker's forward (detached)
 
     def total(self, r_out: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -32,6 +32,7 @@ class RewardOutput:
 
 
 PENALTY_KINDS = ("fisher", "count", "tokens", "none")
+PENALTY_NORMS = ("batch", "initial", "none")
 
 
 class DenseProcessReward:
@@ -48,6 +49,10 @@ class DenseProcessReward:
             (``ops.fisher_accumulate``) and use it instead of the batch's implicit Fisher.
         backend: kernel backend of every op the reward calls (the tracker's rsvd / segment_grad_outer and the
             penalty's fisher_quadform / fisher_accumulate); None keeps the tracker's own.
+        normalize: how the raw penalty P becomes Pbar. "batch" (the paper: P / mean of P over the batch's valid
+            episodes, so an episode costs beta on average however small P becomes); "initial" (P / the batch
+            mean of the first call, kept as ``scale`` afterwards: the penalty shrinks as the policy's gradients
+            do); "none" (Pbar = P: beta carries the units). ``True``/``False`` mean "batch"/"none".
         penalty_kind: what the penalty measures. "fisher" (the paper's compression penalty g^T (F + lambda I) g);
             ablations that keep everything else: "count" (every episode costs the same: P = 1), "tokens"
             (P = the episode's token count), "none" (no penalty: information gain only). Normalised to mean 1
@@ -61,12 +66,16 @@ class DenseProcessReward:
     """
 
     def __init__(self, jr, tracker: FisherTracker, alpha: float = 0.8, beta: float = 0.6,
-                 penalty_mode: str = "batch", damping: float = 1e-5, normalize: bool = True,
+                 penalty_mode: str = "batch", damping: float = 1e-5, normalize: bool | str = "batch",
                  fisher_decay: float | None = None, backend: str | None = None, penalty_kind: str = "fisher",
                  gather=None):
         if penalty_kind not in PENALTY_KINDS:
             raise ValueError(f"DenseProcessReward: penalty_kind must be one of {PENALTY_KINDS}, got {penalty_kind!r}")
         self.penalty_kind, self.gather = penalty_kind, gather
+        if isinstance(normalize, bool):
+            normalize = "batch" if normalize else "none"
+        if normalize not in PENALTY_NORMS:
+            raise ValueError(f"DenseProcessReward: normalize must be one of {PENALTY_NORMS}, got {normalize!r}")
         if penalty_mode not in ("batch", "self"):
             raise ValueError(f"DenseProcessReward: penalty_mode must be 'batch' or 'self', got {penalty_mode!r}")
         if fisher_decay is not None and not 0.0 <= fisher_decay < 1.0:
@@ -78,14 +87,16 @@ class DenseProcessReward:
             tracker.backend = backend
         self.backend = tracker.backend
         self.fisher: torch.Tensor | None = None
+        self.scale: float | None = None  # normalize="initial": the first call's mean penalty
 
     def state_dict(self) -> dict:
-        return {"tracker": self.tracker.state_dict(), "fisher": self.fisher}
+        return {"tracker": self.tracker.state_dict(), "fisher": self.fisher, "scale": self.scale}
 
     def load_state_dict(self, state: dict) -> None:
         self.tracker.load_state_dict(state["tracker"])
         f = state.get("fisher")
         self.fisher = None if f is None else f.to(self.tracker.modules[0].weight.device)
+        self.scale = state.get("scale")
 
     def __call__(self, r: Rollouts) -> RewardOutput:
         K = r.num_episodes
@@ -106,7 +117,7 @@ class DenseProcessReward:
             fisher = self.fisher
         P = self._penalty(g, valid, fisher, r.episode_ids, g_all)
         p_all = self._gathered(P[valid][:, None])
-        Pbar = P / (p_all.mean() + 1e-12) if (self.normalize and p_all.shape[0]) else P
+        Pbar = self._normalized(P, p_all)
         dt = P.dtype
         jr_before = torch.where(valid, jr_all[:, :-1].to(dt), torch.zeros((), dtype=dt, device=P.device))
         jr_after = torch.where(valid, jr_all[:, 1:].to(dt), torch.zeros((), dtype=dt, device=P.device))
@@ -114,6 +125,16 @@ class DenseProcessReward:
         r_prg = torch.where(valid, gain - self.beta * Pbar, torch.zeros((), dtype=dt, device=P.device))
         return RewardOutput(r_prg=r_prg, valid=valid, jr_before=jr_before, jr_after=jr_after, jr_gain=gain,
                             penalty=P, penalty_normalized=Pbar, token_logprobs=token_lp)
+
+    def _normalized(self, P: torch.Tensor, p_all: torch.Tensor) -> torch.Tensor:
+        """Pbar from the raw penalty (``normalize``); ``p_all``: the global batch's valid penalties."""
+        if self.normalize == "none" or not p_all.shape[0]:
+            return P
+        if self.normalize == "batch":
+            return P / (p_all.mean() + 1e-12)
+        if self.scale is None:  # "initial": fixed by the first batch that has episodes
+            self.scale = float(p_all.mean())
+        return P / (self.scale + 1e-12)
 
     def _gathered(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.gather is None else self.gather(x)

@@ -93,7 +93,8 @@ def build_reward(cfg: TrainConfig, model, tokenizer, gather=None) -> DenseProces
     tracker = FisherTracker(model, layers=cfg.layers, rank=cfg.rank, seed=cfg.seed, refresh_every=cfg.refresh_every)
     jr = AnswerLikelihoodJr(model, tokenizer.encode(cfg.answer_cue, add_special_tokens=False), tokenizer.pad_token_id)
     return DenseProcessReward(jr, tracker, alpha=cfg.alpha, beta=cfg.beta, penalty_mode=cfg.penalty_mode,
-                              damping=cfg.damping, fisher_decay=cfg.fisher_decay, penalty_kind=PENALTY_KIND[cfg.method],
+                              damping=cfg.damping, fisher_decay=cfg.fisher_decay, normalize=cfg.penalty_norm,
+                              penalty_kind=PENALTY_KIND[cfg.method],
                               gather=gather)
 
 

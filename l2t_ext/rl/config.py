@@ -29,8 +29,8 @@ def _f(default, help: str):
 class TrainConfig:
     # what to train
     model: str = _f("tiny", "'tiny' (a tiny Qwen2 built from a config) or a local Hugging Face model directory")
-    task: str = _f("arith", "'arith' (synthetic arithmetic), 'word' (generated word problems) or a .jsonl/.parquet "
-                   "file of {question, answer} or {problem, solution} rows")
+    task: str = _f("arith", "'arith' (synthetic arithmetic), 'overthink' (arith, over-thinking warm start), 'word' "
+                   "(word problems) or a .jsonl/.parquet file of {question, answer} or {problem, solution} rows")
     verifier: str = _f("auto", "auto (the task's: arith for arith, math for files) | arith | math | module:function")
     method: str = _f("l2t", "grpo | length_penalty (all answers' length) | length_penalty_gated (correct answers' "
                      "length only) | l2t | ablations l2t_no_penalty (beta 0), l2t_count (each episode costs the same), "
@@ -62,6 +62,8 @@ class TrainConfig:
     alpha: float = _f(0.8, "weight of the process reward (paper Eq. 5)")
     beta: float = _f(0.6, "weight of the compression penalty (paper Definition 4.1)")
     damping: float = _f(1e-5, "Fisher damping lambda")
+    penalty_norm: str = _f("batch", "Pbar = P / scale: batch (the batch's mean penalty, the paper) | initial (the "
+                           "first step's mean, then fixed) | none (raw P; retune beta)")
     penalty_mode: str = _f("batch", "batch (the batch's empirical Fisher) | self (g g^T per episode)")
     fisher_decay: float | None = _f(None, "EMA Fisher across steps (explicit p x p) instead of the batch Fisher")
     rank: int = _f(16, "rank r of the low-rank parameter proxy per tracked layer")
@@ -109,6 +111,8 @@ class TrainConfig:
             raise InputError(f"loss_agg must be 'token-mean' or 'seq-mean', got {self.loss_agg!r}")
         if self.process_norm not in ("std", "mean_std"):
             raise InputError(f"process_norm must be 'std' or 'mean_std', got {self.process_norm!r}")
+        if self.penalty_norm not in ("batch", "initial", "none"):
+            raise InputError(f"penalty_norm must be 'batch', 'initial' or 'none', got {self.penalty_norm!r}")
         if self.penalty_mode not in ("batch", "self"):
             raise InputError(f"penalty_mode must be 'batch' or 'self', got {self.penalty_mode!r}")
         if self.rollout_backend not in ("auto", "hf", "vllm"):

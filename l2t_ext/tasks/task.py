@@ -82,10 +82,15 @@ def step_instruction(marker: str, cue: str) -> str:
 
 
 def load_task(spec: str, tiers=(1, 2, 3, 4)):
-    """``"arith"`` (synthetic arithmetic), ``"word"`` (generated word problems) or the path of a file of
+    """``"arith"`` (synthetic arithmetic), ``"overthink"`` (the same chains with a warm start that over-thinks),
+    ``"word"`` (generated word problems) or the path of a file of
     {question, answer} / {problem, solution} rows."""
     if spec == "arith":
         return ArithTask(tiers)
+    if spec == "overthink":
+        from l2t_ext.tasks.overthink import OverthinkTask
+
+        return OverthinkTask(tiers)
     if spec == "word":
         from l2t_ext.tasks.word import WordTask
 

@@ -1,0 +1,139 @@
+"""``report.md`` of ``l2t demo`` from its ``results.json``: setup, the premise check, results with spread and
+95% intervals, paired comparisons, the ablations' attribution, the reward anatomy and a plain reading."""
+
+from __future__ import annotations
+
+
+def _ms(s: dict | None, digits: int = 3, scale: float = 1.0) -> str:
+    if not s or s["mean"] is None:
+        return "-"
+    out = f"{scale * s['mean']:.{digits}f}"
+    if s.get("n", 1) > 1:
+        out += f" ± {scale * s['spread']:.{digits}f}"
+        if s.get("ci95") is not None:
+            out += f" [{scale * (s['mean'] - s['ci95']):.{digits}f}, {scale * (s['mean'] + s['ci95']):.{digits}f}]"
+    return out
+
+
+def render(res: dict, plots: list[str]) -> str:
+    cfg, S, M = res["config"], res["config"]["settings"], res["methods"]
+    mc = res["machine"]
+    sp = res["splits"]
+    L = ["# l2t demo: does L2T cut over-thinking?", "",
+         f"Setting `{res['setting']}`; machine: {mc['cpu']} ({mc['cores']} cores, AVX-512 "
+         f"{'yes' if mc['avx512'] else 'no'}), torch {mc['torch']}; {cfg['jobs']} job(s) x {cfg['threads']} "
+         f"thread(s); wall time {res['wall_s']:.0f} s.", "",
+         "Numbers are mean ± spread (sample standard deviation over warm starts x RL seeds) [95% t-interval of the "
+         "mean] where there is more than one run.", "",
+         "## Setup", "",
+         f"- Task `overthink`: arithmetic chains mod 10, tier t = t + 1 steps. Warm-start traces: "
+         f"{cfg['task']['warm_mix']} of styles; a step is wrong with probability {cfg['task']['step_error']} by "
+         f"tier; after a wrong step a check (`chk`) always fixes it, after a right one a check follows with "
+         f"probability {cfg['task']['check_prob']}; a distractor (`by`) follows a step with probability "
+         f"{cfg['task']['distract_prob']} and corrupts the chain with probability {cfg['task']['corrupt_prob']}.",
+         f"- Splits: {sp['rule']}. Reported: {sp['test_problems']} {sp['evaluated_split']} problems x "
+         f"{sp['samples_per_problem']} samples, the same for every run. Warm starts {sp['warm_start_seeds']} x RL "
+         f"seeds {sp['rl_seeds']}.",
+         f"- Model: tiny Qwen2 (hidden {cfg['model']['hidden_size']}, {cfg['model']['num_layers']} layers), "
+         "character tokenizer.",
+         f"- Warm start until the validation accuracy per tier reaches {cfg['target']} (checked every "
+         f"{S['chunk']} steps, at most {S['sft_max']}): " + "; ".join(
+             f"warm start {w['ws']} stopped at {w['sft_steps']} steps ("
+             f"{'target reached' if w['reached_target'] else 'target not reached'})" for w in res["warm_starts"]) + ".",
+         f"- RL: {S['rl_steps']} steps x {S['prompts']} prompts x {S['group']} rollouts, at most "
+         f"{S['max_new_tokens']} new tokens, per method and run. Tuned on validation: {cfg['tuned']}.",
+         "- Methods: " + "; ".join(f"`{n}` = {m} {' '.join(x) if x else ''}".rstrip()
+                                   for n, (m, x) in cfg["grid"].items()) + ".", ""]
+    L += _premise(res["premise"])
+    L += ["## Results (" + sp["evaluated_split"] + " split)", "",
+          "| method | accuracy | response tokens | tokens per correct | episodes | checks | distractors |",
+          "|---|---|---|---|---|---|---|"]
+    for name, r in [("warm start", res["warm_start"])] + list(M.items()):
+        k = r["episode_kinds"]
+        L.append(f"| {name} | {_ms(r['accuracy'])} | {_ms(r['response_tokens'], 1)} | "
+                 f"{_ms(r['tokens_per_correct'], 1)} | {_ms(r['episodes'], 2)} | {_ms(k.get('check'), 2)} | "
+                 f"{_ms(k.get('distractor'), 2)} |")
+    tiers = sorted(res["warm_start"]["per_tier"], key=int)
+    L += ["", "Per tier (accuracy / response tokens):", "",
+          "| method | " + " | ".join(f"tier {t}" for t in tiers) + " |", "|---|" + "---|" * len(tiers)]
+    for name, r in [("warm start", res["warm_start"])] + list(M.items()):
+        L.append(f"| {name} | " + " | ".join(f"{_ms(r['per_tier'][t]['accuracy'], 2)} / "
+                                             f"{_ms(r['per_tier'][t]['response_tokens'], 1)}" for t in tiers) + " |")
+    L += ["", "## Paired comparisons (same warm start, seed and problems)", "",
+          "| comparison | token saving of l2t | accuracy difference (points) |", "|---|---|---|"]
+    for k, v in res["paired"].items():
+        if v:
+            L.append(f"| {k} | {_ms(v['token_saving'], 1, 100)}% | {_ms(v['accuracy_diff_points'], 1)} |")
+    L += ["", "## Reward anatomy of the warm start's rollouts (L2T, tuned beta)", ""]
+    from l2t_ext.reward.anatomy import format_summary
+
+    for a in res["anatomy"]:
+        L += [f"Warm start {a['ws']}:", "", format_summary(a["summary"]), ""]
+    L += ["Plots: " + ", ".join(f"![{p}]({p})" for p in plots), "", "## Reading", ""]
+    L += reading(res)
+    return "\n".join(L) + "\n"
+
+
+def _premise(P: dict) -> list[str]:
+    L = ["## The premise: Acc(k) per tier", "",
+         "Acc(k): accuracy when each response is cut after its k-th episode and the answer is forced. The premise "
+         "holds for a policy when Acc(k) peaks and then falls (by more than 2 points) on every tier, with easier "
+         "tiers peaking no later than harder ones.", ""]
+    for name, p in P.items():
+        L.append(f"**{name}**: premise {'holds' if p['holds'] else 'does not hold'} (easy tiers peak earlier: "
+                 f"{'yes' if p['easy_peak_earlier'] else 'no'}).")
+        L += ["", "| tier | Acc(1..k) | peak k | peak | last | falls |", "|---|---|---|---|---|---|"]
+        for t, v in p["per_tier"].items():
+            curve = " ".join(f"{v['acc_by_depth'][k]:.2f}" for k in sorted(v["acc_by_depth"], key=int))
+            L.append(f"| {t} | {curve} | {v['peak_k']} | {v['peak_acc']:.3f} | {v['last_acc']:.3f} | "
+                     f"{'yes' if v['falls'] else 'no'} |")
+        L.append("")
+    return L
+
+
+def reading(res: dict) -> list[str]:
+    """The sentences the README quotes: savings against GRPO and the gated length penalty, attribution."""
+    M, P = res["methods"], res["paired"]
+    out = []
+    for base in ("grpo", "length_penalty_gated"):
+        p = P.get(f"l2t_vs_{base}")
+        if not p:
+            continue
+        s, d = p["token_saving"], p["accuracy_diff_points"]
+        out.append(f"- L2T vs {base}: {100 * s['mean']:+.1f}% tokens saved (negative: more tokens), accuracy "
+                   f"{d['mean']:+.1f} points" + (f" (95% intervals: saving [{100 * (s['mean'] - s['ci95']):.1f}, "
+                                                 f"{100 * (s['mean'] + s['ci95']):.1f}]%, accuracy "
+                                                 f"[{d['mean'] - d['ci95']:.1f}, {d['mean'] + d['ci95']:.1f}])"
+                                                 if s.get("ci95") is not None else " (one run: no interval)") + ".")
+    g = M.get("grpo")
+    if g and "l2t" in M:
+        goal = (P["l2t_vs_grpo"]["token_saving"]["mean"] >= 0.40
+                and M["l2t"]["accuracy"]["mean"] >= g["accuracy"]["mean"])
+        out.append(f"- Goal (>= 40% fewer tokens than GRPO at accuracy >= GRPO's): {'met' if goal else 'not met'}.")
+    abl = [n for n in ("l2t_no_penalty", "l2t_count", "l2t_tokens", "l2t_initial_scale") if n in M]
+    if abl and "l2t" in M:
+        parts = [f"{n} {M[n]['response_tokens']['mean']:.1f} tokens / {M[n]['accuracy']['mean']:.3f}" for n in abl]
+        out.append(f"- Ablations (tokens / accuracy): l2t {M['l2t']['response_tokens']['mean']:.1f} / "
+                   f"{M['l2t']['accuracy']['mean']:.3f}; " + "; ".join(parts) + ".")
+        out.append("- " + attribution(M))
+    for name, p in res["premise"].items():
+        out.append(f"- Premise on {name}: {'holds' if p['holds'] else 'does not hold'}.")
+    return out
+
+
+def attribution(M: dict) -> str:
+    """Which term the token saving comes from, read off the ablations (differences over 1 spread of the mean
+    runs count; smaller ones are reported as ties)."""
+    t = {n: M[n]["response_tokens"]["mean"] for n in M}
+    if "l2t_no_penalty" not in t:
+        return "Attribution needs the l2t_no_penalty run."
+    no_pen, l2t = t["l2t_no_penalty"], t["l2t"]
+    sd = max(M["l2t"]["response_tokens"]["spread"] or 0.0, M["l2t_no_penalty"]["response_tokens"]["spread"] or 0.0)
+    msg = (f"Penalty effect: l2t uses {l2t:.1f} tokens vs {no_pen:.1f} with beta = 0 "
+           f"({'the penalty shortens responses' if l2t < no_pen - max(sd, 0.5) else 'no clear penalty effect'})")
+    if "l2t_count" in t:
+        c = t["l2t_count"]
+        msg += (f"; a plain per-episode cost (l2t_count) gives {c:.1f} tokens, "
+                + ("so the Fisher weighting is not what saves tokens" if c <= l2t + max(sd, 0.5)
+                   else "so the Fisher weighting saves more than a count does"))
+    return msg + "."
