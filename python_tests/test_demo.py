@@ -20,7 +20,7 @@ def test_demo_quick(tmp_path):
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["methods"]) == set(demo.GRID)
-    for m, r in res["methods"].items():
+    for r in res["methods"].values():
         for key in ("accuracy", "response_tokens", "episodes"):
             assert set(r[key]) == {"mean", "spread", "ci95", "n"} and math.isfinite(r[key]["mean"])
         assert set(r["per_tier"]) == {"1", "2", "3", "4"}

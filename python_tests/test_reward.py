@@ -459,10 +459,9 @@ def test_penalty_normalisations_batch_initial_none():
 
 
 def test_episode_anatomy_rows_match_the_reward_and_a_bruteforce_surprise():
+    from l2t_ext.lm import position_ids_from_mask, token_logprobs
     from l2t_ext.reward import episode_anatomy, format_summary, summarize
     from l2t_ext.reward.anatomy import spearman
-
-    from l2t_ext.lm import position_ids_from_mask, token_logprobs
 
     model = tiny_model("qwen2", dtype=torch.float64)
     ids, am, resp = rollouts(B=3, seed=7)
