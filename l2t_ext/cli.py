@@ -138,7 +138,7 @@ def _cmd_demo(args) -> int:
     from l2t_ext.demo import run_demo
 
     run_demo(args.out, quick=args.quick, full=args.full, tune=args.tune, jobs=args.jobs, threads=args.threads,
-             seeds=args.seeds, warm_starts=args.warm_starts)
+             seeds=args.seeds, warm_starts=args.warm_starts, first_warm_start=args.first_warm_start)
     print(f"report: {os.path.join(args.out, 'report.md')}")
     return 0
 
@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--tune", action="store_true", help="validation sweep of beta and the length coefficient")
     pd.add_argument("--seeds", type=_positive_int, default=None, help="RL seeds per warm start (default: setting's)")
     pd.add_argument("--warm-starts", type=_positive_int, default=None, help="warm starts (default: setting's)")
+    pd.add_argument("--first-warm-start", type=int, default=0, help="seed of the first warm start (another value: "
+                                                                    "an independent replication)")
     pd.add_argument("--jobs", type=_positive_int, default=None, help="parallel runs (default: 2, quick: 1)")
     pd.add_argument("--out", default="l2t_demo")
     pd.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads per job (default: cores "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 
@@ -39,6 +40,13 @@ def test_demo_quick(tmp_path):
         assert text in report
     assert (out / "accuracy_vs_budget.png").stat().st_size > 1000
     assert (out / "acc_tokens_by_depth.png").stat().st_size > 1000
+    assert (out / "reward_anatomy.png").stat().st_size > 1000 and "reward_anatomy.png" in report
+    assert "| tier | Acc(k), k = 1.. | T(k) |" in report
+    # the report re-renders from results.json alone
+    from l2t_ext.demo.report import rerender
+
+    (out / "report.md").unlink()
+    assert (out / "report.md").samefile(rerender(str(out))) and (out / "report.md").read_text() == report
     # the warm start is reused by a later run in the same directory (its evaluation is redone)
     again = demo.warm_start_job(0, demo.SETTINGS["quick"], str(out), 1)
     assert again.get("reused") and again["sft_steps"] == 100
@@ -48,8 +56,13 @@ def test_stat_mean_spread_and_t_interval():
     s = demo.stat([1.0, 2.0, 3.0, None])
     assert s["n"] == 3 and s["mean"] == 2.0 and s["spread"] == pytest.approx(1.0)
     assert s["ci95"] == pytest.approx(4.303 * 1.0 / math.sqrt(3))
-    assert demo.stat([5.0]) == {"mean": 5.0, "spread": 0.0, "ci95": None, "n": 1}
+    assert demo.stat([5.0])["ci95"] is None and demo.stat([5.0])["spread"] == 0.0
     assert demo.stat([None])["mean"] is None
+    # runs nested in warm starts: the interval is over the warm starts' means (2 groups -> t with 1 dof)
+    g = demo.stat([1.0, 3.0, 5.0, 7.0], groups=[0, 0, 1, 1])
+    assert g["mean"] == 4.0 and g["ci_units"] == "2 warm starts"
+    assert g["ci95"] == pytest.approx(12.706 * statistics.stdev([2.0, 6.0]) / math.sqrt(2))
+    assert demo.stat([1.0, 3.0], groups=[0, 0])["ci_units"] == "2 runs"  # one warm start: over runs
 
 
 def _run(name, ws, seed, acc, tokens):
@@ -60,7 +73,7 @@ def test_paired_comparison_matches_runs_by_warm_start_and_seed():
     runs = [_run("l2t", 0, 0, 0.8, 30.0), _run("grpo", 0, 0, 0.7, 60.0),
             _run("l2t", 1, 0, 0.9, 40.0), _run("grpo", 1, 0, 0.9, 50.0), _run("grpo", 2, 0, 0.1, 10.0)]
     p = demo._paired(runs, "l2t", "grpo")
-    assert p["token_saving"]["n"] == 2  # ws 2 has no l2t run: not paired
+    assert p["token_saving"]["n"] == 2 and p["token_saving"]["ci_units"] == "2 warm starts"  # ws 2: no l2t run
     assert p["token_saving"]["mean"] == pytest.approx((0.5 + 0.2) / 2)
     assert p["accuracy_diff_points"]["mean"] == pytest.approx((10.0 + 0.0) / 2)
     assert demo._paired(runs, "l2t", "length_penalty") is None
@@ -84,7 +97,7 @@ def test_premise_peak_fall_and_order():
 
 def test_tuning_rule_fewest_tokens_within_two_points_of_grpo():
     by = {f"l2t@beta={b}": {"accuracy": {"mean": a}, "response_tokens": {"mean": t}}
-          for b, a, t in ((0.15, 0.80, 50), (0.3, 0.79, 40), (0.6, 0.70, 20), (1.2, 0.5, 10))}
+          for b, a, t in ((0.15, 0.80, 50), (0.3, 0.79, 40), (0.6, 0.70, 20), (1.2, 0.5, 10), (2.4, 0.4, 9))}
     assert demo._choose(by, "l2t@beta=", demo.BETAS, grpo_acc=0.80) == 0.3
     assert demo._choose(by, "l2t@beta=", demo.BETAS, grpo_acc=0.95) == 0.15  # none qualifies: most accurate
 

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 
 def _ms(s: dict | None, digits: int = 3, scale: float = 1.0) -> str:
     if not s or s["mean"] is None:
@@ -24,7 +27,8 @@ def render(res: dict, plots: list[str]) -> str:
          f"{'yes' if mc['avx512'] else 'no'}), torch {mc['torch']}; {cfg['jobs']} job(s) x {cfg['threads']} "
          f"thread(s); wall time {res['wall_s']:.0f} s.", "",
          "Numbers are mean ± spread (sample standard deviation over warm starts x RL seeds) [95% t-interval of the "
-         "mean] where there is more than one run.", "",
+         "mean, over the warm starts' means when there are several: runs from one warm start are not independent] "
+         "where there is more than one run.", "",
          "## Setup", "",
          f"- Task `overthink`: arithmetic chains mod 10, tier t = t + 1 steps. Warm-start traces: "
          f"{cfg['task']['warm_mix']} of styles; a step is wrong with probability {cfg['task']['step_error']} by "
@@ -42,9 +46,12 @@ def render(res: dict, plots: list[str]) -> str:
              f"{'target reached' if w['reached_target'] else 'target not reached'})" for w in res["warm_starts"]) + ".",
          f"- RL: {S['rl_steps']} steps x {S['prompts']} prompts x {S['group']} rollouts, at most "
          f"{S['max_new_tokens']} new tokens, per method and run. Tuned on validation: {cfg['tuned']}.",
-         "- Methods: " + "; ".join(f"`{n}` = {m} {' '.join(x) if x else ''}".rstrip()
+         "- Methods: " + "; ".join(f"`{n}` = {m} {' '.join(x).format(**cfg['tuned']) if x else ''}".rstrip()
                                    for n, (m, x) in cfg["grid"].items()) + ".", ""]
-    L += _premise(res["premise"])
+    T = {"warm start": res["warm_start"]["tokens_by_depth"]}
+    if "grpo" in M:
+        T["grpo"] = M["grpo"]["tokens_by_depth"]
+    L += _premise(res["premise"], T)
     L += ["## Results (" + sp["evaluated_split"] + " split)", "",
           "| method | accuracy | response tokens | tokens per correct | episodes | checks | distractors |",
           "|---|---|---|---|---|---|---|"]
@@ -74,21 +81,69 @@ def render(res: dict, plots: list[str]) -> str:
     return "\n".join(L) + "\n"
 
 
-def _premise(P: dict) -> list[str]:
-    L = ["## The premise: Acc(k) per tier", "",
-         "Acc(k): accuracy when each response is cut after its k-th episode and the answer is forced. The premise "
-         "holds for a policy when Acc(k) peaks and then falls (by more than 2 points) on every tier, with easier "
-         "tiers peaking no later than harder ones.", ""]
+def _premise(P: dict, T: dict) -> list[str]:
+    """The premise verdict per policy with its Acc(k) and T(k) curves (``T``: policy -> tokens_by_depth)."""
+    L = ["## The premise: Acc(k) and T(k) per tier", "",
+         "Acc(k): accuracy when each response is cut after its k-th episode and the answer is forced; T(k): the "
+         "response tokens up to that point (responses with fewer episodes keep their own answer and length). The "
+         "premise holds for a policy when Acc(k) peaks and then falls (by more than 2 points) on every tier, with "
+         "easier tiers peaking no later than harder ones.", ""]
     for name, p in P.items():
         L.append(f"**{name}**: premise {'holds' if p['holds'] else 'does not hold'} (easy tiers peak earlier: "
                  f"{'yes' if p['easy_peak_earlier'] else 'no'}).")
-        L += ["", "| tier | Acc(1..k) | peak k | peak | last | falls |", "|---|---|---|---|---|---|"]
+        L += ["", "| tier | Acc(k), k = 1.. | T(k) | peak k | peak | last | falls |", "|---|---|---|---|---|---|---|"]
         for t, v in p["per_tier"].items():
-            curve = " ".join(f"{v['acc_by_depth'][k]:.2f}" for k in sorted(v["acc_by_depth"], key=int))
-            L.append(f"| {t} | {curve} | {v['peak_k']} | {v['peak_acc']:.3f} | {v['last_acc']:.3f} | "
+            ks = sorted(v["acc_by_depth"], key=int)
+            curve = " ".join(f"{v['acc_by_depth'][k]:.2f}" for k in ks)
+            tk = " ".join(f"{T[name][t][k]:.0f}" for k in ks) if name in T else "-"
+            L.append(f"| {t} | {curve} | {tk} | {v['peak_k']} | {v['peak_acc']:.3f} | {v['last_acc']:.3f} | "
                      f"{'yes' if v['falls'] else 'no'} |")
         L.append("")
     return L
+
+
+def plot_anatomy(res: dict, out_dir: str) -> str | None:
+    """A bar chart of the warm start's reward anatomy by episode kind (mean gain, Pbar, surprise, tokens; one bar
+    group per warm start's mean); returns the PNG's path (None without anatomy)."""
+    if not res.get("anatomy"):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({k for a in res["anatomy"] for k in a["summary"]["groups"]})
+    fields = (("gain", "information gain"), ("penalty_normalized", "Pbar"), ("surprise", "surprise (NLL)"),
+              ("tokens", "tokens"))
+    fig, axes = plt.subplots(1, len(fields), figsize=(3.2 * len(fields), 3.2))
+    for ax, (f, title) in zip(axes, fields):
+        vals = [[a["summary"]["groups"][k][f] for a in res["anatomy"] if k in a["summary"]["groups"]] for k in kinds]
+        means = [sum(v) / len(v) for v in vals]
+        ax.bar(kinds, means, color="tab:blue")
+        for i, v in enumerate(vals):  # one dot per warm start
+            ax.scatter([i] * len(v), v, color="black", s=8, zorder=3)
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle("L2T reward anatomy of the warm start's rollouts, by episode kind")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "reward_anatomy.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def rerender(out_dir: str) -> str:
+    """Write ``report.md`` (and the anatomy plot) again from ``out_dir/results.json``; returns the report path."""
+    with open(os.path.join(out_dir, "results.json")) as f:
+        res = json.load(f)
+    plots = [p for p in ("accuracy_vs_budget.png", "acc_tokens_by_depth.png")
+             if os.path.exists(os.path.join(out_dir, p))]
+    anat = plot_anatomy(res, out_dir)
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write(render(res, plots + ([os.path.basename(anat)] if anat else [])))
+    return path
+
 
 
 def reading(res: dict) -> list[str]:
@@ -110,30 +165,61 @@ def reading(res: dict) -> list[str]:
         goal = (P["l2t_vs_grpo"]["token_saving"]["mean"] >= 0.40
                 and M["l2t"]["accuracy"]["mean"] >= g["accuracy"]["mean"])
         out.append(f"- Goal (>= 40% fewer tokens than GRPO at accuracy >= GRPO's): {'met' if goal else 'not met'}.")
-    abl = [n for n in ("l2t_no_penalty", "l2t_count", "l2t_tokens", "l2t_initial_scale") if n in M]
+    abl = [n for n in ("l2t_no_penalty", "l2t_count", "l2t_count_tuned", "l2t_tokens", "l2t_initial_scale") if n in M]
     if abl and "l2t" in M:
         parts = [f"{n} {M[n]['response_tokens']['mean']:.1f} tokens / {M[n]['accuracy']['mean']:.3f}" for n in abl]
         out.append(f"- Ablations (tokens / accuracy): l2t {M['l2t']['response_tokens']['mean']:.1f} / "
                    f"{M['l2t']['accuracy']['mean']:.3f}; " + "; ".join(parts) + ".")
         out.append("- " + attribution(M))
     for name, p in res["premise"].items():
-        out.append(f"- Premise on {name}: {'holds' if p['holds'] else 'does not hold'}.")
+        falls = [t for t, v in p["per_tier"].items() if v["falls"]]
+        flat = [f"{t} (peak at k = {v['peak_k']})" for t, v in p["per_tier"].items() if not v["falls"]]
+        out.append(f"- Premise on {name}: {'holds' if p['holds'] else 'does not hold'}; Acc(k) peaks and falls "
+                   f"on tier(s) {', '.join(falls) or 'none'}" + (f", not on {', '.join(flat)}" if flat else "")
+                   + f"; easier tiers peak no later: {'yes' if p['easy_peak_earlier'] else 'no'}.")
     return out
 
 
 def attribution(M: dict) -> str:
-    """Which term the token saving comes from, read off the ablations (differences over 1 spread of the mean
-    runs count; smaller ones are reported as ties)."""
-    t = {n: M[n]["response_tokens"]["mean"] for n in M}
-    if "l2t_no_penalty" not in t:
-        return "Attribution needs the l2t_no_penalty run."
-    no_pen, l2t = t["l2t_no_penalty"], t["l2t"]
-    sd = max(M["l2t"]["response_tokens"]["spread"] or 0.0, M["l2t_no_penalty"]["response_tokens"]["spread"] or 0.0)
-    msg = (f"Penalty effect: l2t uses {l2t:.1f} tokens vs {no_pen:.1f} with beta = 0 "
-           f"({'the penalty shortens responses' if l2t < no_pen - max(sd, 0.5) else 'no clear penalty effect'})")
-    if "l2t_count" in t:
-        c = t["l2t_count"]
-        msg += (f"; a plain per-episode cost (l2t_count) gives {c:.1f} tokens, "
-                + ("so the Fisher weighting is not what saves tokens" if c <= l2t + max(sd, 0.5)
-                   else "so the Fisher weighting saves more than a count does"))
+    """Which term the token saving comes from, read off the ablations: a difference counts when it exceeds the
+    larger spread of the two methods (and at least 1 token or 2 accuracy points); smaller ones are ties."""
+    if "l2t_no_penalty" not in M or "l2t" not in M:
+        return "Attribution needs the l2t and l2t_no_penalty runs."
+
+    def m(n, k):
+        return M[n][k]["mean"]
+
+    def gap(a, b, k, floor):
+        return max(floor, M[a][k]["spread"] or 0.0, M[b][k]["spread"] or 0.0)
+
+    t0, t1 = m("l2t_no_penalty", "response_tokens"), m("l2t", "response_tokens")
+    cut = t1 < t0 - gap("l2t", "l2t_no_penalty", "response_tokens", 1.0)
+    msg = (f"Penalty: l2t uses {t1:.1f} tokens, {t0:.1f} with beta = 0 (l2t_no_penalty): "
+           + ("the saving comes from the penalty, not from the information gain" if cut
+              else "no clear saving from the penalty"))
+    for n, what in (("l2t_count", "a plain per-episode cost"), ("l2t_count_tuned", "a per-episode cost at its own "
+                    "tuned beta"), ("l2t_tokens", "a per-token cost")):
+        if n not in M:
+            continue
+        tn, an = m(n, "response_tokens"), m(n, "accuracy")
+        d_tok = tn - t1
+        d_acc = 100 * (an - m("l2t", "accuracy"))
+        same_tok = abs(d_tok) <= gap(n, "l2t", "response_tokens", 1.0)
+        same_acc = abs(d_acc) <= 100 * gap(n, "l2t", "accuracy", 0.02)
+        msg += f"; {what} ({n}) gives {tn:.1f} tokens at {d_acc:+.1f} points vs l2t"
+        if same_tok and same_acc:
+            msg += ": the Fisher weighting adds nothing over it"
+        elif same_tok and d_acc < 0:
+            msg += ": as short, but less accurate, so the Fisher weighting is what keeps accuracy while cutting"
+        elif d_tok > 0 and same_acc:
+            msg += ": longer at the same accuracy, so the Fisher weighting cuts more"
+        elif d_tok < 0 and d_acc < 0:
+            msg += ": shorter but less accurate at this beta (it also cuts episodes that earn their tokens)"
+        else:
+            msg += ": a different trade-off"
     return msg + "."
+
+if __name__ == "__main__":  # python -m l2t_ext.demo.report DIR: re-render a finished demo's report
+    import sys
+
+    print(rerender(sys.argv[1]))

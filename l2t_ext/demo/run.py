@@ -47,8 +47,8 @@ HIDDEN, LAYERS = 96, 2  # ~0.2M parameters
 # reach (mix-weighted: 0.89, 0.79, 0.70, 0.62), above what a half-trained model gets
 TARGET = {"1": 0.75, "2": 0.6, "3": 0.5, "4": 0.4}
 # chosen on the validation split by `l2t demo --tune` (docs/demo/tuning.json); see _choose for the rule
-TUNED = {"beta": 0.6, "length_coef": 0.2}
-BETAS, LENGTH_COEFS = (0.15, 0.3, 0.6, 1.2), (0.05, 0.1, 0.2, 0.4)  # the tuning grid: the same budget for both
+TUNED = {"beta": 2.4, "length_coef": 0.8, "l2t_count_beta": 0.6}
+BETAS, LENGTH_COEFS = (0.15, 0.3, 0.6, 1.2, 2.4), (0.05, 0.1, 0.2, 0.4, 0.8)  # the tuning grid, the same budget
 
 # name: (method, extra overrides). "l2t" is the paper's reward with the tuned beta; the rest are baselines and
 # ablations that change one thing.
@@ -59,10 +59,11 @@ GRID = {
     "l2t": ("l2t", ["beta={beta}"]),
     "l2t_no_penalty": ("l2t_no_penalty", []),
     "l2t_count": ("l2t_count", ["beta={beta}"]),
+    "l2t_count_tuned": ("l2t_count", ["beta={l2t_count_beta}"]),  # the count ablation at its own tuned beta
     "l2t_tokens": ("l2t_tokens", ["beta={beta}"]),
     "l2t_initial_scale": ("l2t", ["beta={beta}", "penalty_norm=initial"]),
 }
-KEY_METHODS = ("grpo", "length_penalty_gated", "l2t", "l2t_no_penalty", "l2t_count")
+KEY_METHODS = ("grpo", "length_penalty_gated", "l2t", "l2t_no_penalty", "l2t_count", "l2t_count_tuned")
 SETTINGS = {
     "quick": dict(warm_starts=1, seeds=1, methods=tuple(GRID), sft_max=100, chunk=100, target=None, rl_steps=2,
                   prompts=4, group=4, eval_per_tier=6, eval_samples=2, max_new_tokens=128, split="test",
@@ -177,8 +178,21 @@ def rl_job(ws: int, name: str, seed: int, S: dict, out: str, params: dict, threa
 
     torch.set_num_threads(threads)
     t0 = time.time()
+    run_dir = os.path.join(out, "runs", f"ws{ws}_{name}_s{seed}")
+    cfg = rl_config(S, name, seed, run_dir, params, threads)
+    # a finished run of the same config from the same warm start is reused (an interrupted demo resumes)
+    key = {"config": json.loads(cfg.to_json()), "split": S["split"], "eval": [S[k] for k in (
+        "eval_per_tier", "eval_samples")], "warm": os.path.getmtime(os.path.join(out, "warm", f"ws{ws}.pt"))}
+    key["config"].pop("threads")
+    done_path = os.path.join(run_dir, "demo_result.json")
+    try:
+        with open(done_path) as f:
+            done = json.load(f)
+        if done["key"] == key:
+            return {**done["result"], "reused": True}
+    except (OSError, ValueError, KeyError):
+        pass
     warm = torch.load(os.path.join(out, "warm", f"ws{ws}.pt"))
-    cfg = rl_config(S, name, seed, os.path.join(out, "runs", f"ws{ws}_{name}_s{seed}"), params, threads)
     trainer = Trainer(cfg, init_state=warm)
     rows = trainer.train()
     trainer.close()
@@ -186,7 +200,10 @@ def rl_job(ws: int, name: str, seed: int, S: dict, out: str, params: dict, threa
     ev = _evaluate(trainer.model, trainer.tok, _split_problems(S), S)
     curve = [{k: r.get(k) for k in ("step", "accuracy", "response_tokens_mean", "episodes_mean", "penalty_mean",
                                     "jr_gain_mean")} for r in rows]
-    return {"ws": ws, "name": name, "seed": seed, "eval": ev, "curve": curve, "wall_s": time.time() - t0}
+    result = {"ws": ws, "name": name, "seed": seed, "eval": ev, "curve": curve, "wall_s": time.time() - t0}
+    with open(done_path, "w") as f:
+        json.dump({"key": key, "result": result}, f)
+    return result
 
 
 def anatomy_job(ws: int, S: dict, out: str, params: dict, threads: int) -> dict:
@@ -208,14 +225,19 @@ def anatomy_job(ws: int, S: dict, out: str, params: dict, threads: int) -> dict:
 
 # ------------------------------------------------------------------------------------------- the experiment
 def run_demo(out: str, quick: bool = False, full: bool = False, tune: bool = False, jobs: int | None = None,
-             threads: int | None = None, seeds: int | None = None, warm_starts: int | None = None) -> dict:
+             threads: int | None = None, seeds: int | None = None, warm_starts: int | None = None,
+             first_warm_start: int = 0) -> dict:
     """Run the experiment of a setting (``quick``, ``full``, ``tune`` or the default) into ``out``: report.md,
-    results.json (tuning.json for ``tune``), PNG plots. ``jobs`` processes share the CPU (``threads`` each)."""
+    results.json (tuning.json for ``tune``), PNG plots. ``jobs`` processes share the CPU (``threads`` each).
+    Warm starts use seeds ``first_warm_start, first_warm_start + 1, ...`` (another value: an independent
+    replication of the same experiment)."""
     if sum(map(bool, (quick, full, tune))) > 1:
         raise InputError("choose at most one of quick, full, tune")
     for name, v in (("jobs", jobs), ("threads", threads), ("seeds", seeds), ("warm_starts", warm_starts)):
         if v is not None and (not isinstance(v, int) or v < 1):
             raise InputError(f"{name} must be an integer >= 1, got {v!r}")
+    if not isinstance(first_warm_start, int) or first_warm_start < 0:
+        raise InputError(f"first_warm_start must be an integer >= 0, got {first_warm_start!r}")
     setting = "quick" if quick else "full" if full else "tune" if tune else "default"
     S = dict(SETTINGS[setting])
     S["seeds"], S["warm_starts"] = seeds or S["seeds"], warm_starts or S["warm_starts"]
@@ -229,7 +251,8 @@ def run_demo(out: str, quick: bool = False, full: bool = False, tune: bool = Fal
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         _log(f"{setting}: {S['warm_starts']} warm start(s) x {S['seeds']} seed(s), {jobs} job(s) x {threads} thread(s)")
         n = S["warm_starts"]  # fewer warm starts than jobs: each gets more threads
-        warms = list(pool.map(warm_start_job, range(n), [S] * n, [out] * n, [max(threads, cores // min(jobs, n))] * n))
+        ids = range(first_warm_start, first_warm_start + n)
+        warms = list(pool.map(warm_start_job, ids, [S] * n, [out] * n, [max(threads, cores // min(jobs, n))] * n))
         for w in warms:
             reached = "reached" if w["reached_target"] else "NOT reached"
             _log(f"warm start {w['ws']}: {w['sft_steps']} steps, target {reached}, {S['split']} pass@1 "
@@ -263,10 +286,11 @@ def run_demo(out: str, quick: bool = False, full: bool = False, tune: bool = Fal
     res["wall_s"] = time.time() - t_start
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(res, f, indent=1)
-    from l2t_ext.demo.report import render
+    from l2t_ext.demo.report import plot_anatomy, render
 
+    anat = plot_anatomy(res, out)
     with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(render(res, [os.path.basename(p) for p in plots]))
+        f.write(render(res, [os.path.basename(p) for p in plots + ([anat] if anat else [])]))
     _log(f"wrote {out}/report.md, results.json and plots in {res['wall_s']:.0f}s")
     return res
 
@@ -276,8 +300,11 @@ def _first_run(runs: list[dict], name: str) -> dict:
 
 
 def _tune_names() -> list[str]:
+    """The sweep: GRPO (the accuracy bar), beta for l2t, the gated length penalty's coefficient, and beta for the
+    l2t_count ablation (reported, so that the ablation can also be read at its own best beta)."""
     return (["grpo"] + [f"l2t@beta={b}" for b in BETAS]
-            + [f"length_penalty_gated@length_coef={c}" for c in LENGTH_COEFS])
+            + [f"length_penalty_gated@length_coef={c}" for c in LENGTH_COEFS]
+            + [f"l2t_count@beta={b}" for b in BETAS])
 
 
 def _tuning_result(S: dict, warms: list[dict], runs: list[dict]) -> dict:
@@ -289,8 +316,9 @@ def _tuning_result(S: dict, warms: list[dict], runs: list[dict]) -> dict:
                  "response_tokens": stat([r["eval"]["overall"]["response_tokens"] for r in rs])}
     grpo_acc = by["grpo"]["accuracy"]["mean"]
     chosen = {"beta": _choose(by, "l2t@beta=", BETAS, grpo_acc),
-              "length_coef": _choose(by, "length_penalty_gated@length_coef=", LENGTH_COEFS, grpo_acc)}
-    return {"split": S["split"], "settings": S, "runs": by, "chosen": chosen, "rule": CHOICE_RULE,
+              "length_coef": _choose(by, "length_penalty_gated@length_coef=", LENGTH_COEFS, grpo_acc),
+              "l2t_count_beta": _choose(by, "l2t_count@beta=", BETAS, grpo_acc)}
+    return {"split": S["split"], "settings": S, "runs": by, "chosen": chosen, "rule": CHOICE_RULE, "machine": machine(),
             "warm_starts": [{k: w[k] for k in ("ws", "sft_steps", "reached_target", "history")} for w in warms]}
 
 
@@ -309,35 +337,49 @@ def _choose(by: dict, prefix: str, values, grpo_acc: float) -> float:
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def stat(xs: list[float | None]) -> dict:
-    """``{"mean", "spread", "ci95", "n"}`` over runs: spread is the sample standard deviation, ci95 the
-    half-width of a t-interval for the mean (None with one run)."""
-    xs = [x for x in xs if x is not None]
+def stat(xs: list[float | None], groups: list | None = None) -> dict:
+    """``{"mean", "spread", "ci95", "n"}`` over runs: spread is the sample standard deviation over the runs. The
+    95% t-interval half-width ``ci95`` is taken over the means of ``groups`` (the runs' warm starts: runs that
+    share a warm start are not independent) when there are at least two groups, else over the runs (None
+    with one run); ``ci_units`` says which."""
+    keep = [(x, g) for x, g in zip(xs, groups or [None] * len(xs)) if x is not None]
+    xs = [x for x, _ in keep]
     if not xs:
         return {"mean": None, "spread": None, "ci95": None, "n": 0}
     n = len(xs)
     sd = statistics.stdev(xs) if n > 1 else 0.0
-    return {"mean": statistics.fmean(xs), "spread": sd, "ci95": _T975.get(n - 1, 1.96) * sd / math.sqrt(n)
-            if n > 1 else None, "n": n}
+    by: dict = {}
+    for x, g in keep:
+        by.setdefault(g, []).append(x)
+    units, level = (list(by.values()), "warm starts") if groups and len(by) > 1 else ([[x] for x in xs], "runs")
+    means = [statistics.fmean(u) for u in units]
+    k = len(means)
+    ci = _T975.get(k - 1, 1.96) * statistics.stdev(means) / math.sqrt(k) if k > 1 else None
+    return {"mean": statistics.fmean(xs), "spread": sd, "ci95": ci, "n": n, "ci_units": f"{k} {level}"}
 
 
 def _method_stats(rs: list[dict]) -> dict:
     ev = [r["eval"] for r in rs]
+    ws = [r["ws"] for r in rs]
+
+    def st(xs):  # every statistic of a method: intervals over its warm starts
+        return stat(xs, ws)
+
     tiers = sorted(ev[0]["per_tier"], key=int)
     kinds = sorted({k for e in ev for k in e.get("episode_kinds", {}).get("overall", {})})
     return {
-        "accuracy": stat([e["overall"]["pass@1"] for e in ev]),
-        "response_tokens": stat([e["overall"]["response_tokens"] for e in ev]),
-        "tokens_per_correct": stat([e["overall"]["tokens_per_correct"] for e in ev]),
-        "episodes": stat([e["overall"]["episodes_mean"] for e in ev]),
-        "per_tier": {t: {"accuracy": stat([e["per_tier"][t]["pass@1"] for e in ev]),
-                         "response_tokens": stat([e["per_tier"][t]["response_tokens"] for e in ev]),
-                         "tokens_per_correct": stat([e["per_tier"][t]["tokens_per_correct"] for e in ev])}
+        "accuracy": st([e["overall"]["pass@1"] for e in ev]),
+        "response_tokens": st([e["overall"]["response_tokens"] for e in ev]),
+        "tokens_per_correct": st([e["overall"]["tokens_per_correct"] for e in ev]),
+        "episodes": st([e["overall"]["episodes_mean"] for e in ev]),
+        "per_tier": {t: {"accuracy": st([e["per_tier"][t]["pass@1"] for e in ev]),
+                         "response_tokens": st([e["per_tier"][t]["response_tokens"] for e in ev]),
+                         "tokens_per_correct": st([e["per_tier"][t]["tokens_per_correct"] for e in ev])}
                      for t in tiers},
-        "episode_kinds": {k: stat([e["episode_kinds"]["overall"].get(k, 0.0) for e in ev]) for k in kinds},
+        "episode_kinds": {k: st([e["episode_kinds"]["overall"].get(k, 0.0) for e in ev]) for k in kinds},
         "acc_by_depth": _mean_curves([e["acc_by_depth"] for e in ev]),
         "tokens_by_depth": _mean_curves([e["tokens_by_depth"] for e in ev]),
-        "accuracy_vs_budget": {b: stat([e["accuracy_vs_budget"][b] for e in ev])["mean"]
+        "accuracy_vs_budget": {b: st([e["accuracy_vs_budget"][b] for e in ev])["mean"]
                                for b in ev[0]["accuracy_vs_budget"]},
         "runs": [{"ws": r["ws"], "seed": r["seed"], "accuracy": r["eval"]["overall"]["pass@1"],
                   "response_tokens": r["eval"]["overall"]["response_tokens"], "wall_s": r["wall_s"]} for r in rs],
@@ -355,10 +397,11 @@ def _paired(runs: list[dict], a: str, b: str) -> dict | None:
     pairs = [(r, idx[(r["ws"], r["seed"])]) for r in runs if r["name"] == a and (r["ws"], r["seed"]) in idx]
     if not pairs:
         return None
+    ws = [x["ws"] for x, _ in pairs]
     return {"token_saving": stat([1 - x["eval"]["overall"]["response_tokens"] / y["eval"]["overall"]["response_tokens"]
-                                  for x, y in pairs]),
+                                   for x, y in pairs], ws),
             "accuracy_diff_points": stat([100 * (x["eval"]["overall"]["pass@1"] - y["eval"]["overall"]["pass@1"])
-                                          for x, y in pairs])}
+                                           for x, y in pairs], ws)}
 
 
 def premise(evals: dict[str, list[dict]], margin: float = 0.02) -> dict:
