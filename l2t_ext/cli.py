@@ -190,6 +190,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _demo_parser(sub) -> argparse.ArgumentParser:
+    """``l2t demo``'s arguments."""
+    pd = sub.add_parser("demo", help="does L2T cut over-thinking? L2T vs GRPO vs a tuned length penalty, with "
+                                     "ablations, on a synthetic task (CPU)")
+    mode = pd.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="CI smoke run, < 2 minutes; every method, noisy results")
+    mode.add_argument("--full", action="store_true", help="the whole grid: 3 warm starts x 2 seeds, every method")
+    mode.add_argument("--tune", action="store_true", help="validation sweep of beta and the length coefficient")
+    pd.add_argument("--seeds", type=_positive_int, default=None, help="RL seeds per warm start (default: setting's)")
+    pd.add_argument("--warm-starts", type=_positive_int, default=None, help="warm starts (default: setting's)")
+    pd.add_argument("--first-warm-start", type=int, default=0, help="seed of the first warm start (another value: "
+                                                                    "an independent replication)")
+    pd.add_argument("--jobs", type=_positive_int, default=None, help="parallel runs (default: 2, quick: 1)")
+    pd.add_argument("--out", default="l2t_demo")
+    pd.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads per job (default: cores "
+                                                                        "/ jobs)")
+    pd.set_defaults(func=_cmd_demo)
+    return pd
+
+
 def build_parser() -> argparse.ArgumentParser:
     from l2t_ext import __version__
 
@@ -230,21 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--config", default=None, help="YAML file of TrainConfig keys")
     pe.set_defaults(func=_cmd_eval)
 
-    pd = sub.add_parser("demo", help="does L2T cut over-thinking? L2T vs GRPO vs a tuned length penalty, with "
-                                     "ablations, on a synthetic task (CPU)")
-    mode = pd.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="CI smoke run, < 2 minutes; every method, noisy results")
-    mode.add_argument("--full", action="store_true", help="the whole grid: 3 warm starts x 2 seeds, every method")
-    mode.add_argument("--tune", action="store_true", help="validation sweep of beta and the length coefficient")
-    pd.add_argument("--seeds", type=_positive_int, default=None, help="RL seeds per warm start (default: setting's)")
-    pd.add_argument("--warm-starts", type=_positive_int, default=None, help="warm starts (default: setting's)")
-    pd.add_argument("--first-warm-start", type=int, default=0, help="seed of the first warm start (another value: "
-                                                                    "an independent replication)")
-    pd.add_argument("--jobs", type=_positive_int, default=None, help="parallel runs (default: 2, quick: 1)")
-    pd.add_argument("--out", default="l2t_demo")
-    pd.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads per job (default: cores "
-                                                                        "/ jobs)")
-    pd.set_defaults(func=_cmd_demo)
+    pd = _demo_parser(sub)
     ps = sub.add_parser("inspect", help="per-episode reward anatomy (gain, penalty, surprise) of a run's rollouts")
     ps.add_argument("run", help="a run or checkpoint directory")
     ps.add_argument("--prompts", type=_positive_int, default=16, help="training prompts to roll out (x group_size)")

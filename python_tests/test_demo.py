@@ -23,9 +23,9 @@ def test_demo_quick(tmp_path):
     assert set(res["methods"]) == set(demo.GRID)
     for r in res["methods"].values():
         for key in ("accuracy", "response_tokens", "episodes"):
-            assert set(r[key]) == {"mean", "spread", "ci95", "n"} and math.isfinite(r[key]["mean"])
+            assert {"mean", "spread", "ci95", "n"} <= set(r[key]) and math.isfinite(r[key]["mean"])
         assert set(r["per_tier"]) == {"1", "2", "3", "4"}
-        assert set(r["per_tier"]["1"]["accuracy"]) == {"mean", "spread", "ci95", "n"}
+        assert {"mean", "spread", "ci95", "n"} <= set(r["per_tier"]["1"]["accuracy"])
         assert r["episode_kinds"] and all(math.isfinite(v["mean"]) for v in r["episode_kinds"].values())
         assert r["runs"][0]["ws"] == 0 and r["runs"][0]["seed"] == 0
     assert {"premise", "splits", "paired", "anatomy", "warm_starts", "machine", "config"} <= set(res)

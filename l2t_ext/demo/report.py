@@ -52,7 +52,21 @@ def render(res: dict, plots: list[str]) -> str:
     if "grpo" in M:
         T["grpo"] = M["grpo"]["tokens_by_depth"]
     L += _premise(res["premise"], T)
-    L += ["## Results (" + sp["evaluated_split"] + " split)", "",
+    L += _results_tables(res)
+    L += ["", "## Reward anatomy of the warm start's rollouts (L2T, tuned beta)", ""]
+    from l2t_ext.reward.anatomy import format_summary
+
+    for a in res["anatomy"]:
+        L += [f"Warm start {a['ws']}:", "", format_summary(a["summary"]), ""]
+    L += ["Plots: " + ", ".join(f"![{p}]({p})" for p in plots), "", "## Reading", ""]
+    L += reading(res)
+    return "\n".join(L) + "\n"
+
+
+def _results_tables(res: dict) -> list[str]:
+    """The results table, the per-tier table and the paired comparisons."""
+    M, sp = res["methods"], res["splits"]
+    L = ["## Results (" + sp["evaluated_split"] + " split)", "",
           "| method | accuracy | response tokens | tokens per correct | episodes | checks | distractors |",
           "|---|---|---|---|---|---|---|"]
     for name, r in [("warm start", res["warm_start"])] + list(M.items()):
@@ -71,14 +85,7 @@ def render(res: dict, plots: list[str]) -> str:
     for k, v in res["paired"].items():
         if v:
             L.append(f"| {k} | {_ms(v['token_saving'], 1, 100)}% | {_ms(v['accuracy_diff_points'], 1)} |")
-    L += ["", "## Reward anatomy of the warm start's rollouts (L2T, tuned beta)", ""]
-    from l2t_ext.reward.anatomy import format_summary
-
-    for a in res["anatomy"]:
-        L += [f"Warm start {a['ws']}:", "", format_summary(a["summary"]), ""]
-    L += ["Plots: " + ", ".join(f"![{p}]({p})" for p in plots), "", "## Reading", ""]
-    L += reading(res)
-    return "\n".join(L) + "\n"
+    return L
 
 
 def _premise(P: dict, T: dict) -> list[str]:

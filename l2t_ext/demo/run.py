@@ -247,30 +247,8 @@ def run_demo(out: str, quick: bool = False, full: bool = False, tune: bool = Fal
     os.makedirs(out, exist_ok=True)
     t_start = time.time()
     params = dict(TUNED)
-    # spawn, not fork: a forked child inherits the parent's OpenMP thread pool state and can hang
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        _log(f"{setting}: {S['warm_starts']} warm start(s) x {S['seeds']} seed(s), {jobs} job(s) x {threads} thread(s)")
-        n = S["warm_starts"]  # fewer warm starts than jobs: each gets more threads
-        ids = range(first_warm_start, first_warm_start + n)
-        warms = list(pool.map(warm_start_job, ids, [S] * n, [out] * n, [max(threads, cores // min(jobs, n))] * n))
-        for w in warms:
-            reached = "reached" if w["reached_target"] else "NOT reached"
-            _log(f"warm start {w['ws']}: {w['sft_steps']} steps, target {reached}, {S['split']} pass@1 "
-                 f"{w['eval']['overall']['pass@1']:.3f}, "
-                 f"tokens {w['eval']['overall']['response_tokens']:.1f}")
-        names = _tune_names() if tune else list(S["methods"])
-        specs = [(w["ws"], n, s) for w in warms for s in range(S["seeds"]) for n in names]
-        futures = [pool.submit(rl_job, ws, n, s, S, out, params, threads) for ws, n, s in specs]
-        anat = ([pool.submit(anatomy_job, w["ws"], S, out, params, threads) for w in warms]
-                if S["anatomy_prompts"] else [])
-        runs = []
-        for f in futures:
-            runs.append(f.result())
-            r = runs[-1]
-            _log(f"[{len(runs)}/{len(specs)}] ws{r['ws']} {r['name']} seed {r['seed']}: pass@1 "
-                 f"{r['eval']['overall']['pass@1']:.3f}, tokens {r['eval']['overall']['response_tokens']:.1f} "
-                 f"({r['wall_s']:.0f}s)")
-        anatomies = [f.result() for f in anat]
+    warms, runs, anatomies = _run_grid(S, setting, out, params, jobs, threads, first_warm_start,
+                                       _tune_names() if tune else list(S["methods"]))
     if tune:
         res = _tuning_result(S, warms, runs)
         res["wall_s"] = time.time() - t_start
@@ -293,6 +271,35 @@ def run_demo(out: str, quick: bool = False, full: bool = False, tune: bool = Fal
         f.write(render(res, [os.path.basename(p) for p in plots + ([anat] if anat else [])]))
     _log(f"wrote {out}/report.md, results.json and plots in {res['wall_s']:.0f}s")
     return res
+
+
+def _run_grid(S: dict, setting: str, out: str, params: dict, jobs: int, threads: int, first_warm_start: int,
+              names: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
+    """(warm starts, runs, anatomies): the warm starts, then every name x warm start x seed and the anatomy of
+    each warm start, in ``jobs`` processes."""
+    cores = os.cpu_count() or 1
+    # spawn, not fork: a forked child inherits the parent's OpenMP thread pool state and can hang
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        _log(f"{setting}: {S['warm_starts']} warm start(s) x {S['seeds']} seed(s), {jobs} job(s) x {threads} thread(s)")
+        n = S["warm_starts"]  # fewer warm starts than jobs: each gets more threads
+        ids = range(first_warm_start, first_warm_start + n)
+        warms = list(pool.map(warm_start_job, ids, [S] * n, [out] * n, [max(threads, cores // min(jobs, n))] * n))
+        for w in warms:
+            reached = "reached" if w["reached_target"] else "NOT reached"
+            _log(f"warm start {w['ws']}: {w['sft_steps']} steps, target {reached}, {S['split']} pass@1 "
+                 f"{w['eval']['overall']['pass@1']:.3f}, tokens {w['eval']['overall']['response_tokens']:.1f}")
+        specs = [(w["ws"], n, s) for w in warms for s in range(S["seeds"]) for n in names]
+        futures = [pool.submit(rl_job, ws, n, s, S, out, params, threads) for ws, n, s in specs]
+        anat = ([pool.submit(anatomy_job, w["ws"], S, out, params, threads) for w in warms]
+                if S["anatomy_prompts"] else [])
+        runs = []
+        for f in futures:
+            runs.append(f.result())
+            r = runs[-1]
+            _log(f"[{len(runs)}/{len(specs)}] ws{r['ws']} {r['name']} seed {r['seed']}: pass@1 "
+                 f"{r['eval']['overall']['pass@1']:.3f}, tokens {r['eval']['overall']['response_tokens']:.1f} "
+                 f"({r['wall_s']:.0f}s)")
+        return warms, runs, [f.result() for f in anat]
 
 
 def _first_run(runs: list[dict], name: str) -> dict:
@@ -441,7 +448,7 @@ def _results(setting, S, warms, runs, anatomies, params, jobs, threads) -> dict:
                            for w in warms],
            "anatomy": [{"ws": a["ws"], "summary": a["summary"]} for a in anatomies],
            "config": {"settings": S, "tuned": params, "grid": {n: GRID[n] for n in names}, "target": S["target"],
-                      "task": {"step_error": ot.STEP_ERROR, "check_prob": ot.CHECK_PROB,
+                      "task": {"step_error": {str(t): p for t, p in ot.STEP_ERROR.items()}, "check_prob": ot.CHECK_PROB,
                                "distract_prob": ot.DISTRACT_PROB, "corrupt_prob": ot.CORRUPT_PROB,
                                "warm_mix": ot.WARM_MIX},
                       "model": {"hidden_size": HIDDEN, "num_layers": LAYERS}, "jobs": jobs, "threads": threads},
