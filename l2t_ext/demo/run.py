@@ -6,8 +6,9 @@ answer. The experiment, top to bottom:
 
 1. warm starts: a tiny Qwen2 (character tokenizer) per warm-start seed, trained on the task's traces until the
    validation accuracy of every tier reaches ``TARGET`` (checked every ``chunk`` steps), not for a fixed number
-   of steps, so warm starts from different seeds or CPUs start RL from the same level; where each stopped is
-   reported;
+   of steps, so that warm starts from different seeds or CPUs start RL from a comparable level; where each
+   stopped is reported, and one that has not reached the target by ``sft_max`` steps is flagged (it stays
+   in the statistics);
 2. the premise, checked on the policies before any comparison: Acc(k) / T(k) per tier (accuracy and tokens
    when the response is cut after its k-th episode) of the warm start and of GRPO, and whether Acc(k) rises,
    peaks and falls, with easy tiers peaking earlier;
