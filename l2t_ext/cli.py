@@ -105,7 +105,6 @@ def _cmd_inspect(args) -> int:
     import dataclasses
     import tempfile
 
-    from l2t_ext.lm import load_local
     from l2t_ext.reward import episode_anatomy, format_summary, summarize
     from l2t_ext.rl import checkpoint
     from l2t_ext.rl.config import PENALTY_KIND, TrainConfig
@@ -113,12 +112,12 @@ def _cmd_inspect(args) -> int:
 
     path = checkpoint.resolve(args.run)
     cfg = TrainConfig.from_dict(checkpoint.saved_config(path), f"{path}/train_config.json")
-    model, _ = load_local(path)
-    with tempfile.TemporaryDirectory() as tmp:  # the run directory is only read
-        cfg = dataclasses.replace(cfg, out=tmp, eval_problems=0, prompts_per_step=args.prompts, seed=args.seed,
+    with tempfile.TemporaryDirectory() as tmp:  # the run directory is only read; the policy is the checkpoint's
+        cfg = dataclasses.replace(cfg, model=path, out=tmp, eval_problems=0, prompts_per_step=args.prompts,
+                                  seed=args.seed,
                                   method=cfg.method if cfg.method in PENALTY_KIND else "l2t", device="cpu"
                                   if args.cpu else cfg.device)
-        trainer = Trainer(cfg, init_state=model.state_dict())
+        trainer = Trainer(cfg)
         batch = trainer.collect(trainer.next_problems())
         rows = episode_anatomy(batch.reward, batch.episode_ids, batch.input_ids, trainer.tok,
                                kind=getattr(trainer.task, "episode_kind", None), outcome=batch.outcome)
