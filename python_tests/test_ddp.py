@@ -1,6 +1,7 @@
-"""Data-parallel training under ``torchrun`` (2 CPU ranks, gloo): the all-reduced update equals the
-single-process update on the union of the ranks' rollouts; a full ``l2t train`` run works, and resuming it
-from a checkpoint reproduces the uninterrupted run bitwise (every rank's RNG state is restored)."""
+"""Data-parallel training under ``torchrun`` (2 CPU ranks, gloo), replicated (DDP) and fully sharded (FSDP2):
+the update equals the single-process update on the union of the ranks' rollouts; a full ``l2t train`` run works,
+and resuming it from a checkpoint reproduces the uninterrupted run bitwise (every rank's RNG state is restored;
+under fsdp the sharded weights and AdamW moments come back through torch.distributed.checkpoint)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ UPDATE_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch
     from l2t_ext.rl.config import preset
+    from l2t_ext.rl.sharding import full_parameters
     from l2t_ext.rl.trainer import ScoredBatch, Trainer
 
-    out, agg = sys.argv[1], sys.argv[2]
-    cfg = preset("tiny-arith").override(["method=grpo", "sft_steps=0", "hidden_size=32", "num_layers=1",
-                                         "micro_batch=3", f"loss_agg={agg}", f"out={out}"])
+    out, agg, parallel = sys.argv[1], sys.argv[2], sys.argv[3]
+    cfg = preset("tiny-arith").override(["method=grpo", "sft_steps=0", "hidden_size=32", "num_layers=2",
+                                         "micro_batch=3", f"loss_agg={agg}", f"out={out}", f"parallel={parallel}"])
     t = Trainer(cfg)
     t.opt = torch.optim.SGD(t.model.parameters(), lr=1.0)  # params move by exactly the clipped gradient
     g = torch.Generator().manual_seed(123)  # the same global batch on every process
@@ -46,7 +48,7 @@ UPDATE_SCRIPT = textwrap.dedent("""
                         loss_mask=mask[rows], outcome=torch.zeros(n), sequence_reward=torch.zeros(n),
                         old_logprobs=old[rows], ref_logprobs=None, reward=None, advantages=adv[rows])
     t.update(batch)
-    flat = torch.cat([p.detach().reshape(-1) for p in t.model.parameters()])
+    flat = torch.cat([p.reshape(-1) for p in full_parameters(t.model)])  # fsdp: gathered from the shards
     torch.save(flat, os.path.join(out, f"params_w{t.world}_r{t.rank}.pt"))
     t.close()
 """)
@@ -104,16 +106,18 @@ def _torchrun(args: list[str], cwd, timeout=600) -> subprocess.CompletedProcess:
     return res
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean"])
-def test_two_rank_update_equals_single_process_update(tmp_path, agg):
+@pytest.mark.parametrize("agg,parallel", [("token-mean", "ddp"), ("seq-mean", "ddp"), ("token-mean", "fsdp"),
+                                          ("seq-mean", "fsdp")])
+def test_two_rank_update_equals_single_process_update(tmp_path, agg, parallel):
     script = tmp_path / "update.py"
     script.write_text(UPDATE_SCRIPT)
     out = tmp_path / "o"
     out.mkdir()
-    _torchrun([str(script), str(out), agg], cwd=tmp_path)
+    _torchrun([str(script), str(out), agg, parallel], cwd=tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    subprocess.run([sys.executable, str(script), str(out), agg], check=True, env=env, cwd=tmp_path, timeout=600)
+    subprocess.run([sys.executable, str(script), str(out), agg, "ddp"], check=True, env=env, cwd=tmp_path,
+                   timeout=600)
     one = torch.load(out / "params_w1_r0.pt")
     r0, r1 = torch.load(out / "params_w2_r0.pt"), torch.load(out / "params_w2_r1.pt")
     assert torch.equal(r0, r1), "replicas diverged"
@@ -126,23 +130,31 @@ def _init_params():
     from l2t_ext.lm import tiny_qwen2
     from l2t_ext.tasks import arith
 
-    return tiny_qwen2(arith.tokenizer(), hidden_size=32, num_layers=1, seed=0).parameters()
+    return tiny_qwen2(arith.tokenizer(), hidden_size=32, num_layers=2, seed=0).parameters()
 
 
-def test_torchrun_train_and_resume_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_train_and_resume_matches_uninterrupted(tmp_path, parallel):
     from safetensors.torch import load_file
 
     common = ["-m", "l2t_ext.cli", "train", "--preset", "tiny-arith", "--method", "l2t", "--steps", "3",
               "--sft_steps", "5", "--eval_problems", "0", "--save_every", "1", "--hidden_size", "32",
-              "--num_layers", "1", "--max_new_tokens", "24", "--prompts_per_step", "2", "--group_size", "4",
-              "--rank", "4"]
+              "--num_layers", "2", "--max_new_tokens", "24", "--prompts_per_step", "2", "--group_size", "4",
+              "--rank", "4", "--parallel", parallel, "--refresh_every", "2"]
     a, b = tmp_path / "a", tmp_path / "b"
-    _torchrun(common + ["--out", str(a)], cwd=tmp_path)
+    # a's last step evaluates (fsdp: rank 0 on the gathered weights, then after the group is gone)
+    _torchrun(common + ["--out", str(a), "--eval_every", "3", "--eval_problems", "2", "--eval_samples", "1"],
+              cwd=tmp_path)
     rows = [json.loads(x) for x in open(a / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3]  # rank 0 alone writes metrics
     assert all(math.isfinite(v) for r in rows for v in r.values())
     state = torch.load(a / "checkpoints" / "step_000003" / "trainer_state.pt", weights_only=False)
     assert len(state["rng_per_rank"]) == 2
+    assert (a / "evals.jsonl").exists() and (a / "eval.json").exists()
+    if parallel == "fsdp":  # the optimizer lives in the sharded state, covered by the manifest
+        assert state["optimizer"] is None
+        manifest = json.load(open(a / "checkpoints" / "step_000003" / "manifest.json"))["files"]
+        assert any(k.startswith("dcp/") and k.endswith(".distcp") for k in manifest), manifest.keys()
     _torchrun(common + ["--out", str(b), "--resume", str(a / "checkpoints" / "step_000002")], cwd=tmp_path)
     wa = load_file(a / "checkpoints" / "step_000003" / "model.safetensors")
     wb = load_file(b / "checkpoints" / "step_000003" / "model.safetensors")
@@ -169,3 +181,76 @@ def test_penalty_uses_one_fisher_over_all_ranks(tmp_path):
         two = torch.cat([torch.nn.functional.pad(p[key], (0, K - p[key].shape[1])) for p in parts])
         torch.testing.assert_close(two, one[key], rtol=1e-5, atol=1e-7)
     assert one["valid"].sum() > 6 and (one["P"][one["valid"]] > 0).all()
+
+
+FISHER_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import torch
+    from torch.distributed.tensor import DTensor
+    from l2t_ext.lm import tiny_qwen2
+    from l2t_ext.reward import FisherTracker
+    from l2t_ext.tasks import arith
+
+    out = sys.argv[1]
+    model = tiny_qwen2(arith.tokenizer(), hidden_size=32, num_layers=3, seed=0)
+    gathered = []
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+        from l2t_ext.rl import sharding
+        dist.init_process_group("gloo")
+        sharding.shard(model)
+        full = DTensor.full_tensor
+        def counting(self, *a, **k):
+            gathered.append(tuple(self.shape))
+            return full(self, *a, **k)
+        DTensor.full_tensor = counting
+    tr = FisherTracker(model, rank=4, seed=0)
+    torch.save({"bases": tr.state_dict(), "gathered": gathered, "proxy": tr.proxy()},
+               os.path.join(out, f"fisher_{os.environ.get('RANK', 'single')}.pt"))
+    if gathered:
+        dist.barrier()
+        dist.destroy_process_group()
+""")
+
+
+def test_fsdp_svd_refresh_gathers_only_the_tracked_weights(tmp_path):
+    """Under FSDP the tracker's bases (and proxy) equal the single-process ones, and building them gathered only
+    the tracked last-block weights (4 matrices), never the other layers' shards."""
+    script = tmp_path / "fisher.py"
+    script.write_text(FISHER_SCRIPT)
+    _torchrun([str(script), str(tmp_path)], cwd=tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, env=env, cwd=tmp_path, timeout=600)
+    from l2t_ext.lm import tiny_qwen2
+    from l2t_ext.reward.fisher import default_layers
+    from l2t_ext.tasks import arith
+
+    model = tiny_qwen2(arith.tokenizer(), hidden_size=32, num_layers=3, seed=0)
+    mods = dict(model.named_modules())
+    want = [tuple(mods[n].weight.shape) for n in default_layers(model)]
+    assert len(want) == 4
+    one = torch.load(tmp_path / "fisher_single.pt")
+    assert one["gathered"] == []
+    for r in (0, 1):
+        two = torch.load(tmp_path / f"fisher_{r}.pt")
+        # refresh gathers o/gate/up/down of the last block; proxy() gathers the same four again
+        assert sorted(two["gathered"]) == sorted(want * 2), two["gathered"]
+        for k, v in one["bases"].items():
+            assert torch.equal(two["bases"][k], v) if torch.is_tensor(v) else two["bases"][k] == v, k
+        torch.testing.assert_close(two["proxy"], one["proxy"], rtol=0, atol=0)
+
+
+def test_fsdp_without_a_distributed_launch_is_refused_before_any_work(tmp_path, monkeypatch):
+    from l2t_ext.errors import InputError
+    from l2t_ext.rl.config import preset
+    from l2t_ext.rl.trainer import Trainer
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = tmp_path / "run"
+    cfg = preset("tiny-arith").override(["parallel=fsdp", f"out={out}", "sft_steps=0"])
+    with pytest.raises(InputError, match="parallel=fsdp.*torchrun"):
+        Trainer(cfg)
+    assert not out.exists()
+    with pytest.raises(InputError, match="parallel must be"):
+        preset("tiny-arith").override(["parallel=zero3"])

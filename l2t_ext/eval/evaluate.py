@@ -34,7 +34,7 @@ def _force_answers(model, tokenizer, prefixes: list[list[int]], cue_ids: list[in
         ids, am = left_pad([p + cue_ids for p in prefixes[i:i + batch]], pad, dev)
         n = ids.shape[1]
         out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=max_answer_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, synced_gpus=False)
         outs += tokenizer.batch_decode(out[:, n:], skip_special_tokens=True)
     return outs
 

@@ -8,7 +8,13 @@ with a ``FisherTracker`` on the unwrapped policy) scores every episode, and each
 becomes TRL's group-normalised outcome advantage + ``l2t_alpha`` x the suffix sum of its rollout's normalised
 episode rewards: ``l2t_ext.rl.advantages``'s functions, the same as ``l2t train``. Group normalisation sees
 whole groups: with several processes the episode rewards are gathered first (TRL may split a group across
-processes). The tracker's SVD bases refresh every ``l2t_refresh_every`` optimizer steps.
+processes), and the compression penalty uses one Fisher over every process's episodes (their proxy gradients are
+all-gathered), so an episode's reward does not depend on how the batch was split. The tracker's SVD bases
+refresh every ``l2t_refresh_every`` optimizer steps.
+
+Under accelerate's FSDP2 the reward runs on the gathered weights (processes score different numbers of
+episodes, so per-forward all-gathers would deadlock) and the SVD refresh gathers only the tracked weights.
+DeepSpeed ZeRO-3 (parameters partitioned outside FSDP) is refused.
 
 Supported: trl 1.16.x (``pip install 'l2t_ext[trl]'``); importing this module with another version raises.
 """
@@ -42,6 +48,8 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from l2t_ext.reward import AnswerLikelihoodJr, DenseProcessReward, FisherTracker, Rollouts, segment_episodes  # noqa: E402
 from l2t_ext.rl.advantages import episode_token_values, normalized_episode_rewards  # noqa: E402
+from l2t_ext.rl.builders import gather_rows  # noqa: E402
+from l2t_ext.rl.sharding import gathered  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -85,11 +93,16 @@ class L2TGRPOTrainer(GRPOTrainer):
 
     def _build_l2t_reward(self) -> DenseProcessReward:
         a, tok = self.args, self.processing_class
+        ds = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if ds is not None and getattr(ds, "zero_stage", 0) == 3:
+            raise InputError("L2TGRPOTrainer: DeepSpeed ZeRO-3 is not supported (the reward's forwards would gather "
+                             "partitioned weights per process); use ZeRO-2 or accelerate's FSDP2 config")
         policy = self.accelerator.unwrap_model(self.model)
         tracker = FisherTracker(policy, rank=a.l2t_rank, seed=a.seed, refresh_every=a.l2t_refresh_every)
         jr = AnswerLikelihoodJr(policy, tok.encode(a.l2t_answer_cue, add_special_tokens=False), tok.pad_token_id)
         return DenseProcessReward(jr, tracker, alpha=a.l2t_alpha, beta=a.l2t_beta, damping=a.l2t_damping,
-                                  penalty_kind=a.l2t_penalty_kind)
+                                  penalty_kind=a.l2t_penalty_kind,
+                                  gather=gather_rows if self.accelerator.num_processes > 1 else None)
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
@@ -115,7 +128,8 @@ class L2TGRPOTrainer(GRPOTrainer):
         was_training = policy.training
         policy.eval()  # the reward's forward sees the policy as generation did (no dropout)
         try:
-            parts = self.l2t_reward(Rollouts(ids, am, resp, episodes, answer_ids=answer_ids))
+            with gathered(policy):  # FSDP2: full weights for the reward's forwards (no-op otherwise)
+                parts = self.l2t_reward(Rollouts(ids, am, resp, episodes, answer_ids=answer_ids))
         finally:
             policy.train(was_training)
         suffix = self._group_suffix_sums(parts.r_prg.float(), parts.valid)

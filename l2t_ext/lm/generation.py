@@ -35,7 +35,8 @@ class RolloutBatch:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, do_sample: bool = True) -> RolloutBatch:
-    """HF ``generate``. ``do_sample=False``: greedy decoding (temperature/top_p ignored)."""
+    """HF ``generate``. ``do_sample=False``: greedy decoding (temperature/top_p ignored). Never synced across
+    ranks (HF turns ``synced_gpus`` on for FSDP models): callers generate on gathered weights, each rank alone."""
     dev = next(model.parameters()).device
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -43,7 +44,8 @@ def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_toke
     am = enc["attention_mask"].repeat_interleave(group_size, 0).to(dev)
     kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
     out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=max_new_tokens,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kw)
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         synced_gpus=False, **kw)
     Lp = ids.shape[1]
     resp = out[:, Lp:]
     is_eos = resp == tokenizer.eos_token_id

@@ -36,6 +36,14 @@ DEFAULT_SUFFIXES = ("o_proj", "gate_proj", "up_proj", "down_proj")
 _BLOCK_RE = re.compile(r"^(.*\.)?(layers|h|blocks)\.(\d+)\.")
 
 
+def full_weight(w: torch.Tensor) -> torch.Tensor:
+    """A weight's full value: gathered from its shards when it is an FSDP2 DTensor (collective: every rank calls
+    it), else ``w`` itself. The SVD refresh gathers only the tracked weights this way, never the whole model."""
+    from torch.distributed.tensor import DTensor
+
+    return w.full_tensor() if isinstance(w, DTensor) else w
+
+
 def _linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
@@ -120,7 +128,7 @@ class FisherTracker:
             groups.setdefault((tuple(mod.weight.shape), mod.weight.dtype, mod.weight.device), []).append(n)
         mods = dict(zip(self.layer_names, self.modules))
         for names in groups.values():
-            W = torch.stack([mods[n].weight.detach() for n in names])
+            W = torch.stack([full_weight(mods[n].weight.detach()) for n in names])
             U, _, V = ops.rsvd(W, self.rank, oversample=self.oversample, n_iter=self.n_iter, seed=self.seed,
                                backend=self.backend)
             for i, n in enumerate(names):
@@ -153,7 +161,7 @@ class FisherTracker:
 
     def proxy(self) -> torch.Tensor:
         """theta~ = concat over layers of vec(U^T W V), (p,)."""
-        return torch.cat([ops.project(m.weight.detach(), *self.bases[n], backend=self.backend).flatten()
+        return torch.cat([ops.project(full_weight(m.weight.detach()), *self.bases[n], backend=self.backend).flatten()
                           for n, m in zip(self.layer_names, self.modules)])
 
     # ----------------------------------------------------------------------------------------- gradients

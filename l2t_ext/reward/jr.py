@@ -270,7 +270,7 @@ class ForcedAnswerJr(_TextJr):
             out = self.model.generate(input_ids=ids, attention_mask=am, do_sample=True,
                                       temperature=self.temperature, top_p=self.top_p,
                                       max_new_tokens=self.max_new_tokens, num_return_sequences=self.m,
-                                      pad_token_id=pad)
+                                      pad_token_id=pad, synced_gpus=False)  # each rank alone
             texts = self.tokenizer.batch_decode(out[:, n:], skip_special_tokens=True)
             for j, (b, k, *_rest) in enumerate(chunk):
                 grades = [float(self.verifier(t, r.answers[b])) for t in texts[j * self.m:(j + 1) * self.m]]

@@ -3,7 +3,10 @@
 ``OUT/checkpoints/step_NNNNNN`` is a loadable Hugging Face directory (config.json, model.safetensors, tokenizer
 files) plus ``trainer_state.pt`` (step, optimizer, scheduler, RNG states, and the state dicts of the reward and
 the value head), ``train_config.json`` (the run's TrainConfig) and ``manifest.json`` (every other file's size and
-SHA-256). Everything is written into a temporary directory that is renamed into place, and ``latest`` is replaced
+SHA-256). A run with ``parallel: fsdp`` adds ``dcp/``: the sharded model and optimizer state written by every rank
+through ``torch.distributed.checkpoint`` (what a resume loads; the Hugging Face files are the consolidated
+weights, for ``l2t eval`` and ``l2t inspect``), and its trainer state holds no optimizer.
+Everything is written into a temporary directory that is renamed into place, and ``latest`` is replaced
 atomically last, so a crash mid-save never corrupts the last good checkpoint; a checkpoint damaged afterwards
 (truncated copy, full disk, bit rot) fails its manifest check by file name, and resuming a run directory falls
 back to the newest intact one.
@@ -60,18 +63,24 @@ def _no_hf_progress_bars():
             hf_logging.enable_progress_bar()
 
 
-def save(out_dir: str, step: int, model, tokenizer, state: dict) -> str:
+def save(out_dir: str, step: int, model, tokenizer, state: dict, *, model_state: dict | None = None,
+         sharded_dir: str | None = None) -> str:
+    """Write ``OUT/checkpoints/step_NNNNNN`` and point ``latest`` at it. ``model_state``: the weights to write
+    instead of ``model.state_dict()`` (the consolidated weights of a sharded model); ``sharded_dir``: a finished
+    DCP directory moved in as ``dcp/`` (and covered by the manifest)."""
     root = os.path.join(out_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step_{step:06d}")
     tmp = os.path.join(root, f".tmp_step_{step:06d}_{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     with _no_hf_progress_bars():  # a "Writing model shards" bar per checkpoint is noise in every log
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
         tokenizer.save_pretrained(tmp)
     torch.save(state, os.path.join(tmp, "trainer_state.pt"))
     with open(os.path.join(tmp, TRAIN_CONFIG), "w") as f:
         f.write(state["config"])
+    if sharded_dir is not None:
+        os.replace(sharded_dir, os.path.join(tmp, "dcp"))
     _write_manifest(tmp, step)
     if os.path.exists(final):
         shutil.rmtree(final)
@@ -88,9 +97,17 @@ def _sha256(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _files(ckpt: str) -> list[str]:
+    """Every file under ``ckpt`` (relative paths, sorted; subdirectories included), the manifest excepted."""
+    out = []
+    for d, _, names in os.walk(ckpt):
+        out += [os.path.relpath(os.path.join(d, n), ckpt) for n in names]
+    return sorted(n for n in out if n != MANIFEST)
+
+
 def _write_manifest(ckpt: str, step: int) -> None:
     files = {}
-    for name in sorted(os.listdir(ckpt)):
+    for name in _files(ckpt):
         path = os.path.join(ckpt, name)
         files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
     with open(os.path.join(ckpt, MANIFEST), "w") as f:

@@ -88,6 +88,8 @@ class TrainConfig:
     sft_lr: float = _f(3e-3, "warm-start learning rate")
     sft_batch: int = _f(64, "warm-start examples per step")
     # machine and checkpoints
+    parallel: str = _f("ddp", "under torchrun: ddp (replicated weights, all-reduced gradients) | fsdp (FSDP2: weights, "
+                       "gradients and optimizer state sharded per transformer block; DCP checkpoints)")
     threads: int | None = _f(None, "torch intra-op CPU threads (unset: torch's default, one per physical core)")
     save_optimizer: bool = _f(True, "checkpoints hold the optimizer state (exact resume); false: weights, RNG and "
                               "reward state only (about 3x smaller with AdamW; a resume restarts the moments)")
@@ -134,6 +136,8 @@ class TrainConfig:
             raise InputError("markers must list at least one episode marker")
         if self.chat_template not in ("auto", "none"):
             raise InputError(f"chat_template must be 'auto' or 'none', got {self.chat_template!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise InputError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.threads is not None and self.threads < 1:
             raise InputError(f"threads must be >= 1, got {self.threads!r}")
 

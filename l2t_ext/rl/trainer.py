@@ -21,6 +21,11 @@ samples its slice of a shared prompt stream with its own sampling seed and score
 Fisher is the rank's own batch); the loss runs through DDP, which all-reduces gradients on the last
 micro-batch (``no_sync`` before), so every rank takes the step a single process would take on the union of the
 ranks' rollouts. Rank 0 logs and writes checkpoints (with every rank's RNG state).
+
+Fully sharded (``--parallel fsdp``, ``sharding.py``): the same data flow, but the weights, gradients and AdamW
+moments are sharded per transformer block (FSDP2). ``collect`` runs on the gathered weights (one all-gather per
+step), the update on the shards (reduce-scatter on the last micro-batch), the SVD refresh gathers only the tracked
+weights, and checkpoints add the sharded state through ``torch.distributed.checkpoint``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -42,7 +48,7 @@ from l2t_ext.errors import InputError
 from l2t_ext.lm import check_model_dir, render_prompt
 from l2t_ext.reward import DenseProcessReward, RewardOutput, Rollouts, segment_episodes
 from l2t_ext.rl import advantages as adv_lib
-from l2t_ext.rl import checkpoint
+from l2t_ext.rl import checkpoint, sharding
 from l2t_ext.rl.builders import (
     build_distributed,
     build_model,
@@ -101,6 +107,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str | None = None, init_state: dict | None = None):
         self.cfg = cfg
         self.rank, self.world, self.device = build_distributed(cfg.device)
+        self.fsdp = cfg.parallel == "fsdp"
+        if self.fsdp and self.world == 1:
+            raise InputError("parallel=fsdp shards the model over the ranks of a distributed launch; run it under "
+                             "torchrun --nproc_per_node N (N >= 2), or use the default parallel=ddp")
         # inputs are checked before anything is written or trained: the task's rows, the verifier, the model files
         self.task = load_task(cfg.task, cfg.tiers)
         cfg = self.cfg = resolve_task_defaults(cfg, self.task)
@@ -128,9 +138,15 @@ class Trainer:
         # everything below sees the final starting weights
         self.ref_policy = Policy(copy.deepcopy(self.model).eval().requires_grad_(False)) if cfg.kl_coef > 0 else None
         self.policy = Policy(self.model, self.value_head)
+        if self.fsdp:  # rank 0's weights, then shards (the optimizer below holds sharded moments)
+            sharding.broadcast_from_rank0(self.policy)
+            sharding.shard(self.model, self.value_head)
+            if self.ref_policy is not None:
+                sharding.broadcast_from_rank0(self.ref_policy)
+                sharding.shard(self.ref_policy.model)
         self.opt, self.sched = build_optimizer(cfg, list(self.policy.parameters()))
         self.ddp = None
-        if self.world > 1:  # DDP broadcasts rank 0's weights: identical replicas whatever each rank loaded
+        if self.world > 1 and not self.fsdp:  # DDP broadcasts rank 0's weights: identical replicas
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -201,6 +217,10 @@ class Trainer:
 
     def collect(self, problems: list[dict]) -> ScoredBatch:
         """Rollouts of ``problems``, graded, segmented, scored and turned into advantages (no update)."""
+        with sharding.gathered(self.policy, self.ref_policy):  # fsdp: ranks' forwards differ in number
+            return self._collect(problems)
+
+    def _collect(self, problems: list[dict]) -> ScoredBatch:
         cfg = self.cfg
         self.model.eval()
         with self.autocast():
@@ -266,11 +286,13 @@ class Trainer:
         for _ in range(cfg.ppo_epochs):
             self.opt.zero_grad(set_to_none=True)
             for s in starts:
-                # DDP: accumulate locally, all-reduce once with the last micro-batch's backward
-                sync = self.ddp is None or s == starts[-1]
-                with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                # DDP/FSDP: accumulate locally, all-reduce (reduce-scatter) once with the last micro-batch's backward
+                sync = self.world == 1 or s == starts[-1]
+                if self.fsdp:
+                    sharding.set_gradient_sync(self.policy, sync)
+                with contextlib.nullcontext() if sync or self.fsdp else self.ddp.no_sync():
                     loss, st = self._micro_batch_loss(batch, slice(s, s + cfg.micro_batch), total_tokens)
-                    # the loss is this micro-batch's share of the global loss; DDP averages over ranks, hence * world
+                    # the loss is this micro-batch's share of the global loss; DDP/FSDP average over ranks: * world
                     (loss * self.world).backward()
                 loss_sum += float(loss.detach())
                 clip_fracs.append(st["clip_frac"])
@@ -339,31 +361,48 @@ class Trainer:
         if self.world > 1:
             rngs = [None] * self.world
             dist.all_gather_object(rngs, checkpoint.rng_state())
-        path = None
+        path = sharded = model_state = None
+        if self.fsdp:  # every rank writes its shards; rank 0 moves them into the checkpoint with the full weights
+            sharded = os.path.join(self.cfg.out, "checkpoints", f".dcp_step_{self.step_idx:06d}")
+            if self.rank == 0:
+                shutil.rmtree(sharded, ignore_errors=True)
+            dist.barrier()
+            sharding.save_sharded(sharded, self.policy, self.opt if self.cfg.save_optimizer else None)
+            model_state = sharding.full_model_state(self.model)
         if self.rank == 0:
-            state = {"step": self.step_idx, "optimizer": self.opt.state_dict() if self.cfg.save_optimizer else None,
+            keep_opt = self.cfg.save_optimizer and not self.fsdp  # fsdp: the optimizer is in the sharded state
+            state = {"step": self.step_idx, "optimizer": self.opt.state_dict() if keep_opt else None,
                      "scheduler": self.sched.state_dict(),
                      "rng_per_rank": rngs, "prompt_rng": self.prompt_rng.getstate(),
                      "reward": self.reward.state_dict() if self.reward is not None else None,
-                     "value_head": self.value_head.state_dict() if self.value_head is not None else None,
+                     "value_head": self.value_head.state_dict() if self.value_head is not None and not self.fsdp
+                     else None,
                      "config": self.cfg.to_json()}
-            path = checkpoint.save(self.cfg.out, self.step_idx, self.model, self.tok, state)
+            path = checkpoint.save(self.cfg.out, self.step_idx, self.model, self.tok, state, model_state=model_state,
+                                   sharded_dir=sharded)
         if self.world > 1:
             dist.barrier()
         return path
 
     def _restore(self, ckpt: str) -> None:
         state = checkpoint.load_state(ckpt)
-        if state["optimizer"] is not None:
+        sharded = os.path.join(ckpt, sharding.DCP_DIR)
+        if self.fsdp and os.path.isdir(sharded):  # the weights (and moments) exactly as the shards held them
+            restored = sharding.load_sharded(sharded, self.policy, self.opt)
+        elif state["optimizer"] is not None and not self.fsdp:
             self.opt.load_state_dict(state["optimizer"])
+            restored = True
         else:
-            log(f"resume: {ckpt} holds no optimizer state (save_optimizer false); AdamW's moments start from zero")
+            restored = False
+        if not restored:
+            log(f"resume: {ckpt} holds no optimizer state for parallel={self.cfg.parallel} (save_optimizer false, or "
+                "written in the other parallel mode); the weights are restored, AdamW's moments start from zero")
         self.sched.load_state_dict(state["scheduler"])
         self.step_idx = state["step"]
         self.prompt_rng.setstate(state["prompt_rng"])
         if self.reward is not None:
             self.reward.load_state_dict(state["reward"])
-        if self.value_head is not None:
+        if self.value_head is not None and state["value_head"] is not None:
             self.value_head.load_state_dict(state["value_head"])
         rngs = state["rng_per_rank"]
         if len(rngs) == self.world:
@@ -380,7 +419,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------ the run
     def evaluate(self, n_samples: int | None = None) -> dict:
         """``evaluate`` on the task's held-out problems (``eval_problems``, ``eval_samples``). Sampling runs on a
-        forked RNG seeded from the step, so an evaluation never changes the training that follows it."""
+        forked RNG seeded from the step, so an evaluation never changes the training that follows it. Under fsdp
+        call it inside ``sharding.gathered(trainer.policy)`` on every rank (``train`` does), or after ``close``."""
         from l2t_ext.eval import evaluate
         from l2t_ext.tasks import load_extractor
 
@@ -409,17 +449,22 @@ class Trainer:
                     progress.update(m)
                 if self.step_idx % cfg.save_every == 0 or self.step_idx == last:
                     self.save()
-                if cfg.eval_every and self.step_idx % cfg.eval_every == 0 and self.rank == 0:
-                    self._append_eval(self.evaluate())
+                if cfg.eval_every and self.step_idx % cfg.eval_every == 0:
+                    with sharding.gathered(self.policy):  # fsdp: rank 0 evaluates on the gathered weights
+                        if self.rank == 0:
+                            self._append_eval(self.evaluate())
         if progress is not None:
             progress.close()
         return rows
 
     def close(self) -> None:
         """Release the run directory's lock and, under torchrun, leave the process group (collective: every rank
-        calls it once, after its last collective op). Evaluation still works afterwards."""
+        calls it once, after its last collective op). Evaluation still works afterwards (fsdp: the weights are
+        gathered for good first)."""
         if self.run_lock is not None:
             self.run_lock.release()
+        if self.fsdp:
+            sharding.unshard(self.policy)
         if self.world > 1:
             close_distributed()
 
