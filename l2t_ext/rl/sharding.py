@@ -6,7 +6,8 @@ Sharding: every rank builds the same full model, rank 0's weights are broadcast 
 transformer block, the model's root (embeddings, final norm, LM head) and the value head become FSDP units whose
 parameters are DTensors sharded on dim 0 over the ranks. The optimizer is built after sharding: its moments
 are sharded too. The loss's forward/backward all-gathers one unit at a time and reduce-scatters its gradients
-(averaged over ranks, like DDP's all-reduce).
+(averaged over ranks, like DDP's all-reduce) after every micro-batch: FSDP2's no-sync accumulation would keep
+full-size gradients on every rank, which is what sharding is meant to avoid.
 
 Rollouts and scoring run inside ``gathered(...)``: every unit is all-gathered once and kept unsharded until
 the block exits. Ranks generate responses of different lengths and score different numbers of episodes, so a
@@ -100,12 +101,6 @@ def gathered(*modules: nn.Module | None):
 def full_parameters(module: nn.Module) -> list[torch.Tensor]:
     """Every parameter's full value, in ``parameters()`` order (collective under FSDP)."""
     return [full_weight(p.detach()) for p in module.parameters()]
-
-
-def set_gradient_sync(module: nn.Module, sync: bool) -> None:
-    """Gradient accumulation: reduce-scatter only with the last micro-batch's backward."""
-    for u in fsdp_units(module):
-        u.set_requires_gradient_sync(sync, recurse=False)
 
 
 def save_sharded(path: str, policy: nn.Module, opt: torch.optim.Optimizer | None) -> None:

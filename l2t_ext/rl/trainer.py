@@ -24,8 +24,9 @@ ranks' rollouts. Rank 0 logs and writes checkpoints (with every rank's RNG state
 
 Fully sharded (``--parallel fsdp``, ``sharding.py``): the same data flow, but the weights, gradients and AdamW
 moments are sharded per transformer block (FSDP2). ``collect`` runs on the gathered weights (one all-gather per
-step), the update on the shards (reduce-scatter on the last micro-batch), the SVD refresh gathers only the tracked
-weights, and checkpoints add the sharded state through ``torch.distributed.checkpoint``.
+step), the update on the shards (gradients reduce-scattered after every micro-batch, so they stay sharded), the
+SVD refresh gathers only the tracked weights, and checkpoints add the sharded state
+through ``torch.distributed.checkpoint``.
 """
 
 from __future__ import annotations
@@ -286,11 +287,10 @@ class Trainer:
         for _ in range(cfg.ppo_epochs):
             self.opt.zero_grad(set_to_none=True)
             for s in starts:
-                # DDP/FSDP: accumulate locally, all-reduce (reduce-scatter) once with the last micro-batch's backward
-                sync = self.world == 1 or s == starts[-1]
-                if self.fsdp:
-                    sharding.set_gradient_sync(self.policy, sync)
-                with contextlib.nullcontext() if sync or self.fsdp else self.ddp.no_sync():
+                # DDP: accumulate locally, all-reduce once with the last micro-batch's backward. FSDP reduce-scatters
+                # every micro-batch: its no-sync accumulation would hold full-size gradients on every rank
+                sync = self.ddp is None or s == starts[-1]
+                with contextlib.nullcontext() if sync else self.ddp.no_sync():
                     loss, st = self._micro_batch_loss(batch, slice(s, s + cfg.micro_batch), total_tokens)
                     # the loss is this micro-batch's share of the global loss; DDP/FSDP average over ranks: * world
                     (loss * self.world).backward()
