@@ -499,3 +499,29 @@ def test_episode_anatomy_rows_match_the_reward_and_a_bruteforce_surprise():
     assert spearman([1, 1, 1], [1, 2, 3]) is None and spearman([1, 2], [1, 2]) is None
     with pytest.raises(ValueError, match="episode_ids"):
         episode_anatomy(out, ep[:2], ids)
+
+
+@pytest.mark.parametrize("micro_batch", [1, 2, 4])
+def test_reward_micro_batches_equal_the_whole_batch(micro_batch):
+    """Scoring the rollouts ``micro_batch`` rows at a time (bounded logits memory) gives the whole-batch reward:
+    the penalty still sees every episode, and micro-batches with fewer episodes than the batch pad Jr correctly.
+    Row 3 has no marker (one episode) so some micro-batches have fewer episodes than the batch."""
+    model = tiny_model("qwen2")
+    ids, am, resp = rollouts(B=5, L=30, seed=9)
+    ids[3][ids[3] == M] = 12
+    ep = segment_episodes(ids, resp, [[M]])
+    assert int(ep[3].max()) == 0 and int(ep.max()) >= 3
+    r = Rollouts(ids, am, resp, ep, answer_ids=[[20, 21], [22], [23, 24, 25], [26], [27]])
+
+    def score(mb):
+        return DenseProcessReward(AnswerLikelihoodJr(model, cue_ids=[11]), FisherTracker(model, rank=4, seed=1),
+                                  micro_batch=mb)(r)
+
+    whole, parts = score(None), score(micro_batch)
+    assert torch.equal(whole.valid, parts.valid) and int(whole.valid.sum()) > 8
+    for name in ("r_prg", "jr_before", "jr_after", "penalty", "penalty_normalized", "token_logprobs"):
+        a, b = getattr(whole, name), getattr(parts, name)
+        assert torch.isfinite(b).all(), name
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=name)
+    with pytest.raises(ValueError, match="micro_batch must be None or an int >= 1"):
+        DenseProcessReward(AnswerLikelihoodJr(model, cue_ids=[11]), FisherTracker(model, rank=4), micro_batch=0)

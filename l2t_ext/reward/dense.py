@@ -32,6 +32,13 @@ class RewardOutput:
 
 
 PENALTY_KINDS = ("fisher", "count", "tokens", "none")
+
+
+def _rows(r: Rollouts, rows: slice) -> Rollouts:
+    """The rollouts ``rows`` of ``r``."""
+    pick = (lambda v: None if v is None else v[rows])
+    return Rollouts(r.input_ids[rows], r.attention_mask[rows], r.response_mask[rows], r.episode_ids[rows],
+                    answers=pick(r.answers), answer_ids=pick(r.answer_ids))
 PENALTY_NORMS = ("batch", "initial", "none")
 
 
@@ -57,6 +64,10 @@ class DenseProcessReward:
             ablations that keep everything else: "count" (every episode costs the same: P = 1), "tokens"
             (P = the episode's token count), "none" (no penalty: information gain only). Normalised to mean 1
             over the batch's valid episodes like the Fisher penalty (``normalize``).
+        micro_batch: rollouts per forward/backward of the tracker and per Jr probe batch (None: the whole batch
+            at once). The forward materialises (rows, L, vocab) logits, so on large vocabularies this bounds the
+            reward's peak memory; the penalty still sees every episode of the batch. Rows are independent, so the
+            result equals the whole-batch one up to float reassociation in batched matmuls.
         gather: data parallelism. A function concatenating a (n, ...) tensor over the ranks (in rank order),
             called collectively on every rank; with it the batch Fisher, its EMA and the penalty's normalisation
             cover the global batch, so an episode's reward does not depend on how the batch was split.
@@ -68,10 +79,13 @@ class DenseProcessReward:
     def __init__(self, jr, tracker: FisherTracker, alpha: float = 0.8, beta: float = 0.6,
                  penalty_mode: str = "batch", damping: float = 1e-5, normalize: bool | str = "batch",
                  fisher_decay: float | None = None, backend: str | None = None, penalty_kind: str = "fisher",
-                 gather=None):
+                 gather=None, micro_batch: int | None = None):
         if penalty_kind not in PENALTY_KINDS:
             raise ValueError(f"DenseProcessReward: penalty_kind must be one of {PENALTY_KINDS}, got {penalty_kind!r}")
         self.penalty_kind, self.gather = penalty_kind, gather
+        if micro_batch is not None and (not isinstance(micro_batch, int) or micro_batch < 1):
+            raise ValueError(f"DenseProcessReward: micro_batch must be None or an int >= 1, got {micro_batch!r}")
+        self.micro_batch = micro_batch
         if isinstance(normalize, bool):
             normalize = "batch" if normalize else "none"
         if normalize not in PENALTY_NORMS:
@@ -100,13 +114,10 @@ class DenseProcessReward:
 
     def __call__(self, r: Rollouts) -> RewardOutput:
         K = r.num_episodes
-        # one forward: per-episode gradients, the rollout's token log-probs and its KV cache for the Jr probes
-        g, token_lp, cache = self.tracker.episode_grads(r.input_ids, r.attention_mask, r.episode_ids, num_episodes=K,
-                                                        return_logprobs=True, return_cache=True)
-        jr_all, jr_valid = self.jr(r, cache=cache) if isinstance(self.jr, AnswerLikelihoodJr) else self.jr(r)
-        del cache
-        if jr_all.shape[1] != K + 1:
-            raise ValueError(f"DenseProcessReward: Jr returned {jr_all.shape[1]} columns for K={K} episodes")
+        B, step = r.input_ids.shape[0], self.micro_batch or max(r.input_ids.shape[0], 1)
+        parts = [self._scored_rows(_rows(r, slice(i, i + step)), K) for i in range(0, B, step)] or \
+            [self._scored_rows(r, K)]
+        g, token_lp, jr_all, jr_valid = (torch.cat(x) for x in zip(*parts))
         valid = jr_valid[:, 1:] & jr_valid[:, :1]
         valid = valid & (torch.arange(K, device=valid.device)[None] < (r.episode_ids.max(1).values + 1)[:, None])
         fisher = None
@@ -125,6 +136,21 @@ class DenseProcessReward:
         r_prg = torch.where(valid, gain - self.beta * Pbar, torch.zeros((), dtype=dt, device=P.device))
         return RewardOutput(r_prg=r_prg, valid=valid, jr_before=jr_before, jr_after=jr_after, jr_gain=gain,
                             penalty=P, penalty_normalized=Pbar, token_logprobs=token_lp)
+
+    def _scored_rows(self, r: Rollouts, K: int):
+        """(g (b, K, p), token log-probs (b, L), Jr (b, K+1), Jr valid (b, K+1)) of one micro-batch: one forward
+        gives the per-episode gradients, the log-probs and the KV cache the Jr probes continue from."""
+        g, token_lp, cache = self.tracker.episode_grads(r.input_ids, r.attention_mask, r.episode_ids, num_episodes=K,
+                                                        return_logprobs=True, return_cache=True)
+        jr_all, jr_valid = self.jr(r, cache=cache) if isinstance(self.jr, AnswerLikelihoodJr) else self.jr(r)
+        del cache
+        k = r.num_episodes
+        if jr_all.shape[1] != k + 1:
+            raise ValueError(f"DenseProcessReward: Jr returned {jr_all.shape[1]} columns for K={k} episodes")
+        if k < K:  # a micro-batch with fewer episodes than the batch: its missing boundaries are invalid
+            jr_all = torch.nn.functional.pad(jr_all, (0, K - k))
+            jr_valid = torch.nn.functional.pad(jr_valid, (0, K - k), value=False)
+        return g, token_lp, jr_all, jr_valid
 
     def _normalized(self, P: torch.Tensor, p_all: torch.Tensor) -> torch.Tensor:
         """Pbar from the raw penalty (``normalize``); ``p_all``: the global batch's valid penalties."""

@@ -94,7 +94,7 @@ def build_reward(cfg: TrainConfig, model, tokenizer, gather=None) -> DenseProces
     jr = AnswerLikelihoodJr(model, tokenizer.encode(cfg.answer_cue, add_special_tokens=False), tokenizer.pad_token_id)
     return DenseProcessReward(jr, tracker, alpha=cfg.alpha, beta=cfg.beta, penalty_mode=cfg.penalty_mode,
                               damping=cfg.damping, fisher_decay=cfg.fisher_decay, normalize=cfg.penalty_norm,
-                              penalty_kind=PENALTY_KIND[cfg.method],
+                              penalty_kind=PENALTY_KIND[cfg.method], micro_batch=cfg.reward_micro_batch or None,
                               gather=gather)
 
 

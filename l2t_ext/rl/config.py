@@ -78,6 +78,8 @@ class TrainConfig:
     markers: list[str] = _f(lambda: ["</think>"], "episode markers, matched in the decoded response: a mode (think, "
                             "paragraph, line, sentence), a literal string, or re:<regex>")
     max_episodes: int = _f(30, "cap on episodes per response")
+    reward_micro_batch: int = _f(0, "rollouts per forward/backward of the l2t reward (0: the rank's whole batch at "
+                                 "once; its (rows, length, vocab) logits bound the reward's memory)")
     process_norm: str = _f("std", "l2t episode-reward normalisation: std | mean_std (advantages.py says why)")
     length_coef: float = _f(0.5, "length_penalty: weight of the group-normalised length term")
     gamma: float = _f(1.0, "GAE discount (ppo)")
@@ -125,7 +127,7 @@ class TrainConfig:
                      "eval_samples", "log_every", "save_every"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("eval_every", "eval_problems", "sft_steps"):
+        for name in ("eval_every", "eval_problems", "sft_steps", "reward_micro_batch"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.group_size < 2 and not self.ppo:
