@@ -299,6 +299,7 @@ class Trainer:
                 kls.append(st["kl"])
             torch.nn.utils.clip_grad_norm_(list(self.policy.parameters()), cfg.grad_clip)
             self.opt.step()
+            self.opt.zero_grad(set_to_none=True)  # no gradient memory held through the next rollouts
         self.sched.step()
         self.model.eval()
         self.rollouts.mark_stale()  # a vLLM engine re-syncs its weights before the next generation
