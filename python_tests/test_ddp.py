@@ -254,3 +254,15 @@ def test_fsdp_without_a_distributed_launch_is_refused_before_any_work(tmp_path, 
     assert not out.exists()
     with pytest.raises(InputError, match="parallel must be"):
         preset("tiny-arith").override(["parallel=zero3"])
+
+
+def test_fsdp_needs_a_list_of_transformer_blocks():
+    from l2t_ext.errors import InputError
+    from l2t_ext.lm import tiny_qwen2
+    from l2t_ext.rl.sharding import transformer_blocks
+    from l2t_ext.tasks import arith
+
+    model = tiny_qwen2(arith.tokenizer(), hidden_size=32, num_layers=3, seed=0)
+    assert transformer_blocks(model) is model.model.layers
+    with pytest.raises(InputError, match="Sequential has no list of transformer blocks"):
+        transformer_blocks(torch.nn.Sequential(torch.nn.Linear(4, 4)))
