@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 
 import pytest
@@ -109,3 +110,46 @@ def test_demo_bad_input():
         demo.run_demo("/nonexistent/never", quick=True, full=True)
     with pytest.raises(InputError, match="jobs must be an integer >= 1"):
         demo.run_demo("/nonexistent/never", jobs=0)
+
+
+def _fake_demo(d, warm_starts, saving, acc_gap=0.0):
+    """A results.json with the fields ``l2t_ext.demo.pool`` reads: grpo at 50 tokens, l2t ``saving`` shorter."""
+    runs = {"grpo": [], "l2t": [], "warm start": []}
+    for i, ws in enumerate(warm_starts):
+        for seed in (0, 1):
+            base = 50.0 + ws + seed
+            runs["grpo"].append({"ws": ws, "seed": seed, "accuracy": 0.8, "response_tokens": base})
+            runs["l2t"].append({"ws": ws, "seed": seed, "accuracy": 0.8 + acc_gap + 0.01 * i,
+                                "response_tokens": base * (1 - saving - 0.01 * (i + seed))})
+        runs["warm start"].append({"ws": ws, "seed": -1, "accuracy": 0.5, "response_tokens": 55.0})
+    res = {"methods": {n: {"runs": runs[n]} for n in ("grpo", "l2t")}, "warm_start": {"runs": runs["warm start"]},
+           "warm_starts": [{"ws": ws, "reached_target": ws != warm_starts[-1], "sft_steps": 500}
+                           for ws in warm_starts], "machine": {"cpu": "test"}}
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "results.json"), "w") as f:
+        json.dump(res, f)
+    return str(d)
+
+
+def test_pool_statistics_and_the_reproduction_rule(tmp_path):
+    from l2t_ext.demo import pool
+
+    a = _fake_demo(tmp_path / "a", [0, 1, 2], 0.30)
+    b = _fake_demo(tmp_path / "b", [3, 4, 5], 0.30)
+    p = pool.pool([a, b])
+    q = p["paired"]["grpo"]["token_saving"]
+    assert q["n"] == 12 and q["ci_units"] == "6 warm starts"
+    savings = [1 - r["response_tokens"] / g["response_tokens"]
+               for d in (a, b) for res in [pool._load(d)]
+               for r, g in zip(res["methods"]["l2t"]["runs"], res["methods"]["grpo"]["runs"])]
+    assert q["mean"] == pytest.approx(sum(savings) / len(savings))
+    assert p["paired_reached_target"]["grpo"]["token_saving"]["n"] == 8  # warm starts 2 and 5 missed the target
+    same = pool.reproduces(p, pool._load(_fake_demo(tmp_path / "c", [6, 7, 8], 0.30)))
+    other = pool.reproduces(p, pool._load(_fake_demo(tmp_path / "d", [9, 10, 11], 0.05)))
+    assert same["grpo"]["reproduced"] and not other["grpo"]["reproduced"]
+    assert not other["grpo"]["token_saving"]["inside"] and other["grpo"]["accuracy_diff_points"]["inside"]
+    assert "Reproduction check" in pool.render(p, same)
+    with pytest.raises(ValueError, match="share warm starts"):
+        pool.pool([a, a])
+    assert pool.main([a, b, "--check", str(tmp_path / "c"), "--out", str(tmp_path / "pooled")]) == 0
+    assert json.load(open(tmp_path / "pooled" / "pooled.json"))["check"]["grpo"]["reproduced"]
