@@ -139,19 +139,7 @@ class Trainer:
         # everything below sees the final starting weights
         self.ref_policy = Policy(copy.deepcopy(self.model).eval().requires_grad_(False)) if cfg.kl_coef > 0 else None
         self.policy = Policy(self.model, self.value_head)
-        if self.fsdp:  # rank 0's weights, then shards (the optimizer below holds sharded moments)
-            sharding.broadcast_from_rank0(self.policy)
-            sharding.shard(self.model, self.value_head)
-            if self.ref_policy is not None:
-                sharding.broadcast_from_rank0(self.ref_policy)
-                sharding.shard(self.ref_policy.model)
-        self.opt, self.sched = build_optimizer(cfg, list(self.policy.parameters()))
-        self.ddp = None
-        if self.world > 1 and not self.fsdp:  # DDP broadcasts rank 0's weights: identical replicas
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.policy, device_ids=ids, broadcast_buffers=False)
+        self._parallelize()
         # under torchrun one Fisher (and one penalty scale) covers every rank's episodes
         self.reward: DenseProcessReward | None = build_reward(cfg, self.model, self.tok,
                                                               gather=gather_rows if self.world > 1 else None)
@@ -167,6 +155,24 @@ class Trainer:
                                       cfg.vllm_gpu_memory_utilization, "bfloat16" if cfg.bf16 else "float32")
         log(f"rollouts: {type(self.rollouts).__name__}" + (f"; data parallel over {self.world} ranks"
                                                            if self.world > 1 else ""))
+
+    def _parallelize(self) -> None:
+        """The optimizer, with the model sharded first (fsdp: the optimizer then holds sharded moments) or wrapped
+        in DDP after (which broadcasts rank 0's weights: identical replicas whatever each rank loaded)."""
+        cfg = self.cfg
+        if self.fsdp:  # rank 0's weights, then shards
+            sharding.broadcast_from_rank0(self.policy)
+            sharding.shard(self.model, self.value_head)
+            if self.ref_policy is not None:
+                sharding.broadcast_from_rank0(self.ref_policy)
+                sharding.shard(self.ref_policy.model)
+        self.opt, self.sched = build_optimizer(cfg, list(self.policy.parameters()))
+        self.ddp = None
+        if self.world > 1 and not self.fsdp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.policy, device_ids=ids, broadcast_buffers=False)
 
     def _init_weights(self, init_state: dict | None) -> None:
         """Start from ``init_state`` (e.g. a shared warm start), or run the task's supervised warm start."""
