@@ -4,11 +4,13 @@ alignment), and two training steps run, log the l2t/* metrics and change the wei
 
 from __future__ import annotations
 
+import pathlib
 import random
 
 import pytest
 import torch
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
@@ -134,15 +136,17 @@ torch.save({"pbar": seen, "gathers": t.l2t_reward.gather is not None}, os.path.j
 
 
 def test_two_cpu_processes_keep_identical_replicas(tmp_path):
-    """Two processes (gloo, started by torchrun; accelerate reads its environment): one step, the episode
-    rewards gathered across processes for group normalisation, replicas identical afterwards."""
+    """Two CPU processes started by ``accelerate launch`` with the shipped DDP config (gloo): one step, the
+    episode rewards gathered across processes for group normalisation, one Fisher over both processes' episodes,
+    replicas identical afterwards."""
     import os
     import subprocess
     import sys
 
     (tmp_path / "train.py").write_text(TWO_PROCESS_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          str(REPO / "examples" / "accelerate" / "ddp.yaml"), "--mixed_precision", "no",
                           str(tmp_path / "train.py"), str(tmp_path)], env=env, cwd=tmp_path, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -169,9 +173,6 @@ def test_config_and_version_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(trl, "__version__", "1.99.0")
     with pytest.raises(ImportError, match="supports trl >= 1.16, < 1.17 .* found trl 1.99.0"):
         integration._check_trl()
-
-
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def test_readme_recipe_runs_as_printed_under_accelerate_launch(tmp_path):
