@@ -180,3 +180,24 @@ def test_sigkill_at_a_random_point_then_resume_equals_uninterrupted(finished_run
     assert ref_w.keys() == got_w.keys() and all(torch.equal(ref_w[k], got_w[k]) for k in ref_w), killed_at
     assert _strip_time(got_rows) == _strip_time(ref_rows)
     assert not any(p.name.startswith(".tmp_") for p in ckpts.iterdir())
+
+
+def test_a_checkpoint_is_hashed_once_per_process_until_a_file_changes(finished_run, tmp_path, monkeypatch):
+    """``l2t train --resume`` resolves the checkpoint in the CLI and again in the Trainer: the second
+    verification must not read every byte again, but a file rewritten since must be hashed again."""
+    run = _copy_run(finished_run[0], tmp_path / "run")
+    ckpt = run / "checkpoints" / "step_000006"
+    hashed = []
+    real = checkpoint._sha256
+    monkeypatch.setattr(checkpoint, "_sha256", lambda p: hashed.append(p) or real(p))
+    checkpoint.verify(str(ckpt))
+    n = len(hashed)
+    assert n >= 3
+    checkpoint.resolve(str(ckpt))
+    assert len(hashed) == n  # unchanged files: no second read
+    state = ckpt / "trainer_state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256 mismatch"):
+        checkpoint.verify(str(ckpt))

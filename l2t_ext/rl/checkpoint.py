@@ -34,6 +34,7 @@ from l2t_ext.errors import CheckpointError, MissingFileError, RunDirLocked
 
 MANIFEST = "manifest.json"
 TRAIN_CONFIG = "train_config.json"
+_VERIFIED: set[tuple] = set()  # (checkpoint, (file, size, mtime) ...) already hashed by this process
 
 
 def rng_state() -> dict:
@@ -133,9 +134,16 @@ def verify(ckpt: str) -> None:
             raise CheckpointError(f"{fp}: missing (listed in the manifest)")
         if os.path.getsize(fp) != want["bytes"]:
             raise CheckpointError(f"{fp}: {os.path.getsize(fp)} bytes, the manifest says {want['bytes']} (truncated?)")
+    # a checkpoint whose files are unchanged since this process hashed them is not read again (the CLI and the
+    # Trainer both resolve a --resume path; hashing a real model's checkpoint takes seconds per GB)
+    stamp = (os.path.abspath(ckpt), tuple((n, os.stat(os.path.join(ckpt, n)).st_size,
+                                           os.stat(os.path.join(ckpt, n)).st_mtime_ns) for n in [MANIFEST, *files]))
+    if stamp in _VERIFIED:
+        return
     for name, want in files.items():
         if _sha256(os.path.join(ckpt, name)) != want["sha256"]:
             raise CheckpointError(f"{os.path.join(ckpt, name)}: contents differ from the manifest (SHA-256 mismatch)")
+    _VERIFIED.add(stamp)
 
 
 def _steps(root: str) -> list[str]:
