@@ -106,18 +106,23 @@ def _torchrun(args: list[str], cwd, timeout=600) -> subprocess.CompletedProcess:
     return res
 
 
+def _two_ranks_and_one(script_text: str, tmp_path, name: str, args: list[str], single_args: list[str] | None = None):
+    """Run ``script_text`` under torchrun on 2 ranks, then as one process (``single_args``: its arguments)."""
+    script = tmp_path / name
+    script.write_text(script_text)
+    _torchrun([str(script), *args], cwd=tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    subprocess.run([sys.executable, str(script), *(single_args or args)], check=True, env=env, cwd=tmp_path,
+                   timeout=600)
+
+
 @pytest.mark.parametrize("agg,parallel", [("token-mean", "ddp"), ("seq-mean", "ddp"), ("token-mean", "fsdp"),
                                           ("seq-mean", "fsdp")])
 def test_two_rank_update_equals_single_process_update(tmp_path, agg, parallel):
-    script = tmp_path / "update.py"
-    script.write_text(UPDATE_SCRIPT)
     out = tmp_path / "o"
     out.mkdir()
-    _torchrun([str(script), str(out), agg, parallel], cwd=tmp_path)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    subprocess.run([sys.executable, str(script), str(out), agg, "ddp"], check=True, env=env, cwd=tmp_path,
-                   timeout=600)
+    _two_ranks_and_one(UPDATE_SCRIPT, tmp_path, "update.py", [str(out), agg, parallel], [str(out), agg, "ddp"])
     one = torch.load(out / "params_w1_r0.pt")
     r0, r1 = torch.load(out / "params_w2_r0.pt"), torch.load(out / "params_w2_r1.pt")
     assert torch.equal(r0, r1), "replicas diverged"
@@ -168,12 +173,7 @@ def test_torchrun_train_and_resume_matches_uninterrupted(tmp_path, parallel):
 def test_penalty_uses_one_fisher_over_all_ranks(tmp_path):
     """The reward of an episode does not depend on how the batch is split: two ranks holding 3 rows each give
     the penalties a single process computes for all 6 rows (raw and normalised)."""
-    script = tmp_path / "reward.py"
-    script.write_text(REWARD_SCRIPT)
-    _torchrun([str(script), str(tmp_path)], cwd=tmp_path)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, env=env, cwd=tmp_path, timeout=600)
+    _two_ranks_and_one(REWARD_SCRIPT, tmp_path, "reward.py", [str(tmp_path)])
     one = torch.load(tmp_path / "r0_w1.pt")
     parts = [torch.load(tmp_path / f"r{r}_w2.pt") for r in (0, 1)]
     for key in ("P", "Pbar"):
@@ -216,12 +216,7 @@ FISHER_SCRIPT = textwrap.dedent("""
 def test_fsdp_svd_refresh_gathers_only_the_tracked_weights(tmp_path):
     """Under FSDP the tracker's bases (and proxy) equal the single-process ones, and building them gathered only
     the tracked last-block weights (4 matrices), never the other layers' shards."""
-    script = tmp_path / "fisher.py"
-    script.write_text(FISHER_SCRIPT)
-    _torchrun([str(script), str(tmp_path)], cwd=tmp_path)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, env=env, cwd=tmp_path, timeout=600)
+    _two_ranks_and_one(FISHER_SCRIPT, tmp_path, "fisher.py", [str(tmp_path)])
     from l2t_ext.lm import tiny_qwen2
     from l2t_ext.reward.fisher import default_layers
     from l2t_ext.tasks import arith
