@@ -233,7 +233,7 @@ class RunLock:
         root = os.path.join(out_dir, "checkpoints")  # half-written checkpoints of a run that was killed
         for name in os.listdir(root) if os.path.isdir(root) else []:
             path = os.path.join(root, name)
-            if name.startswith(".tmp_step_"):
+            if name.startswith((".tmp_step_", ".dcp_step_")):  # a save that died half-way (fsdp: its shards)
                 shutil.rmtree(path, ignore_errors=True)
             elif name.startswith(".latest_"):
                 os.remove(path)

@@ -1,5 +1,5 @@
 """Fully sharded data parallel (``parallel: fsdp``): PyTorch's FSDP2 ``fully_shard`` around each transformer
-block and the policy, the gathered view the rollouts and the reward run on, and sharded checkpoints through
+block and the model, the gathered view the rollouts and the reward run on, and sharded checkpoints through
 ``torch.distributed.checkpoint`` (DCP).
 
 Sharding: every rank builds the same full model, rank 0's weights are broadcast (as DDP does), then each
@@ -10,7 +10,7 @@ are sharded too. The loss's forward/backward all-gathers one unit at a time and 
 full-size gradients on every rank, which is what sharding is meant to avoid.
 
 Rollouts and scoring run inside ``gathered(...)``: every unit is all-gathered once and kept unsharded until
-the block exits. Ranks generate responses of different lengths and score different numbers of episodes, so a
+the block exits (every rank enters together: the gather is collective). Ranks generate responses of different lengths and score different numbers of episodes, so a
 per-forward all-gather would deadlock; with the weights gathered, the forwards and the reward's backward (which
 only asks for activation gradients) issue no collective. Peak memory during a rollout is the full model plus
 the shards, as with any ZeRO-3 generation that is not served by a separate engine.
