@@ -51,6 +51,7 @@ UPDATE_SCRIPT = textwrap.dedent("""
     flat = torch.cat([p.reshape(-1) for p in full_parameters(t.model)])  # fsdp: gathered from the shards
     torch.save(flat, os.path.join(out, f"params_w{t.world}_r{t.rank}.pt"))
     t.close()
+    os._exit(0)  # as l2t's CLI does under torchrun: no interpreter finalisation with gloo threads around
 """)
 
 
@@ -95,6 +96,7 @@ REWARD_SCRIPT = textwrap.dedent("""
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+    os._exit(0)
 """)
 
 
@@ -210,6 +212,7 @@ FISHER_SCRIPT = textwrap.dedent("""
     if gathered:
         dist.barrier()
         dist.destroy_process_group()
+    os._exit(0)
 """)
 
 

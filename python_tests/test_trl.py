@@ -132,6 +132,8 @@ flat = torch.cat([p.detach().reshape(-1) for p in t.model.parameters()])
 rank = t.accelerator.process_index
 torch.save(flat, os.path.join(out, f"params_r{rank}_of{t.accelerator.num_processes}.pt"))
 torch.save({"pbar": seen, "gathers": t.l2t_reward.gather is not None}, os.path.join(out, f"pbar_r{rank}.pt"))
+sys.stdout.flush()
+os._exit(0)  # no interpreter finalisation while gloo's threads are alive (see l2t_ext.cli._exit)
 """
 
 
