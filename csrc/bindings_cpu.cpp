@@ -37,14 +37,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("row"), py::arg("col"));
 
   m.def(
-      "sketch",
-      [](const std::string& dt, uintptr_t W, int64_t B, int64_t M, int64_t N, int64_t sb, int64_t sm, int64_t sn,
-         int64_t k, uint64_t seed, uintptr_t Y) {
-        dispatch(dt, [&](auto t) {
-          using T = decltype(t);
-          l2t::cpu::sketch<T>(P<const T>(W), B, M, N, sb, sm, sn, k, seed, P<T>(Y));
-        });
-      },
+      "omega_fill",
+      [](uint64_t seed, int64_t n, int64_t k, uintptr_t out) { l2t::cpu::omega_fill(seed, n, k, P<float>(out)); },
       py::call_guard<py::gil_scoped_release>());
 
   m.def(

@@ -28,72 +28,11 @@ int max_threads() {
 #endif
 }
 
-// ---------------------------------------------------------------------------------------------- rsvd sketch
-// For each (LC x KC) tile of Omega: all threads generate it together (each element once), then all threads
-// multiply their row blocks by it. Y is zeroed first; each Y element is accumulated by one thread in
-// l-order, so the result does not depend on the thread count.
-constexpr int64_t SK_LC = 128, SK_KC = 32;
-
-template <typename T, int KC, int RB>
-static void sketch_tile_rows(const T* W, int64_t m, int64_t sWb, int64_t sWm, int64_t sWn, int64_t rows, int64_t l0,
-                             int64_t lc, const T* tile, int64_t j0, int64_t kc, int64_t k, T* Y) {
-  const int64_t blocks = (rows + RB - 1) / RB;
-#pragma omp for schedule(static)
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t g0 = blk * RB, nb = std::min<int64_t>(RB, rows - g0);
-    T acc[RB][KC];
-    const T* w[RB];
-    for (int u = 0; u < RB; ++u) {
-      const int64_t g = g0 + std::min<int64_t>(u, nb - 1);
-      w[u] = W + (g / m) * sWb + (g % m) * sWm + l0 * sWn;
-      for (int j = 0; j < KC; ++j) acc[u][j] = T(0);
-    }
-    for (int64_t l = 0; l < lc; ++l) {
-      const T* __restrict__ t = tile + l * SK_KC;
-      for (int u = 0; u < RB; ++u) {
-        const T wl = w[u][l * sWn];
-#pragma omp simd
-        for (int j = 0; j < KC; ++j) acc[u][j] += wl * t[j];
-      }
-    }
-    for (int64_t u = 0; u < nb; ++u) {
-      T* y = Y + (g0 + u) * k + j0;
-      for (int64_t j = 0; j < kc; ++j) y[j] += acc[u][j];
-    }
-  }
-}
-
-template <typename T>
-void sketch(const T* W, int64_t B, int64_t m, int64_t n, int64_t sWb, int64_t sWm, int64_t sWn, int64_t k,
-            uint64_t seed, T* Y) {
-  alignas(64) T tile[SK_LC * SK_KC];
-  const int64_t rows = B * m;
-#pragma omp parallel
-  {
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < rows * k; ++i) Y[i] = T(0);
-    for (int64_t j0 = 0; j0 < k; j0 += SK_KC) {
-      const int64_t kc = std::min(SK_KC, k - j0);
-      for (int64_t l0 = 0; l0 < n; l0 += SK_LC) {
-        const int64_t lc = std::min(SK_LC, n - l0);
-#pragma omp for schedule(static)
-        for (int64_t e = 0; e < SK_LC * SK_KC; ++e) {
-          const int64_t l = e / SK_KC, j = e % SK_KC;
-          tile[e] = (l < lc && j < kc) ? static_cast<T>(omega_entry(seed, l0 + l, j0 + j)) : T(0);
-        }
-        // register tile width: the 8-column multiple that covers kc (accumulators stay in registers)
-        if (kc <= 8) {
-          sketch_tile_rows<T, 8, 4>(W, m, sWb, sWm, sWn, rows, l0, lc, tile, j0, kc, k, Y);
-        } else if (kc <= 16) {
-          sketch_tile_rows<T, 16, 4>(W, m, sWb, sWm, sWn, rows, l0, lc, tile, j0, kc, k, Y);
-        } else if (kc <= 24) {
-          sketch_tile_rows<T, 24, 4>(W, m, sWb, sWm, sWn, rows, l0, lc, tile, j0, kc, k, Y);
-        } else {
-          sketch_tile_rows<T, 32, 3>(W, m, sWb, sWm, sWn, rows, l0, lc, tile, j0, kc, k, Y);
-        }
-      }
-    }
-  }
+// ---------------------------------------------------------------------------------------------- rsvd Omega
+// Each element depends only on (seed, row, col): the result does not depend on the thread count.
+void omega_fill(uint64_t seed, int64_t n, int64_t k, float* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n * k; ++i) out[i] = omega_entry(seed, i / k, i % k);
 }
 
 // ---------------------------------------------------------------------------------------------- row project
@@ -264,7 +203,6 @@ void gram_ema(const T* G, int64_t N, int64_t p, const T* F_in, double decay, dou
 }
 
 #define L2T_INSTANTIATE(T)                                                                                         \
-  template void sketch<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, uint64_t, T*); \
   template void row_project<T>(const T*, int64_t, int64_t, const int64_t*, int64_t, int64_t, const T*, int64_t,   \
                                T*);                                                                               \
   template void chunk_outer<T>(const T*, const T*, int64_t, int64_t, const int64_t*, int64_t, T*);                \

@@ -6,10 +6,10 @@
 
 namespace l2t::cpu {
 
-// Y[b] (m,k) = W[b] (m,n) @ Omega (n,k), Omega generated from (seed, row, col) on the fly (philox.h).
-template <typename T>
-void sketch(const T* W, int64_t B, int64_t m, int64_t n, int64_t sWb, int64_t sWm, int64_t sWn, int64_t k,
-            uint64_t seed, T* Y);
+// Omega (n,k) row-major float32, Omega[row, col] = omega_entry(seed, row, col) (philox.h). The CPU sketch
+// W @ Omega is then one BLAS GEMM: on CPU a materialised (n, k) Omega is small, and MKL's GEMM beats a
+// hand-written fused one.
+void omega_fill(uint64_t seed, int64_t n, int64_t k, float* out);
 
 // Y[i, :] (r,) = X[idx[i], :] @ V (ncols, r) for i < nrows; idx == nullptr means idx[i] = i. Y contiguous.
 template <typename T>

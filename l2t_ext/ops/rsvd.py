@@ -30,7 +30,7 @@ PROJECT = {
 
 
 def rsvd_auto_order(device: torch.device) -> tuple[str, ...]:
-    """Fastest first (benchmarks/README.md): CPU: the C++ sketch, then torch; H200: Triton, then CUDA, torch."""
+    """Fastest first (benchmarks/README.md): CPU: C++ Omega + BLAS, then torch; H200: Triton, then CUDA, torch."""
     return ("cpu", "torch") if device.type == "cpu" else ("triton", "cuda", "torch")
 
 
@@ -55,6 +55,22 @@ def _orth(Y: torch.Tensor) -> torch.Tensor:
     return Q.to(Y.dtype)
 
 
+def _small_svd(Q: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Ub (k, k), S (k,), V (n, k)) with Q^T W = Ub diag(S) V^T. On CPU LAPACK factors the tall B^T (n, k) about
+    3x faster than the wide B (k, n) (it starts with a QR of the tall side), so the SVD is taken of B^T = W^T Q."""
+    if W.device.type == "cpu":
+        V, S, Ubt = torch.linalg.svd(_tmatmul(W, Q), full_matrices=False)
+        return Ubt.mT, S, V
+    Ub, S, Vh = torch.linalg.svd(Q.mT @ W, full_matrices=False)
+    return Ub, S, Vh.mT
+
+
+def _tmatmul(W: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """W^T Q. On CPU as (Q^T W)^T: the same product, but MKL runs the skinny (k, m) x (m, n) layout about twice
+    as fast as (n, m) x (m, k) with a transposed W (benchmarks/README.md, rsvd)."""
+    return (Q.mT @ W).mT if W.device.type == "cpu" else W.mT @ Q
+
+
 @torch.library.custom_op("l2t_ext::rsvd", mutates_args=())
 def _rsvd_op(W: torch.Tensor, rank: int, oversample: int, n_iter: int, seed: int,
              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,11 +84,11 @@ def _rsvd_op(W: torch.Tensor, rank: int, oversample: int, n_iter: int, seed: int
         Y, Wf = Y[0], Wf[0]
     Q = _orth(Y)
     for _ in range(n_iter):  # power iterations sharpen a slowly decaying spectrum
-        Q = _orth(Wf.mT @ Q)
+        Q = _orth(_tmatmul(Wf, Q))
         Q = _orth(Wf @ Q)
-    Ub, S, Vh = torch.linalg.svd(Q.mT @ Wf, full_matrices=False)  # small (k, n) SVD
+    Ub, S, V = _small_svd(Q, Wf)  # B = Q^T W = Ub diag(S) V^T
     U = Q @ Ub[..., :rank]
-    V = Vh[..., :rank, :].mT
+    V = V[..., :rank]
     return (U.reshape(*lead, m, rank).contiguous(), S[..., :rank].reshape(*lead, rank).contiguous(),
             V.reshape(*lead, n, rank).contiguous())
 
@@ -114,7 +130,9 @@ def rsvd(W: torch.Tensor, rank: int, oversample: int = 8, n_iter: int = 2, seed:
         raise ValueError(f"l2t_ext.ops.{op}: seed must be an int in [0, 2**64), got {seed!r}")
     if W.numel() == 0:
         raise ValueError(f"l2t_ext.ops.{op}: W is empty (shape {tuple(W.shape)})")
-    if not bool(torch.isfinite(W).all()):  # QR/SVD of NaN/Inf fail deep in LAPACK without naming the input
+    # QR/SVD of NaN/Inf fail deep in LAPACK without naming the input. min/max propagate NaN and reach +-Inf: an
+    # exact test in one read of W (isfinite(W).all() materialises a mask and cost half the op on CPU)
+    if not all(bool(torch.isfinite(x)) for x in torch.aminmax(W)):
         raise ValueError(f"l2t_ext.ops.{op}: W contains NaN or Inf (shape {tuple(W.shape)}); a low-rank basis of "
                          "non-finite values is undefined")
     name = pick(op, backend, W.device, W.dtype, rsvd_auto_order(W.device))
