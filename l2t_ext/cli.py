@@ -114,7 +114,7 @@ def _cmd_inspect(args) -> int:
     cfg = TrainConfig.from_dict(checkpoint.saved_config(path), f"{path}/train_config.json")
     with tempfile.TemporaryDirectory() as tmp:  # the run directory is only read; the policy is the checkpoint's
         cfg = dataclasses.replace(cfg, model=path, out=tmp, eval_problems=0, prompts_per_step=args.prompts,
-                                  seed=args.seed,
+                                  seed=args.seed, parallel="ddp",  # one process reads the consolidated weights
                                   method=cfg.method if cfg.method in PENALTY_KIND else "l2t", device="cpu"
                                   if args.cpu else cfg.device)
         trainer = Trainer(cfg)

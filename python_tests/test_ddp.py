@@ -162,6 +162,14 @@ def test_torchrun_train_and_resume_matches_uninterrupted(tmp_path, parallel):
         assert state["optimizer"] is None
         manifest = json.load(open(a / "checkpoints" / "step_000003" / "manifest.json"))["files"]
         assert any(k.startswith("dcp/") and k.endswith(".distcp") for k in manifest), manifest.keys()
+        # the consolidated weights serve the single-process tools: l2t eval and l2t inspect read the fsdp run
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env.pop("WORLD_SIZE", None)
+        for cmd in (["eval", "--model", str(a), "--eval_problems", "2", "--eval_samples", "1"],
+                    ["inspect", str(a), "--prompts", "1", "--json", str(tmp_path / "inspect.json")]):
+            res = subprocess.run([sys.executable, "-m", "l2t_ext.cli", *cmd], env=env, cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=600)
+            assert res.returncode == 0, res.stderr[-3000:]
     _torchrun(common + ["--out", str(b), "--resume", str(a / "checkpoints" / "step_000002")], cwd=tmp_path)
     wa = load_file(a / "checkpoints" / "step_000003" / "model.safetensors")
     wb = load_file(b / "checkpoints" / "step_000003" / "model.safetensors")
