@@ -32,6 +32,7 @@ class RewardOutput:
 
 
 PENALTY_KINDS = ("fisher", "count", "tokens", "none")
+PENALTY_NORMS = ("batch", "initial", "none")
 
 
 def _rows(r: Rollouts, rows: slice) -> Rollouts:
@@ -39,7 +40,6 @@ def _rows(r: Rollouts, rows: slice) -> Rollouts:
     pick = (lambda v: None if v is None else v[rows])
     return Rollouts(r.input_ids[rows], r.attention_mask[rows], r.response_mask[rows], r.episode_ids[rows],
                     answers=pick(r.answers), answer_ids=pick(r.answer_ids))
-PENALTY_NORMS = ("batch", "initial", "none")
 
 
 class DenseProcessReward:
@@ -114,10 +114,13 @@ class DenseProcessReward:
 
     def __call__(self, r: Rollouts) -> RewardOutput:
         K = r.num_episodes
-        B, step = r.input_ids.shape[0], self.micro_batch or max(r.input_ids.shape[0], 1)
-        parts = [self._scored_rows(_rows(r, slice(i, i + step)), K) for i in range(0, B, step)] or \
-            [self._scored_rows(r, K)]
-        g, token_lp, jr_all, jr_valid = (torch.cat(x) for x in zip(*parts))
+        B = r.input_ids.shape[0]
+        step = self.micro_batch or B
+        if step >= B:  # the whole batch in one forward
+            g, token_lp, jr_all, jr_valid = self._scored_rows(r, K)
+        else:
+            parts = [self._scored_rows(_rows(r, slice(i, i + step)), K) for i in range(0, B, step)]
+            g, token_lp, jr_all, jr_valid = (torch.cat(x) for x in zip(*parts))
         valid = jr_valid[:, 1:] & jr_valid[:, :1]
         valid = valid & (torch.arange(K, device=valid.device)[None] < (r.episode_ids.max(1).values + 1)[:, None])
         fisher = None
