@@ -136,8 +136,8 @@ def verify(ckpt: str) -> None:
             raise CheckpointError(f"{fp}: {os.path.getsize(fp)} bytes, the manifest says {want['bytes']} (truncated?)")
     # a checkpoint whose files are unchanged since this process hashed them is not read again (the CLI and the
     # Trainer both resolve a --resume path; hashing a real model's checkpoint takes seconds per GB)
-    stamp = (os.path.abspath(ckpt), tuple((n, os.stat(os.path.join(ckpt, n)).st_size,
-                                           os.stat(os.path.join(ckpt, n)).st_mtime_ns) for n in [MANIFEST, *files]))
+    stats = [(n, os.stat(os.path.join(ckpt, n))) for n in [MANIFEST, *files]]
+    stamp = (os.path.abspath(ckpt), tuple((n, st.st_size, st.st_mtime_ns) for n, st in stats))
     if stamp in _VERIFIED:
         return
     for name, want in files.items():
