@@ -1,15 +1,18 @@
 """rsvd accuracy against torch.svd_lowrank over many sketch draws (the timing table shows one draw): the same
 matrix (4096 x 1024, spectrum 0.9^i + 1e-3, as in ``l2t bench``), ``--draws`` seeds each, rank 16, 8 extra
 sketch columns, 2 power iterations. Reports the median, 90th percentile and worst draw of the top-r singular
-values' max relative error and of the reconstruction error over the optimal rank-r error; writes JSON.
+values' max relative error and of the reconstruction error over the optimal rank-r error, and whether the two
+error distributions differ: a bootstrap 95% interval of the ratio of medians (l2t over svd_lowrank) and the
+Mann-Whitney rank statistic z (|z| > 1.96: a difference at the 5% level). Writes JSON.
 
-    python benchmarks/bench_rsvd_accuracy.py --json bench_rsvd_accuracy.json
+    python benchmarks/bench_rsvd_accuracy.py --draws 1000 --json bench_rsvd_accuracy.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 
 import torch
@@ -21,6 +24,20 @@ from l2t_ext.bench.rsvd import make_inputs, recon_ratio
 def _quantiles(xs: list[float]) -> dict:
     xs = sorted(xs)
     return {"median": statistics.median(xs), "p90": xs[int(0.9 * (len(xs) - 1))], "max": xs[-1]}
+
+
+def _compare(a: list[float], b: list[float], resamples: int = 1000) -> dict:
+    """Ratio of medians a/b with a bootstrap 95% interval, and the Mann-Whitney z of a against b (normal
+    approximation; > 0 when a tends to be larger, i.e. less accurate)."""
+    rng = random.Random(0)
+    boot = sorted(statistics.median(rng.choices(a, k=len(a))) / statistics.median(rng.choices(b, k=len(b)))
+                  for _ in range(resamples))
+    ranked = sorted([(v, 0) for v in a] + [(v, 1) for v in b])
+    n1, n2 = len(a), len(b)
+    u = sum(i + 1 for i, (_, g) in enumerate(ranked) if g == 0) - n1 * (n1 + 1) / 2
+    z = (u - n1 * n2 / 2) / (n1 * n2 * (n1 + n2 + 1) / 12) ** 0.5
+    return {"median_ratio": statistics.median(a) / statistics.median(b),
+            "median_ratio_ci95": [boot[int(0.025 * resamples)], boot[int(0.975 * resamples)]], "mann_whitney_z": z}
 
 
 def main() -> None:
@@ -35,7 +52,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     inp = make_inputs(dict(B=1, m=a.m, n=a.n, r=a.rank), "cpu", torch.float32)
     W, sv = inp["W"], inp["sv"]
-    res = {}
+    res, raw = {}, {}
     for name in ("l2t:cpu", "svd_lowrank"):
         sv_err, recon = [], []
         for seed in range(a.draws):
@@ -48,13 +65,20 @@ def main() -> None:
             sv_err.append(float(((out[1].double() - sv).abs() / sv).max()))
             recon.append(recon_ratio(inp, out))
         res[name] = {"sv_rel_error": _quantiles(sv_err), "recon_over_opt": _quantiles(recon)}
+        raw[name] = {"sv_rel_error": sv_err, "recon_over_opt": [x - 1 for x in recon]}
+    compare = {key: _compare(raw["l2t:cpu"][key], raw["svd_lowrank"][key]) for key in raw["svd_lowrank"]}
     print(f"{a.m}x{a.n}, rank {a.rank}, {a.draws} draws: median / p90 / worst")
     for name, r in res.items():
         e, q = r["sv_rel_error"], r["recon_over_opt"]
         print(f"  {name:12s} singular values {e['median']:.2e} / {e['p90']:.2e} / {e['max']:.2e}; "
               f"recon/opt {q['median']:.6f} / {q['p90']:.6f} / {q['max']:.6f}")
+    for key, c in compare.items():
+        lo, hi = c["median_ratio_ci95"]
+        print(f"  l2t/svd_lowrank {key}: median ratio {c['median_ratio']:.3f} [{lo:.3f}, {hi:.3f}], "
+              f"Mann-Whitney z {c['mann_whitney_z']:+.2f}")
     with open(a.json, "w") as f:
-        json.dump({"shape": [a.m, a.n], "rank": a.rank, "draws": a.draws, "results": res}, f, indent=1)
+        json.dump({"shape": [a.m, a.n], "rank": a.rank, "draws": a.draws, "results": res,
+                   "l2t_vs_svd_lowrank": compare}, f, indent=1)
 
 
 if __name__ == "__main__":
