@@ -41,6 +41,7 @@ class Run:
     probe_tokens: int = 12  # Jr cue + answer tokens per episode boundary
     micro_batch: int = 2  # rollouts per loss forward/backward
     reward_micro_batch: int = 2  # rollouts per reward forward/backward
+    logprob_chunk: int = 1024  # positions per output-layer chunk in the reward (FisherTracker's logprob_chunk)
     rank: int = 16  # r of the proxy per tracked layer
     kl_ref: bool = False  # kl_coef > 0 keeps a frozen fp32 reference copy
 
@@ -83,7 +84,9 @@ def estimate(m: dict, run: Run, hw: Hardware, gpus: int, mode: str) -> dict:
     ref = 4 * P / s if run.kl_ref else 0.0
     gathered = 4 * P if mode == "fsdp" and N > 1 else 0.0  # collect runs on the all-gathered fp32 weights
     kv = 2 * m["layers"] * m["kv_dim"] * 2 * rows * L  # bf16 K and V for every rollout (one generate call)
-    logits = 10 * run.reward_micro_batch * L * m["vocab"]  # bf16 logits + fp32 log-softmax + fp32 gradient
+    # the reward's output layer runs logprob_chunk positions at a time (Qwen2 qualifies for the chunked path):
+    # bf16 logits + fp32 copy + exp / gradient of one chunk
+    logits = 10 * min(run.logprob_chunk, run.reward_micro_batch * L) * m["vocab"]
     fisher = 4 * E_global * p * 2  # gathered episode gradients (+ the rank's own, padded)
     rollout_phase = weights + adam + ref + gathered + kv + logits + fisher
     blocks = 4 * (m["P_root"] + 2 * m["P_block"]) if mode == "fsdp" and N > 1 else 0.0  # unit in use + prefetch

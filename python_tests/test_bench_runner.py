@@ -51,3 +51,17 @@ def test_bench_runner_tiny(tmp_path, monkeypatch):
         assert all((op, b) in impls for b in baselines)
     md = out_md.read_text()
     assert all(f"### {op}" in md for op in TINY)
+
+
+def test_reward_bench_parts_agree_on_the_tiny_config():
+    """The reward benchmark's penalty through the chunked output layer and through full logits are the same
+    computation (the benchmark compares their cost)."""
+    import torch
+
+    from l2t_ext.bench.reward import CONFIGS, _fns
+
+    assert {"cpu", "cpu-smollm2", "cuda"} <= set(CONFIGS)
+    fns, r = _fns("cpu")
+    chunked, full = fns["penalty"](), fns["penalty_full"]()
+    assert chunked.shape == (r.input_ids.shape[0], r.num_episodes) and torch.isfinite(chunked).all()
+    assert torch.allclose(chunked, full, rtol=1e-4, atol=1e-6)

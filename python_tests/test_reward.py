@@ -179,6 +179,69 @@ def test_sum_over_episodes_equals_projected_full_gradient():
         assert (gt[:, :, i * 9:(i + 1) * 9] - ge[:, :, i * 9:(i + 1) * 9]).abs().max() <= 1e-8
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_chunked_and_full_logprob_paths_agree(kind):
+    model = tiny_model(kind)
+    ids, am, resp = rollouts()
+    ep = segment_episodes(ids, resp, [[M]])
+    chunked = FisherTracker(model, rank=4, backend="cpu", logprobs="chunked", logprob_chunk=5)
+    full = FisherTracker(model, rank=4, backend="cpu", logprobs="full")
+    assert chunked.split is not None and full.split is None
+    assert FisherTracker(model, rank=4, backend="cpu").split is not None  # auto picks the chunked path here
+    gc, lc = chunked.episode_grads(ids, am, ep, return_logprobs=True)
+    gf, lf = full.episode_grads(ids, am, ep, return_logprobs=True)
+    assert (gc - gf).abs().max() <= 1e-12 * max(1.0, gf.abs().max().item())
+    assert (lc - lf).abs().max() <= 1e-12
+    ref, _ = brute_force_grads(model, chunked, ids, am, ep, int(ep.max()) + 1)
+    assert (gc - ref).abs().max() <= 1e-8 * max(1.0, ref.abs().max().item())
+
+
+def test_chunked_logprobs_never_save_vocabulary_sized_tensors():
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=600, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, attn_implementation="sdpa")).double().eval()
+    ids, am, resp = rollouts()
+    ep = segment_episodes(ids, resp, [[M]])
+    logits_numel = ids.numel() * 600
+    for mode in ("chunked", "full"):
+        tracker = FisherTracker(model, rank=4, backend="cpu", logprobs=mode, logprob_chunk=8)
+        saved = []
+
+        def pack(t, saved=saved):
+            if not isinstance(t, torch.nn.Parameter):  # weights are held anyway
+                saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            tracker.episode_grads(ids, am, ep)
+        # the full path saves (B, L - 1, vocab) float32 log-softmax outputs; the chunked one nothing that large
+        assert (max(saved) >= logits_numel * 23 // 24) == (mode == "full"), (mode, max(saved), logits_numel)
+
+
+def test_soft_capped_logits_use_the_full_path():
+    """Gemma 2 caps its logits after the output layer: lm_head(hidden) is not its logits, so the tracker (and
+    the Jr probes) must not split the forward there."""
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, attn_implementation="eager",
+        final_logit_softcapping=0.5)).double().eval()
+    from l2t_ext.lm import split_head
+
+    assert split_head(model) is None
+    ids, am, resp = rollouts(left_pad=False)  # eager attention with left padding gives NaN rows in Gemma 2
+    ep = segment_episodes(ids, resp, [[M]])
+    tracker = FisherTracker(model, rank=4, backend="cpu")
+    assert tracker.split is None
+    ref, _ = brute_force_grads(model, tracker, ids, am, ep, int(ep.max()) + 1)
+    assert (tracker.episode_grads(ids, am, ep) - ref).abs().max() <= 1e-8 * max(1.0, ref.abs().max().item())
+    tracker.split = (model.get_decoder(), model.get_output_embeddings())  # what splitting there would compute
+    assert (tracker.episode_grads(ids, am, ep) - ref).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="logprobs='chunked' needs"):
+        FisherTracker(model, rank=4, backend="cpu", logprobs="chunked")
+
+
 def test_backward_does_not_reach_lower_layers():
     model = tiny_model("qwen2")
     tracker = FisherTracker(model, rank=4, backend="cpu")
@@ -204,6 +267,14 @@ def test_tracker_bad_input():
         FisherTracker(model, layers=["model.norm"])
     with pytest.raises(ValueError, match="could not find transformer blocks"):
         FisherTracker(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match="logprobs must be"):
+        FisherTracker(model, rank=2, logprobs="fused")
+    with pytest.raises(ValueError, match="logprob_chunk must be"):
+        FisherTracker(model, rank=2, logprob_chunk=0)
+    # the output layer tracked: its hook must run, so auto takes the full path and chunked is refused
+    assert FisherTracker(model, layers=["lm_head"], rank=2, backend="cpu").split is None
+    with pytest.raises(ValueError, match="logprobs='chunked' needs"):
+        FisherTracker(model, layers=["lm_head"], rank=2, logprobs="chunked")
     tracker = FisherTracker(model, rank=2, backend="cpu")
     ids, am, resp = rollouts()
     with pytest.raises(ValueError, match="must match"):

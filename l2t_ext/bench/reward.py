@@ -1,9 +1,12 @@
 """Cost of the L2T reward against one PPO training step's forward+backward on the same batch.
 
-CPU: a tiny Qwen2 (the demo's size class). GPU: a randomly initialised model with Qwen2-0.5B shapes in bf16.
-Timed: (a) step = forward + backward of the response log-likelihood through all parameters (what every PPO
-step pays), (b) penalty = FisherTracker.episode_grads + compression_penalty, (c) Jr = AnswerLikelihoodJr
-probes, (d) the whole DenseProcessReward call. Peak memory of (a) and (d) likewise.
+Configs (``--config``): ``cpu``: a tiny Qwen2 (the demo's size class); ``cpu-smollm2``: a randomly initialised
+model with SmolLM2-135M-Instruct's shapes (Llama, 49152-token vocabulary) in float32; ``cuda``: Qwen2-0.5B
+shapes in bf16. Timed: (a) step = forward + backward of the response log-likelihood through all parameters
+(what every PPO step pays), (b) penalty = FisherTracker.episode_grads + compression_penalty, with the token
+log-probs through the chunked output layer (the default where the model allows it) and (b') penalty_full the
+same through full (B, L, vocab) logits, (c) Jr = AnswerLikelihoodJr probes, (d) the whole DenseProcessReward
+call. Peak memory of each likewise (CPU: peak RSS growth in a fresh process).
 """
 
 from __future__ import annotations
@@ -21,24 +24,31 @@ from l2t_ext.bench import _harness as H
 MARKER = 7
 
 CONFIGS = {
-    "cpu": dict(model=dict(vocab_size=64, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+    "cpu": dict(arch="qwen2", model=dict(vocab_size=64, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                            num_attention_heads=4, num_key_value_heads=2),
                 batch=dict(B=16, prompt=32, L=192, episode=16, answer=4, cue=3), dtype="float32"),
-    "cuda": dict(model=dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                            num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    "cpu-smollm2": dict(arch="llama", model=dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                                 num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                                 tie_word_embeddings=True),
+                        batch=dict(B=8, prompt=64, L=256, episode=24, answer=4, cue=3), dtype="float32"),
+    "cuda": dict(arch="qwen2", model=dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                          num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                          tie_word_embeddings=True),
                  batch=dict(B=8, prompt=128, L=1024, episode=64, answer=8, cue=4), dtype="bfloat16"),
 }
 
 
-def build(device: str):
+def build(config: str):
     import transformers
 
     from l2t_ext.reward import AnswerLikelihoodJr, DenseProcessReward, FisherTracker, Rollouts, segment_episodes
 
-    cfg = CONFIGS[device]
+    cfg, device = CONFIGS[config], _device(config)
     torch.manual_seed(0)
-    mcfg = transformers.Qwen2Config(max_position_embeddings=4096, attn_implementation="sdpa", **cfg["model"])
-    model = transformers.Qwen2ForCausalLM(mcfg).to(device=device, dtype=getattr(torch, cfg["dtype"])).eval()
+    Config, Model = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM)}[cfg["arch"]]
+    mcfg = Config(max_position_embeddings=4096, attn_implementation="sdpa", **cfg["model"])
+    model = Model(mcfg).to(device=device, dtype=getattr(torch, cfg["dtype"])).eval()
     b = cfg["batch"]
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(10, min(cfg["model"]["vocab_size"], 1000), (b["B"], b["L"]), generator=g)
@@ -57,11 +67,16 @@ def build(device: str):
     return model, r, tracker, jr, reward
 
 
-def _fns(device):
-    from l2t_ext.reward import compression_penalty
+def _device(config: str) -> str:
+    return "cuda" if config == "cuda" else "cpu"
+
+
+def _fns(config):
+    from l2t_ext.reward import FisherTracker, compression_penalty
     from l2t_ext.reward.fisher import position_ids_from_mask, token_logprobs
 
-    model, r, tracker, jr, reward = build(device)
+    model, r, tracker, jr, reward = build(config)
+    tracker_full = FisherTracker(model, rank=16, logprobs="full")
     pos = position_ids_from_mask(r.attention_mask)
     mask = r.response_mask.clone()
     mask[:, :-1] = r.response_mask[:, 1:]  # position t predicts token t+1
@@ -78,8 +93,8 @@ def _fns(device):
     K = r.num_episodes
     valid = torch.arange(K, device=r.input_ids.device)[None] < (r.episode_ids.max(1).values + 1)[:, None]
 
-    def penalty():
-        g = tracker.episode_grads(r.input_ids, r.attention_mask, r.episode_ids, num_episodes=K)
+    def penalty(t=tracker):
+        g = t.episode_grads(r.input_ids, r.attention_mask, r.episode_ids, num_episodes=K)
         return compression_penalty(g, valid)
 
     @torch.no_grad()
@@ -87,33 +102,35 @@ def _fns(device):
         out = model(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=pos)
         return token_logprobs(out.logits, r.input_ids)
 
-    return {"step": step, "forward": forward, "penalty": penalty, "jr": lambda: jr(r)[0],
-            "reward": lambda: reward(r).r_prg}, r
+    return {"step": step, "forward": forward, "penalty": penalty, "penalty_full": lambda: penalty(tracker_full),
+            "jr": lambda: jr(r)[0], "reward": lambda: reward(r).r_prg}, r
 
 
-def _child(name: str) -> float:
-    fns, _ = _fns("cpu")
+def _child(config: str, name: str) -> float:
+    fns, _ = _fns(config)
     return H.child_peak({}, lambda _inputs: fns[name]())
 
 
-def run(device: str) -> dict:
-    fns, r = _fns(device)
+def run(config: str) -> dict:
+    device = _device(config)
+    fns, r = _fns(config)
     machine = H.machine_info(device)
-    res = {"machine": machine, "config": CONFIGS[device], "episodes_per_row": r.num_episodes, "results": {}}
+    res = {"machine": machine, "config_name": config, "config": CONFIGS[config], "episodes_per_row": r.num_episodes,
+           "results": {}}
     for name, fn in fns.items():
         t = H.time_fn(fn, device, budget_s=3.0, max_reps=20)
         if device == "cuda":
             mem = H.cuda_peak_mb(fn)
         else:
-            code = "import sys; from l2t_ext.bench.reward import _child; print(_child(sys.argv[1]))"
+            code = "import sys; from l2t_ext.bench.reward import _child; print(_child(*sys.argv[1:]))"
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-            out = subprocess.run([sys.executable, "-c", code, name], capture_output=True, text=True, env=env,
+            out = subprocess.run([sys.executable, "-c", code, config, name], capture_output=True, text=True, env=env,
                                  cwd=tempfile.gettempdir())
             mem = float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
         res["results"][name] = dict(ms=t["ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"], peak_mem_mb=mem)
     R = res["results"]
     step = R["step"]["ms"]
-    res["ratios"] = {k: R[k]["ms"] / step for k in ("penalty", "jr", "reward")}
+    res["ratios"] = {k: R[k]["ms"] / step for k in ("penalty", "penalty_full", "jr", "reward")}
     # the reward's forward replaces the old-log-prob forward the loop needs anyway
     res["ratios"]["reward_net_of_old_logprob_forward"] = (R["reward"]["ms"] - R["forward"]["ms"]) / step
     res["ratios"]["penalty_net_of_old_logprob_forward"] = (R["penalty"]["ms"] - R["forward"]["ms"]) / step
@@ -125,7 +142,8 @@ def run(device: str) -> dict:
 
 def markdown(res: dict) -> str:
     m = res["machine"]
-    lines = [f"Reward cost on {m.get('gpu') or m['cpu']} ({m['cpu_cores']} cores), torch {m['torch']}; "
+    lines = [f"Reward cost ({res.get('config_name', '?')}) on {m.get('gpu') or m['cpu']} ({m['cpu_cores']} cores), "
+             f"torch {m['torch']}; "
              f"{res['config']['dtype']}, batch {res['config']['batch']}, {res['episodes_per_row']} episodes/row", "",
              "| part | ms (p20-p80) | peak MB | x of step |", "|---|---|---|---|"]
     step = res["results"]["step"]["ms"]
@@ -145,10 +163,18 @@ def main(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="shorthand for --config cpu / cuda")
+    p.add_argument("--config", choices=sorted(CONFIGS), default=None,
+                   help="model and batch shapes (default: cuda when a GPU is present, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--json", default="bench_reward.json")
     args = p.parse_args(argv)
-    res = run(args.device)
+    if args.device and args.config and _device(args.config) != args.device:
+        p.error(f"--config {args.config} runs on {_device(args.config)}, not --device {args.device}")
+    config = args.config or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res = run(config)
     print(markdown(res))
     with open(args.json, "w") as f:
         json.dump(res, f, indent=1)

@@ -16,3 +16,91 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
                            -1)
     out = lp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     return torch.cat([out, out.new_zeros(out.shape[0], 1)], 1)
+
+
+# Model types whose logits are exactly ``get_output_embeddings()(get_decoder()(...).last_hidden_state)``: no
+# logit soft-capping (Gemma 2/3), scale (Cohere, Granite) or other post-processing in the LM head.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral", "smollm3", "phi3", "olmo2"})
+
+
+def split_head(model) -> tuple | None:
+    """(decoder, lm_head Linear) when the model's logits are lm_head(decoder last hidden state) with nothing
+    after it (model types in ``PLAIN_HEAD_MODEL_TYPES``), else None. Callers that split the forward at the head
+    must fall back to ``model(...).logits`` on None rather than guess."""
+    if getattr(getattr(model, "config", None), "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    dec = getattr(model, "get_decoder", lambda: None)()
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if dec is None or not isinstance(head, torch.nn.Linear):
+        return None
+    return dec, head
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """log softmax(h W^T + b)[target] row by row, ``chunk`` rows at a time; saves only (h, W, b, targets, lse):
+    the (rows, vocab) logits exist one chunk at a time in the forward and again in the backward (recomputed)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk):
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        n = h.shape[0]
+        lp = torch.empty(n, dtype=acc, device=h.device)
+        lse = torch.empty(n, dtype=acc, device=h.device)
+        for s in range(0, n, chunk):
+            z = torch.nn.functional.linear(h[s:s + chunk], weight, bias).to(acc)  # logits in the head's dtype
+            lse[s:s + chunk] = torch.logsumexp(z, -1)
+            lp[s:s + chunk] = z.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+        ctx.save_for_backward(h, weight, bias, targets, lse)
+        ctx.chunk = chunk
+        return lp
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, bias, targets, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        gh = torch.zeros_like(h) if need_h else None
+        gw = torch.zeros(weight.shape, dtype=lse.dtype, device=h.device) if need_w else None
+        gb = torch.zeros(weight.shape[0], dtype=lse.dtype, device=h.device) if need_b else None
+        rows = grad.nonzero().squeeze(1)  # rows without an upstream gradient (prompt, padding) are skipped
+        for s in range(0, rows.numel(), ctx.chunk):
+            idx = rows[s:s + ctx.chunk]
+            hc, g = h[idx], grad[idx].to(lse.dtype)
+            # d lp / d z = onehot(target) - softmax(z), times the upstream gradient
+            dz = -(torch.nn.functional.linear(hc, weight, bias).to(lse.dtype) - lse[idx, None]).exp_() * g[:, None]
+            dz.scatter_add_(1, targets[idx, None], g[:, None])
+            dz = dz.to(h.dtype)  # as autograd casts the logits' gradient back to the head's dtype
+            if need_h:
+                gh[idx] = dz @ weight
+            if need_w:
+                gw += dz.mT.to(gw.dtype) @ hc.to(gw.dtype)
+            if need_b:
+                gb += dz.sum(0).to(gb.dtype)
+        return (gh, gw.to(weight.dtype) if need_w else None, gb.to(bias.dtype) if need_b else None, None, None)
+
+
+def head_token_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, input_ids: torch.Tensor,
+                        chunk_tokens: int = 1024) -> torch.Tensor:
+    """``token_logprobs(head(hidden), input_ids)`` without forming the (B, L, vocab) logits: the output layer and
+    its log-softmax run ``chunk_tokens`` positions at a time, forward and backward (recomputed), so the memory of
+    that step is O(chunk_tokens x vocab) instead of two (B, L, vocab) float32 tensors.
+
+    Args:
+        hidden: (B, L, d) the decoder's last hidden state (after its final norm).
+        head: the output Linear (vocab, d), e.g. ``model.get_output_embeddings()``.
+        input_ids: (B, L) int64.
+        chunk_tokens: positions per chunk (>= 1).
+
+    Returns:
+        (B, L) log pi(x_{t+1} | x_<=t) at position t, last position 0; float32 (float64 for float64 hidden);
+        differentiable in ``hidden`` and the head's parameters.
+    """
+    if hidden.dim() != 3 or input_ids.shape != hidden.shape[:2]:
+        raise ValueError(f"head_token_logprobs: hidden must be (B, L, d) and input_ids (B, L); got "
+                         f"{tuple(hidden.shape)} and {tuple(input_ids.shape)}")
+    if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"head_token_logprobs: chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
+    B, L, d = hidden.shape
+    h = hidden[:, :-1].reshape(-1, d)
+    lp = _HeadLogprobs.apply(h, head.weight, head.bias, input_ids[:, 1:].reshape(-1), chunk_tokens)
+    lp = lp.reshape(B, L - 1)
+    return torch.cat([lp, lp.new_zeros(B, 1)], 1)

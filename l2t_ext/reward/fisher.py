@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from l2t_ext import ops
-from l2t_ext.lm import position_ids_from_mask, token_logprobs
+from l2t_ext.lm import PLAIN_HEAD_MODEL_TYPES, head_token_logprobs, position_ids_from_mask, split_head, token_logprobs
 
 DEFAULT_SUFFIXES = ("o_proj", "gate_proj", "up_proj", "down_proj")
 _BLOCK_RE = re.compile(r"^(.*\.)?(layers|h|blocks)\.(\d+)\.")
@@ -79,10 +79,16 @@ class FisherTracker:
         seed: rsvd sketch seed.
         refresh_every: recompute the bases every this many ``step()`` calls (optimizer steps).
         backend: kernel backend for rsvd / segment_grad_outer.
+        logprobs: how the forward turns hidden states into token log-probs. "chunked": the decoder, then the
+            output layer and log-softmax a chunk of ``logprob_chunk`` positions at a time
+            (``head_token_logprobs``: no (B, L, vocab) logits, forward or backward); "full": ``model(...).logits``
+            then log-softmax; "auto" (default): chunked when ``split_head(model)`` allows it and no tracked layer
+            is the output layer, else full. Both give the same values and gradients.
     """
 
     def __init__(self, model: nn.Module, layers: str | Sequence[str] | None = None, rank: int = 16, seed: int = 0,
-                 refresh_every: int = 10, oversample: int = 8, n_iter: int = 2, backend: str = "auto"):
+                 refresh_every: int = 10, oversample: int = 8, n_iter: int = 2, backend: str = "auto",
+                 logprobs: str = "auto", logprob_chunk: int = 1024):
         self.model = model
         mods = dict(model.named_modules())
         if layers is None:
@@ -107,6 +113,10 @@ class FisherTracker:
                                  f"(weight {m}x{k})")
         if not isinstance(refresh_every, int) or refresh_every < 1:
             raise ValueError(f"FisherTracker: refresh_every must be an int >= 1, got {refresh_every!r}")
+        if not isinstance(logprob_chunk, int) or logprob_chunk < 1:
+            raise ValueError(f"FisherTracker: logprob_chunk must be an int >= 1, got {logprob_chunk!r}")
+        self.split = self._pick_logprobs(model, logprobs, [mods[n] for n in names])
+        self.logprob_chunk = logprob_chunk
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         self.layer_names = sorted(names, key=order.__getitem__)  # forward order
         self.modules = [mods[n] for n in self.layer_names]
@@ -115,6 +125,21 @@ class FisherTracker:
         self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._steps = 0
         self.refresh()
+
+    @staticmethod
+    def _pick_logprobs(model, logprobs: str, tracked: list) -> tuple | None:
+        """(decoder, head) for the chunked log-prob path, or None for the full-logits path."""
+        if logprobs not in ("auto", "chunked", "full"):
+            raise ValueError(f"FisherTracker: logprobs must be 'auto', 'chunked' or 'full', got {logprobs!r}")
+        split = split_head(model) if logprobs != "full" else None
+        if split is not None and any(m is split[1] for m in tracked):
+            split = None  # the output layer is tracked: its forward hook must run
+        if split is None and logprobs == "chunked":
+            raise ValueError("FisherTracker: logprobs='chunked' needs a model whose logits are get_output_embeddings()"
+                             "(get_decoder() hidden state) with nothing after it (model types "
+                             f"{sorted(PLAIN_HEAD_MODEL_TYPES)}) and an output layer that is not tracked; use "
+                             "'auto' or 'full'")
+        return split
 
     @property
     def p(self) -> int:
@@ -166,8 +191,8 @@ class FisherTracker:
 
     # ----------------------------------------------------------------------------------------- gradients
     def _capture_forward(self, input_ids, attention_mask, position_ids, use_cache=False):
-        """Forward with autograd only from the first tracked layer on. Returns (logits, X list, out list,
-        KV cache or None)."""
+        """Forward with autograd only from the first tracked layer on. Returns (token log-probs (B, L), X list,
+        out list, KV cache or None)."""
         xs: list[torch.Tensor] = [None] * len(self.modules)
         outs: list[torch.Tensor] = [None] * len(self.modules)
         first = self.modules[0]
@@ -192,8 +217,13 @@ class FisherTracker:
         try:
             torch.set_grad_enabled(False)
             kw = {"use_cache": True} if use_cache else {}
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
-            logits = out.logits if hasattr(out, "logits") else out[0]
+            if self.split is not None:  # the (B, L, vocab) logits are never formed
+                dec, head = self.split
+                out = dec(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
+                lp = head_token_logprobs(out.last_hidden_state, head, input_ids, self.logprob_chunk)
+            else:
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
+                lp = token_logprobs(out.logits if hasattr(out, "logits") else out[0], input_ids)
             cache = (getattr(out, "cache", None) or getattr(out, "past_key_values", None)) if use_cache else None
         finally:
             torch.set_grad_enabled(prev)
@@ -202,7 +232,7 @@ class FisherTracker:
         if any(o is None for o in outs):
             missing = [n for n, o in zip(self.layer_names, outs) if o is None]
             raise RuntimeError(f"FisherTracker: tracked layers {missing} did not run in the forward pass")
-        return logits, xs, outs, cache
+        return lp, xs, outs, cache
 
     def episode_grads(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, episode_ids: torch.Tensor,
                       num_episodes: int | None = None, exact: bool = False, return_logprobs: bool = False,
@@ -228,14 +258,13 @@ class FisherTracker:
                              f"{tuple(attention_mask.shape)} and episode_ids {tuple(episode_ids.shape)} must match")
         B = input_ids.shape[0]
         K = max(int(episode_ids.max()) + 1 if num_episodes is None else int(num_episodes), 0)
-        logits, xs, outs, cache = self._capture_forward(input_ids, attention_mask,
-                                                        position_ids_from_mask(attention_mask), return_cache)
-        lp = token_logprobs(logits, input_ids)
+        lp, xs, outs, cache = self._capture_forward(input_ids, attention_mask,
+                                                    position_ids_from_mask(attention_mask), return_cache)
         # the token at t+1 is produced at position t: its episode is charged to position t
         seg = torch.full_like(episode_ids, -1)
         seg[:, :-1] = episode_ids[:, 1:]
         seg = torch.where(seg >= K, torch.full_like(seg, -1), seg)
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        acc = lp.dtype
         g = torch.zeros(B, K, self.p, dtype=acc, device=input_ids.device)
         if K > 0 and bool((seg >= 0).any()):
             (self._exact_grads if exact else self._batched_grads)(g, lp, seg, xs, outs)

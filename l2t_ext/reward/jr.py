@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from l2t_ext.lm import left_pad, position_ids_from_mask, token_logprobs
+from l2t_ext.lm import left_pad, position_ids_from_mask, split_head, token_logprobs
 from l2t_ext.reward.episodes import boundary_positions, episode_counts
 
 FORCED_ANSWER_CUE = "Please output the final answer directly based on the above steps"
@@ -76,9 +76,9 @@ class AnswerLikelihoodJr:
     ``prefix_k + cue + answer`` would see. Needs a model that accepts a 4-D boolean attention mask (Hugging
     Face models with ``attn_implementation`` "sdpa" or "eager").
 
-    Only the answer positions go through the output layer when the model exposes ``get_decoder()`` and
-    ``get_output_embeddings()`` with logits = lm_head(last hidden state) (Qwen2/Llama/Mistral): the
-    (B, P, vocab) logits of the packed sequence are never formed.
+    Only the answer positions go through the output layer when ``split_head(model)`` finds logits =
+    lm_head(last hidden state) with nothing after it (Qwen2/Llama/Mistral...): the (B, P, vocab) logits of the
+    packed sequence are never formed. Other models (e.g. logit soft-capping) go through ``model(...).logits``.
 
     Args:
         model: causal LM. cue_ids: token ids of the answer cue (e.g. "\\nFinal answer: "), may be empty.
@@ -187,8 +187,7 @@ class AnswerLikelihoodJr:
             raise ValueError("AnswerLikelihoodJr needs Rollouts.answer_ids (reference answers as token ids)")
         K = r.num_episodes
         B = r.input_ids.shape[0]
-        dec = getattr(self.model, "get_decoder", lambda: None)()
-        head = getattr(self.model, "get_output_embeddings", lambda: None)()
+        dec, head = split_head(self.model) or (None, None)
         if cache is not None and self.cue_ids and dec is not None and head is not None:
             ids, pos, mask, at, tok, ok, valid = self._from_cache(r, K)
             h = dec(input_ids=ids, attention_mask=mask[:, None], position_ids=pos, use_cache=True,

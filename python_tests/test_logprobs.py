@@ -1,0 +1,61 @@
+"""head_token_logprobs: token log-probs through the output layer a chunk of positions at a time, against the
+full-logits float64 reference (values and gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from l2t_ext.lm import head_token_logprobs, token_logprobs
+
+
+def _reference(h, head, ids, w):
+    """Values and gradients (h, W, b) of sum(w * lp) through full float64 logits."""
+    h64 = h.detach().double().requires_grad_(True)
+    W64 = head.weight.detach().double().requires_grad_(True)
+    b64 = head.bias.detach().double().requires_grad_(True)
+    lp = token_logprobs(torch.nn.functional.linear(h64, W64, b64), ids)
+    return (lp.detach(), *torch.autograd.grad((lp * w).sum(), [h64, W64, b64]))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5), (torch.bfloat16, 6e-2)])
+@pytest.mark.parametrize("chunk", [1, 5, 4096])
+def test_matches_full_logits(dtype, tol, chunk):
+    g = torch.Generator().manual_seed(chunk)
+    B, L, d, V = 3, 11, 16, 97  # odd sizes; 30 predicted positions
+    h = torch.randn(B, L, d, generator=g).to(dtype).requires_grad_(True)
+    head = torch.nn.Linear(d, V).to(dtype)
+    ids = torch.randint(0, V, (B, L), generator=g)
+    w = torch.randn(B, L, generator=g, dtype=torch.float64)
+    w[0] = 0  # rows without an upstream gradient (the prompt) are skipped by the backward
+    w[:, -1] = 0
+    lp = head_token_logprobs(h, head, ids, chunk_tokens=chunk)
+    assert lp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and lp.shape == (B, L)
+    got = (lp.detach(), *torch.autograd.grad((lp.double() * w).sum(), [h, head.weight, head.bias]))
+    want = _reference(h, head, ids, w)
+    for name, a, b in zip(("lp", "d_hidden", "d_weight", "d_bias"), got, want):
+        assert torch.isfinite(a).all(), name
+        scale = max(1.0, b.abs().max().item())
+        assert (a.double() - b).abs().max().item() <= tol * scale, name
+    assert (lp[:, -1] == 0).all()
+    assert (got[1][0] == 0).all()  # no gradient reaches positions whose log-prob has none
+
+
+def test_only_hidden_needs_grad_and_single_position():
+    head = torch.nn.Linear(8, 13, bias=False).double().requires_grad_(False)
+    h = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 13, (2, 6))
+    lp = head_token_logprobs(h, head, ids, chunk_tokens=4)
+    (gh,) = torch.autograd.grad(lp.sum(), [h])
+    (want,) = torch.autograd.grad(token_logprobs(head(h), ids).sum(), [h])
+    assert (gh - want).abs().max() <= 1e-12
+    one = head_token_logprobs(h[:, :1], head, ids[:, :1])
+    assert one.shape == (2, 1) and (one == 0).all()
+
+
+def test_bad_input():
+    head = torch.nn.Linear(8, 13)
+    with pytest.raises(ValueError, match="hidden must be"):
+        head_token_logprobs(torch.randn(2, 6, 8), head, torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        head_token_logprobs(torch.randn(2, 6, 8), head, torch.zeros(2, 6, dtype=torch.long), chunk_tokens=0)
