@@ -6,7 +6,10 @@ converted once to a Hugging Face directory and cached), on generated word proble
     python benchmarks/real_model.py --steps 20 --out docs/real_model      # about 20 min per method, 2 cores
 
 Runs live under ``--cache`` (checkpoints every ``--save_every`` steps): rerunning with a larger ``--steps``
-continues them. Writes report.md, results.json and plots into ``--out``. Run from outside the repository root.
+continues them (the cosine schedule is then the new run length's, so the learning rate rises again after the
+old end; train wall times add up). Each policy is evaluated by sampling (``--eval_problems`` x
+``--eval_samples``) and greedily (``--greedy_problems``). Writes report.md, results.json and plots into
+``--out``. Run from outside the repository root.
 """
 
 from __future__ import annotations
@@ -50,18 +53,36 @@ def _config(args, model: str, method: str) -> TrainConfig:
                        seed=args.seed, out=os.path.join(args.cache, "runs", method), tiers=[1, 2, 3])
 
 
-def _evaluate(args, model, tok, cfg: TrainConfig) -> dict:
+def _problems(args, tok, cfg: TrainConfig, n: int) -> tuple[list[dict], TrainConfig]:
     task = load_task("word", cfg.tiers)
     cfg = resolve_task_defaults(cfg, task)
-    problems = [{**p, "prompt": render_prompt(tok, p["prompt"], cfg.instruction, cfg.chat_template)}
-                for p in task.eval_problems(args.eval_problems, seed=10_000)]  # held out: not the training seed
+    return [{**p, "prompt": render_prompt(tok, p["prompt"], cfg.instruction, cfg.chat_template)}
+            for p in task.eval_problems(n, seed=10_000)], cfg  # held out: not the training seed
+
+
+def _evaluate(args, model, tok, cfg: TrainConfig) -> dict:
+    """Sampled evaluation (``--eval_problems`` x ``--eval_samples`` at the training temperature), plus greedy
+    decoding on the first ``--greedy_problems`` held-out problems (``greedy``: overall and per tier)."""
+    problems, cfg = _problems(args, tok, cfg, args.eval_problems)
+    kw = dict(max_new_tokens=args.max_new_tokens, answer_cue=cfg.answer_cue, marker=args.markers, budgets=(),
+              max_depth=0)
+    verify, extract = load_verifier(cfg.verifier), load_extractor(cfg.verifier)
     torch.manual_seed(1234)
     t0 = time.time()
-    res = evaluate(model, tok, problems, load_verifier(cfg.verifier), load_extractor(cfg.verifier),
-                   n_samples=args.eval_samples, max_new_tokens=args.max_new_tokens, answer_cue=cfg.answer_cue,
-                   marker=args.markers, temperature=args.temperature, budgets=(), max_depth=0)
+    res = evaluate(model, tok, problems, verify, extract, n_samples=args.eval_samples, temperature=args.temperature,
+                   **kw)
     res["eval_s"] = time.time() - t0
+    res["greedy"] = _greedy(args, model, tok, cfg)
     return res
+
+
+def _greedy(args, model, tok, cfg: TrainConfig) -> dict:
+    problems, cfg = _problems(args, tok, cfg, args.greedy_problems)
+    t0 = time.time()
+    g = evaluate(model, tok, problems, load_verifier(cfg.verifier), load_extractor(cfg.verifier), n_samples=1,
+                 do_sample=False, max_new_tokens=args.max_new_tokens, answer_cue=cfg.answer_cue, marker=args.markers,
+                 budgets=(), max_depth=0)
+    return {"overall": g["overall"], "per_tier": g["per_tier"], "eval_s": time.time() - t0}
 
 
 def _train(args, model_dir: str, method: str) -> tuple[list[dict], float]:
@@ -81,6 +102,7 @@ def _anatomy(args, model_dir: str) -> dict:
     cfg = _config(args, model_dir, "l2t")
     trainer = Trainer(cfg, resume=cfg.out)
     batch = trainer.collect(trainer.task.eval_problems(args.prompts, seed=30_000))
+    steps = trainer.step_idx
     trainer.close()
     rw, ep = batch.reward, batch.episode_ids
     lp = rw.token_logprobs  # position t predicts token t + 1
@@ -93,9 +115,9 @@ def _anatomy(args, model_dir: str) -> dict:
             nll = -lp[b, tok - 1].float().mean().item()
             rows.append({"gain": rw.jr_gain[b, k].item(), "penalty": rw.penalty_normalized[b, k].item(),
                          "surprise": nll, "tokens": len(tok)})
-    return {"episodes": rows, "spearman": {f"penalty~{x}": _spearman([r["penalty"] for r in rows],
-                                                                      [r[x] for r in rows])
-                                           for x in ("surprise", "tokens", "gain")}}
+    spearman = {f"penalty~{x}": _spearman([r["penalty"] for r in rows], [r[x] for r in rows])
+                for x in ("surprise", "tokens", "gain")}
+    return {"steps": steps, "episodes": rows, "spearman": spearman}
 
 
 def _spearman(a: list[float], b: list[float]) -> float | None:
@@ -134,15 +156,18 @@ def _report(results: dict, out: str) -> None:
              f"Task `word` (generated 1-3 step word problems), `{a['markers']}` episodes, {a['prompts']} prompts x "
              f"{a['group']} samples per step, {a['max_new_tokens']} new tokens, temperature {a['temperature']}, "
              f"lr {a['lr']}, seed {a['seed']}. Evaluation: {a['eval_problems']} held-out problems x "
-             f"{a['eval_samples']} samples at the same temperature.", "",
-             "| policy | RL steps | train wall (s) | pass@1 | response tokens | tokens per correct | episodes |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"{a['eval_samples']} samples at the same temperature; greedy: the first "
+             f"{a.get('greedy_problems', 96)} held-out problems, one greedy response each.", "",
+             "| policy | RL steps | train wall (s) | pass@1 | response tokens | tokens per correct | episodes | "
+             "greedy pass@1 | greedy tokens |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     rows = [("base (no RL)", 0, 0.0, results["base"])] + [
         (k, len(v["curve"]), v["train_s"], v["eval"]) for k, v in results["methods"].items()]
     for name, steps, secs, ev in rows:
         o = ev["overall"]
+        g = ev.get("greedy", {}).get("overall")
+        greedy = f"{g['pass@1']:.3f} | {g['response_tokens']:.1f}" if g else "- | -"
         lines.append(f"| {name} | {steps} | {secs:.0f} | {o['pass@1']:.3f} | {o['response_tokens']:.1f} | "
-                     f"{o['tokens_per_correct']:.0f} | {o['episodes_mean']:.2f} |")
+                     f"{o['tokens_per_correct']:.0f} | {o['episodes_mean']:.2f} | {greedy} |")
     lines += ["", "![curves](curves.png)", ""]
     an = results.get("anatomy")
     if an:
@@ -174,6 +199,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval_problems", type=int, default=48)
     p.add_argument("--eval_samples", type=int, default=2)
+    p.add_argument("--greedy_problems", type=int, default=96, help="held-out problems decoded greedily")
     p.add_argument("--report", action="store_true", help="from --out/results.json: add the L2T reward anatomy, "
                    "write report.md and the plots (no training)")
     args = p.parse_args()
@@ -181,7 +207,8 @@ def main() -> None:
         with open(os.path.join(args.out, "results.json")) as f:
             results = json.load(f)
         torch.set_num_threads(args.threads)
-        if "l2t" in results["methods"] and "anatomy" not in results:
+        l2t_steps = len(results["methods"].get("l2t", {}).get("curve", []))
+        if l2t_steps and results.get("anatomy", {}).get("steps") != l2t_steps:  # missing or of an earlier policy
             results["anatomy"] = _anatomy(args, _model_dir(args))
             with open(os.path.join(args.out, "results.json"), "w") as f:
                 json.dump(results, f, indent=1)
@@ -195,15 +222,22 @@ def main() -> None:
     path = os.path.join(args.out, "results.json")
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                            "torch": torch.__version__}, "args": vars(args), "methods": {}}
-    if os.path.isfile(path):  # more methods for the same run: keep the ones measured before, and the base
+    if os.path.isfile(path):  # more methods or steps for the same run: keep the ones measured before, and the base
         with open(path) as f:
-            results = json.load(f)
+            results = {**json.load(f), "args": vars(args)}
     if "base" not in results:
         model, tok = load_local(model_dir)
         results["base"] = _evaluate(args, model, tok, _config(args, model_dir, "grpo"))
         print(f"base: {results['base']['overall']}", flush=True)
+    if "greedy" not in results["base"]:  # results from before greedy decoding was measured
+        model, tok = load_local(model_dir)
+        results["base"]["greedy"] = _greedy(args, model, tok, _config(args, model_dir, "grpo"))
+        print(f"base greedy: {results['base']['greedy']['overall']}", flush=True)
     for method in args.methods.split(","):
+        prev = results["methods"].get(method)
         rows, train_s = _train(args, model_dir, method)
+        if prev and 0 < len(prev["curve"]) < len(rows):  # continued from the earlier run's checkpoint
+            train_s += prev["train_s"]
         ckpt = checkpoint.resolve(os.path.join(args.cache, "runs", method))
         m, t = load_local(ckpt)
         ev = _evaluate(args, m, t, _config(args, model_dir, method))
