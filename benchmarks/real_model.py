@@ -63,26 +63,26 @@ def _problems(args, tok, cfg: TrainConfig, n: int) -> tuple[list[dict], TrainCon
 def _evaluate(args, model, tok, cfg: TrainConfig) -> dict:
     """Sampled evaluation (``--eval_problems`` x ``--eval_samples`` at the training temperature), plus greedy
     decoding on the first ``--greedy_problems`` held-out problems (``greedy``: overall and per tier)."""
-    problems, cfg = _problems(args, tok, cfg, args.eval_problems)
-    kw = dict(max_new_tokens=args.max_new_tokens, answer_cue=cfg.answer_cue, marker=args.markers, budgets=(),
-              max_depth=0)
-    verify, extract = load_verifier(cfg.verifier), load_extractor(cfg.verifier)
     torch.manual_seed(1234)
     t0 = time.time()
-    res = evaluate(model, tok, problems, verify, extract, n_samples=args.eval_samples, temperature=args.temperature,
-                   **kw)
+    res = _run_eval(args, model, tok, cfg, args.eval_problems, n_samples=args.eval_samples,
+                    temperature=args.temperature)
     res["eval_s"] = time.time() - t0
     res["greedy"] = _greedy(args, model, tok, cfg)
     return res
 
 
 def _greedy(args, model, tok, cfg: TrainConfig) -> dict:
-    problems, cfg = _problems(args, tok, cfg, args.greedy_problems)
     t0 = time.time()
-    g = evaluate(model, tok, problems, load_verifier(cfg.verifier), load_extractor(cfg.verifier), n_samples=1,
-                 do_sample=False, max_new_tokens=args.max_new_tokens, answer_cue=cfg.answer_cue, marker=args.markers,
-                 budgets=(), max_depth=0)
+    g = _run_eval(args, model, tok, cfg, args.greedy_problems, n_samples=1, do_sample=False)
     return {"overall": g["overall"], "per_tier": g["per_tier"], "eval_s": time.time() - t0}
+
+
+def _run_eval(args, model, tok, cfg: TrainConfig, n: int, **kw) -> dict:
+    problems, cfg = _problems(args, tok, cfg, n)
+    return evaluate(model, tok, problems, load_verifier(cfg.verifier), load_extractor(cfg.verifier),
+                    max_new_tokens=args.max_new_tokens, answer_cue=cfg.answer_cue, marker=args.markers, budgets=(),
+                    max_depth=0, **kw)
 
 
 def _train(args, model_dir: str, method: str) -> tuple[list[dict], float]:

@@ -59,3 +59,20 @@ def test_bad_input():
         head_token_logprobs(torch.randn(2, 6, 8), head, torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="chunk_tokens"):
         head_token_logprobs(torch.randn(2, 6, 8), head, torch.zeros(2, 6, dtype=torch.long), chunk_tokens=0)
+
+
+def test_split_head_only_where_logits_are_the_head_of_the_hidden_state():
+    transformers = pytest.importorskip("transformers")
+    from l2t_ext.lm import split_head, tiny_qwen2
+    from l2t_ext.lm.models import char_tokenizer
+
+    model = tiny_qwen2(char_tokenizer("0123456789+=- "))
+    dec, head = split_head(model)
+    assert dec is model.get_decoder() and head is model.lm_head
+    model.lm_head._hf_hook = object()  # accelerate offloading hooks: the model's own forward must run
+    assert split_head(model) is None
+    assert split_head(torch.nn.Linear(2, 2)) is None
+    gemma = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=4, attn_implementation="eager", final_logit_softcapping=30.0))
+    assert split_head(gemma) is None

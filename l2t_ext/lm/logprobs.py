@@ -31,8 +31,8 @@ def split_head(model) -> tuple | None:
         return None
     dec = getattr(model, "get_decoder", lambda: None)()
     head = getattr(model, "get_output_embeddings", lambda: None)()
-    if dec is None or not isinstance(head, torch.nn.Linear):
-        return None
+    if dec is None or not isinstance(head, torch.nn.Linear) or hasattr(head, "_hf_hook"):
+        return None  # accelerate's device-map hooks (offloading) must see the head's call: keep the model's forward
     return dec, head
 
 
