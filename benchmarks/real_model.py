@@ -53,7 +53,7 @@ def _config(args, model: str, method: str) -> TrainConfig:
                        seed=args.seed, out=os.path.join(args.cache, "runs", method), tiers=[1, 2, 3])
 
 
-def _problems(args, tok, cfg: TrainConfig, n: int) -> tuple[list[dict], TrainConfig]:
+def _problems(tok, cfg: TrainConfig, n: int) -> tuple[list[dict], TrainConfig]:
     task = load_task("word", cfg.tiers)
     cfg = resolve_task_defaults(cfg, task)
     return [{**p, "prompt": render_prompt(tok, p["prompt"], cfg.instruction, cfg.chat_template)}
@@ -79,7 +79,7 @@ def _greedy(args, model, tok, cfg: TrainConfig) -> dict:
 
 
 def _run_eval(args, model, tok, cfg: TrainConfig, n: int, **kw) -> dict:
-    problems, cfg = _problems(args, tok, cfg, n)
+    problems, cfg = _problems(tok, cfg, n)
     return evaluate(model, tok, problems, load_verifier(cfg.verifier), load_extractor(cfg.verifier),
                     max_new_tokens=args.max_new_tokens, answer_cue=cfg.answer_cue, marker=args.markers, budgets=(),
                     max_depth=0, **kw)

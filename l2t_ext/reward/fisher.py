@@ -115,11 +115,11 @@ class FisherTracker:
             raise ValueError(f"FisherTracker: refresh_every must be an int >= 1, got {refresh_every!r}")
         if not isinstance(logprob_chunk, int) or logprob_chunk < 1:
             raise ValueError(f"FisherTracker: logprob_chunk must be an int >= 1, got {logprob_chunk!r}")
-        self.split = self._pick_logprobs(model, logprobs, [mods[n] for n in names])
-        self.logprob_chunk = logprob_chunk
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         self.layer_names = sorted(names, key=order.__getitem__)  # forward order
         self.modules = [mods[n] for n in self.layer_names]
+        self.split = self._pick_logprobs(model, logprobs, self.modules)
+        self.logprob_chunk = logprob_chunk
         self.rank, self.seed, self.oversample, self.n_iter = rank, seed, oversample, n_iter
         self.refresh_every, self.backend = refresh_every, backend
         self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -187,8 +187,9 @@ class AnswerLikelihoodJr:
             raise ValueError("AnswerLikelihoodJr needs Rollouts.answer_ids (reference answers as token ids)")
         K = r.num_episodes
         B = r.input_ids.shape[0]
-        dec, head = split_head(self.model) or (None, None)
-        if cache is not None and self.cue_ids and dec is not None and head is not None:
+        split = split_head(self.model)  # (decoder, head) or None
+        if cache is not None and self.cue_ids and split is not None:
+            dec, head = split
             ids, pos, mask, at, tok, ok, valid = self._from_cache(r, K)
             h = dec(input_ids=ids, attention_mask=mask[:, None], position_ids=pos, use_cache=True,
                     **{_cache_kwarg(dec): cache}).last_hidden_state
@@ -196,7 +197,8 @@ class AnswerLikelihoodJr:
             return _score(sel, at, tok, ok, valid), valid
         ids, pos, mask, at, tok, ok, valid, rows = self._pack(r, K)
         flat_at = at.reshape(B, -1, 1)
-        if dec is not None and head is not None and not self.return_token_logprobs:
+        if split is not None and not self.return_token_logprobs:
+            dec, head = split
             h = dec(input_ids=ids, attention_mask=mask[:, None], position_ids=pos).last_hidden_state
             sel = head(h.gather(1, flat_at.expand(-1, -1, h.shape[-1])))  # (B, (K+1) * a_max, vocab)
             logits = None

@@ -13,8 +13,8 @@ Rollouts and scoring run inside ``gathered(...)``: every unit is all-gathered on
 the block exits (every rank enters together: the gather is collective). Ranks generate responses of different
 lengths and score different numbers of episodes, so a per-forward all-gather would deadlock; with the weights
 gathered, the forwards and the reward's backward (which only asks for activation gradients) issue no
-collective. Peak memory during a rollout is the full model plus
-the shards, as with any ZeRO-3 generation that is not served by a separate engine.
+collective. Peak memory during a rollout is the full model plus the shards, as with any ZeRO-3 generation that
+is not served by a separate engine.
 
 The FisherTracker's SVD refresh gathers only the tracked weights (``full_weight``), never the whole model.
 """
