@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _cases
 import pytest
 import torch
 from _cases import BF16, F32, F64, HAS_GPU, cases, exact_cases, rel_err
@@ -114,6 +115,60 @@ def test_all_tokens_masked_gives_zeros(backend, device, dtype):
     with ops.poison():
         out = ops.segment_grad_outer(X, D, seg, 3, U, V, backend=backend)
     assert torch.equal(out.cpu(), torch.zeros(3, 2, 2, dtype=out.dtype))
+
+
+def contiguous_episodes(T, S, seed, gap_frac=0.2):
+    """seg of S contiguous episodes in token order (some empty), prompt-like masked runs between them."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = torch.sort(torch.randint(0, T + 1, (S - 1,), generator=g)).values  # repeated cuts: empty episodes
+    seg = torch.bucketize(torch.arange(T), cuts, right=True)
+    seg[torch.rand(T, generator=g) < gap_frac] = -1
+    return seg
+
+
+TRITON_DEV = "cuda" if HAS_GPU else "cpu"
+needs_triton = pytest.mark.skipif(not any(b == "triton" for b, _, _ in _cases._combos()),
+                                  reason="triton backend not runnable here (no GPU, no interpreter)")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("nsplit", [1, 2, 7])
+@pytest.mark.parametrize("layout", ["contiguous", "interleaved"])
+def test_triton_fused_pieces_match_bruteforce(dtype, nsplit, layout):
+    """The fused kernel cuts each segment's token span into nsplit pieces: every split, both layouts (contiguous
+    episodes: the fast path; interleaved ids: the general one), r above one 64-wide tile, NaN in masked rows."""
+    from l2t_ext.ops import _triton
+
+    T, n, m, r, S = 203, 37, 29, 70, 9
+    X, D, seg, U, V = make(T, n, m, r, S, dtype, TRITON_DEV, seed=11)
+    if layout == "contiguous":
+        seg = contiguous_episodes(T, S, seed=nsplit).to(TRITON_DEV)
+    X, D = X.clone(), D.clone()
+    X[seg < 0], D[seg < 0] = float("nan"), float("inf")
+    ref = brute_force(X.masked_fill((seg < 0)[:, None], 0), D.masked_fill((seg < 0)[:, None], 0), seg, S, U, V)
+    with ops.poison():
+        out = _triton.segment_grad_outer(X, D, seg, S, U, V, nsplit=nsplit)
+    assert out.shape == (S, r, r) and out.dtype == F32
+    err = rel_err(out, ref)
+    assert err <= (2e-5 if dtype == F32 else 2.0 * torch_bf16_error(X.nan_to_num(0, 0, 0), D.nan_to_num(0, 0, 0),
+                                                                       seg, S, U, V, ref) + 1e-6), err
+    for s in set(range(S)) - set(seg[seg >= 0].tolist()):
+        assert torch.equal(out[s].cpu(), torch.zeros(r, r))
+    assert torch.equal(out, _triton.segment_grad_outer(X, D, seg, S, U, V, nsplit=nsplit))  # bitwise repeatable
+
+
+@needs_triton
+def test_triton_fused_agrees_with_two_pass_and_handles_empty_input():
+    from l2t_ext.ops import _triton
+
+    X, D, seg, U, V = make(150, 24, 40, 16, 6, F32, TRITON_DEV, seed=4)
+    seg = contiguous_episodes(150, 6, seed=4).to(TRITON_DEV)
+    fused = _triton.segment_grad_outer(X, D, seg, 6, U, V)
+    assert rel_err(fused, _triton.segment_grad_outer_two_pass(X, D, seg, 6, U, V)) <= 1e-6
+    with ops.poison():
+        empty = _triton.segment_grad_outer(X[:0], D[:0], seg[:0], 3, U, V, nsplit=2)
+    assert torch.equal(empty.cpu(), torch.zeros(3, 16, 16))
 
 
 def test_int32_seg_and_auto_backend_agree():

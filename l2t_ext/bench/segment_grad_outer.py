@@ -94,6 +94,11 @@ def impls(device: str, l2t_backends: list[str]) -> list[Impl]:
                 lambda inp, b=b: ops.segment_grad_outer(inp["X"], inp["D"], inp["seg"], inp["S"], inp["U"],
                                                         inp["V"], backend=b))
            for b in l2t_backends]
+    if "triton" in l2t_backends:  # the unfused two-pass Triton path the fused kernel replaced, for the ratio
+        from l2t_ext.ops import _triton
+
+        out.append(Impl("l2t:triton_2pass", "l2t", lambda inp: _triton.segment_grad_outer_two_pass(
+            inp["X"], inp["D"], inp["seg"].to(torch.int64), inp["S"], inp["U"], inp["V"])))
     out += [Impl("torch_func", "baseline", _torch_func), Impl("torch_naive", "baseline", _torch_naive),
             Impl("torch_best", "baseline", _torch_best)]
     return out

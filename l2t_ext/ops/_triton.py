@@ -149,6 +149,94 @@ def _segment_outer_kernel(A_PTR, B_PTR, SEG_PTR, LO_PTR, HI_PTR, G_PTR, ra, rb, 
 
 
 @triton.jit
+def _segment_bounds_kernel(SEG_PTR, BND_PTR, T, S, BLOCK: tl.constexpr):
+    # BND[0, s] = T - (first token of s), BND[1, s] = (last token of s) + 1, both 0 for an empty segment (the
+    # buffer starts zeroed). Integer atomic max: the result does not depend on the order programs run in.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    s = tl.load(SEG_PTR + offs, mask=offs < T, other=-1)
+    keep = s >= 0
+    s = tl.where(keep, s, 0)
+    tl.atomic_max(BND_PTR + s, T - offs, mask=keep)
+    tl.atomic_max(BND_PTR + S + s, offs + 1, mask=keep)
+
+
+@triton.jit
+def _project_rows(M_PTR, W_PTR, offs_t, sel, s_t, s_c, K, r, offs_r, BF16_DOT: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    # (BLOCK_T, BLOCK_R) float32 = M[offs_t] @ W[:, offs_r]; rows with sel False are zero and never loaded
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mk = offs_k < K
+        x = tl.load(M_PTR + offs_t[:, None] * s_t + offs_k[None, :] * s_c, mask=sel[:, None] & mk[None, :], other=0.0)
+        w = tl.load(W_PTR + offs_k[:, None] * r + offs_r[None, :], mask=mk[:, None] & (offs_r[None, :] < r),
+                    other=0.0)
+        if BF16_DOT:
+            acc += tl.dot(x.to(tl.bfloat16), w.to(tl.bfloat16))
+        else:
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _sgo_fused_kernel(X_PTR, D_PTR, U_PTR, V_PTR, SEG_PTR, BND_PTR, P_PTR, T, S, n, m, ra, rb, s_xt, s_xc, s_dt,
+                      s_dc, nsplit, BF16_DOT: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    # P[s, j] = sum over tokens t of piece j of segment s's span, seg[t] == s, of (U^T D[t]) outer (V^T X[t]),
+    # tokens in order. The span [first, last] of s is cut into nsplit equal pieces; each token block's two
+    # projections stay in registers (no (T, r) intermediate in memory). Contiguous episodes: each row of X and D
+    # is read once. Interleaved segments: rows of other segments are masked off (not loaded), the loop still
+    # walks the span.
+    s = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1).to(tl.int64)
+    nb = tl.cdiv(rb, BLOCK_B)
+    offs_a = (tl.program_id(2) // nb).to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A).to(tl.int64)
+    offs_b = (tl.program_id(2) % nb).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    lo = T - tl.load(BND_PTR + s)
+    end = tl.load(BND_PTR + S + s)
+    piece = tl.cdiv(tl.maximum(end - lo, 0), nsplit)
+    t0 = lo + j * piece
+    t1 = tl.minimum(end, t0 + piece)
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for t in range(t0, t1, BLOCK_T):
+        offs_t = t + tl.arange(0, BLOCK_T).to(tl.int64)
+        sel = tl.load(SEG_PTR + offs_t, mask=offs_t < t1, other=-1) == s
+        a = _project_rows(D_PTR, U_PTR, offs_t, sel, s_dt, s_dc, m, ra, offs_a, BF16_DOT, BLOCK_T, BLOCK_A, BLOCK_K)
+        b = _project_rows(X_PTR, V_PTR, offs_t, sel, s_xt, s_xc, n, rb, offs_b, BF16_DOT, BLOCK_T, BLOCK_B, BLOCK_K)
+        acc += tl.dot(tl.trans(a), b, input_precision="ieee")
+    mask = (offs_a[:, None] < ra) & (offs_b[None, :] < rb)
+    tl.store(P_PTR + (s * nsplit + j) * ra * rb + offs_a[:, None] * rb + offs_b[None, :], acc, mask=mask)
+
+
+# Tile shapes (BLOCK_T, BLOCK_K, num_warps, num_stages) the fused kernel is tuned over on a GPU, per input dtype.
+# Each one compiles for sm_90 without register spills for every r-tile (16/32/64) and fits the shared memory
+# (checked by l2t_ext/bench/triton_static.py; python_tests/test_triton_static.py). bf16: BLOCK_T >= 64 so that
+# the projections run as wgmma; float32 (exact IEEE dots on CUDA cores) needs 8 warps to avoid spilling.
+SGO_TILES = {torch.bfloat16: [(64, 32, 4, 4), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 8, 3), (128, 64, 8, 3),
+                              (128, 128, 8, 2)],
+             torch.float32: [(32, 32, 8, 3), (64, 32, 8, 3)]}
+
+
+def _sgo_configs():
+    """Every dtype's tiles on a GPU (pruned to the input's dtype at launch; tuning cached on disk by Triton);
+    the interpreter gets one small tile so that CI's small tests still cross block boundaries."""
+    if triton_interpret():
+        return [triton.Config({"BLOCK_T": 16, "BLOCK_K": 16})]
+    tiles = dict.fromkeys(t for ts in SGO_TILES.values() for t in ts)
+    return [triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=st) for bt, bk, w, st in tiles]
+
+
+def _sgo_prune(configs, named_args, **kwargs):
+    tiles = SGO_TILES[torch.bfloat16 if named_args["X_PTR"].dtype == torch.bfloat16 else torch.float32]
+    keep = [c for c in configs if (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in tiles]
+    return keep or configs
+
+
+_sgo_fused = triton.autotune(configs=_sgo_configs(), key=["n", "m", "ra", "rb", "nsplit"], cache_results=True,
+                             prune_configs_by={"early_config_prune": _sgo_prune})(_sgo_fused_kernel)
+
+
+@triton.jit
 def _segment_sum_kernel(P_PTR, START_PTR, G_PTR, rr, BLOCK: tl.constexpr):
     # G[s] = sum of its chunks in order; empty segments store exact zeros.
     s = tl.program_id(0).to(tl.int64)
@@ -220,9 +308,37 @@ def row_project(X: torch.Tensor, idx: torch.Tensor | None, V: torch.Tensor) -> t
                  bf16_dot=bf16)[0]
 
 
-def segment_grad_outer(X, D, seg, num_segments: int, U, V) -> torch.Tensor:
-    """Sync-free GPU path: project every token (one pass over X and D), then one program per segment reduces
-    the rows of its token range [first, last] in token order. No sort, no host synchronisation."""
+def _nsplit(T: int, S: int, device) -> int:
+    """Pieces per segment: enough programs for about four per SM, but pieces of at least 64 tokens on average."""
+    return max(1, min(-(-4 * _sm_count(device) // S), T // (64 * S)))
+
+
+def segment_grad_outer(X, D, seg, num_segments: int, U, V, nsplit: int | None = None) -> torch.Tensor:
+    """Fused single pass, sync-free: a bounds kernel finds each segment's token span, then one program per
+    (segment, piece of its span, r-tile) projects its tokens on the fly and accumulates their outer products
+    in token order; with more than one piece, the pieces are summed in a fixed order. Three launches for any
+    T (four with pieces), deterministic (no float atomics). ``nsplit`` overrides the pieces (tests)."""
+    T, S = seg.numel(), num_segments
+    bf16 = X.dtype == torch.bfloat16 and _BF16_DOT_OK
+    wdt = torch.bfloat16 if bf16 else F32
+    U, V = U.to(wdt).contiguous(), V.to(wdt).contiguous()
+    ra, rb = U.shape[1], V.shape[1]
+    nsplit = nsplit or _nsplit(T, S, X.device)
+    bounds = torch.zeros((2, S), dtype=torch.int64, device=X.device)
+    if T:
+        _segment_bounds_kernel[(triton.cdiv(T, 1024),)](seg, bounds, T, S, BLOCK=1024)
+    P = empty((S, nsplit, ra, rb), F32, X.device)
+    BA, BB = _pow2(ra, 16, 64), _pow2(rb, 16, 64)
+    grid = (S, nsplit, triton.cdiv(ra, BA) * triton.cdiv(rb, BB))
+    _sgo_fused[grid](X, D, U, V, seg, bounds, P, T, S, X.shape[1], D.shape[1], ra, rb, X.stride(0), X.stride(1),
+                     D.stride(0), D.stride(1), nsplit, BF16_DOT=bf16, BLOCK_A=BA, BLOCK_B=BB)
+    return P[:, 0] if nsplit == 1 else P.sum(1)  # torch's reduction: fixed order for a given shape
+
+
+def segment_grad_outer_two_pass(X, D, seg, num_segments: int, U, V) -> torch.Tensor:
+    """The previous GPU path, kept as a benchmark baseline for the fused kernel: project every token (two GEMMs
+    writing (T, r) float32 intermediates), then one program per segment reduces the rows of its token range
+    [first, last] in token order. No sort, no host synchronisation."""
     T, S = seg.numel(), num_segments
     A = row_project(D, None, U)  # (T, r) float32
     B = row_project(X, None, V)  # (T, r') float32

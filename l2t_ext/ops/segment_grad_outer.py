@@ -7,7 +7,9 @@ restricted to the tokens of segment s, projected onto the rank-r bases U (m, r),
 
 The compiled backends evaluate the right-hand side: one pass over X and D projects each kept token to two
 r-vectors, then per-chunk outer products are summed per segment in a fixed order (deterministic, no float
-atomics, never a (S, m, n) gradient).
+atomics, never a (S, m, n) gradient). The Triton backend fuses both steps into one kernel over each segment's
+token span, so the (T, r) projections never reach memory; it is fastest when episodes are contiguous runs of
+tokens (each row of X and D read once) and stays correct for any ``seg``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ IMPLEMENTATIONS = {
     "torch": "reference.segment_grad_outer",  # the reference: index_add_ of per-token outer products
     "cpu": "_cpu.segment_grad_outer",  # C++/OpenMP building blocks on the chunked path (_plan.py)
     "cuda": "_cuda.segment_grad_outer",  # CUDA C++ building blocks on the chunked path (_plan.py)
-    "triton": "_triton.segment_grad_outer",  # sync-free: project every token, one program per segment
+    "triton": "_triton.segment_grad_outer",  # fused single pass, sync-free: projections never leave registers
 }
 # the largest (S, r1, r2) output segment_grad_outer allocates; a bigger num_segments is almost surely a bug (an
 # episode count is at most the number of tokens) and used to be found by the OOM killer instead

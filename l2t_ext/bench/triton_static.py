@@ -1,0 +1,108 @@
+"""Static resource report of the tuned Triton kernels, without a GPU: compile every autotune tile for a GPU
+target (sm_90 by default) exactly as a launch would specialise it, and read the compiler's own numbers.
+
+A launch specialises unit strides to constants and marks pointers and 16-divisible sizes as such; the report
+compiles with the same assumptions (contiguous rows, hidden sizes that are multiples of 16). Per tile it gives
+the shared memory (Triton's metadata), registers and spill bytes (``ptxas -v`` on the generated PTX, the ptxas
+Triton itself uses) and whether the dots became Hopper wgmma instructions. A tile that spills or does not fit
+the shared memory is a tuning defect that only shows up as slowness on the GPU; python_tests/test_triton_static.py
+fails on it in CI.
+
+Usage: ``TRITON_INTERPRET=0 python -m l2t_ext.bench.triton_static [--arch 90] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+
+# usable shared memory per block on H100/H200 (227 KB)
+SHARED_LIMIT = {90: 232448}
+_TYPES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def compile_report(fn, types: dict[str, str], constexprs: dict, div16: set[str], num_warps: int, num_stages: int,
+                   arch: int = 90) -> dict:
+    """Compile ``fn`` (a triton.jit kernel) for sm_<arch>; ``types`` maps each runtime argument to its Triton type
+    ("*bf16", "i32", ...), ``div16`` names the arguments a launch would mark as divisible by 16."""
+    import triton
+    import triton.compiler as tc
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    names = fn.arg_names
+    missing = set(names) - set(types) - set(constexprs)
+    if missing:
+        raise ValueError(f"triton_static: no type or constant for argument(s) {sorted(missing)} of {fn.__name__}")
+    sig = {k: ("constexpr" if k in constexprs else types[k]) for k in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(names) if k in div16 and k not in constexprs}
+    src = tc.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    suffix = "a" if arch == 90 else ""
+    with tempfile.TemporaryDirectory() as d:
+        ptx = os.path.join(d, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        res = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{suffix}", ptx, "-o",
+                              os.path.join(d, "k.cubin")], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"triton_static: ptxas failed on {fn.__name__}: {res.stderr[-2000:]}")
+
+    def num(pattern):
+        m = re.search(pattern, res.stderr)
+        return int(m.group(1)) if m else 0
+
+    return {"shared_bytes": int(kernel.metadata.shared), "registers": num(r"Used (\d+) registers"),
+            "spill_store_bytes": num(r"(\d+) bytes spill stores"), "spill_load_bytes": num(r"(\d+) bytes spill loads"),
+            "wgmma": "wgmma" in kernel.asm["ptx"], "fits_shared": int(kernel.metadata.shared) <= SHARED_LIMIT[arch]}
+
+
+def segment_grad_outer_reports(arch: int = 90) -> list[dict]:
+    """Every tile of the fused segment_grad_outer kernel, for each dtype and each r-tile width (16/32/64)."""
+    from l2t_ext.ops import _triton
+
+    fn = _triton._sgo_fused_kernel
+    rows = []
+    for dtype, tiles in _triton.SGO_TILES.items():
+        t = _TYPES[dtype]
+        types = {k: ("*i64" if k in ("SEG_PTR", "BND_PTR") else "*fp32" if k == "P_PTR" else f"*{t}")
+                 for k in fn.arg_names if k.endswith("_PTR")}
+        types.update({k: "i32" for k in fn.arg_names if not k.endswith("_PTR")})  # constexprs override
+        div16 = {k for k in types if k.endswith("_PTR")} | {"n", "m", "s_xt", "s_dt"}
+        for bt, bk, warps, stages in tiles:
+            for br in (16, 32, 64):
+                const = {"BF16_DOT": dtype == torch.bfloat16, "BLOCK_A": br, "BLOCK_B": br, "BLOCK_T": bt,
+                         "BLOCK_K": bk, "s_xc": 1, "s_dc": 1}
+                rep = compile_report(fn, types, const, div16, warps, stages, arch)
+                rows.append(dict(kernel="segment_grad_outer", dtype=t, BLOCK_T=bt, BLOCK_K=bk, BLOCK_R=br,
+                                 num_warps=warps, num_stages=stages, **rep))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT))
+    ap.add_argument("--json", default=None, help="write the rows here")
+    args = ap.parse_args(argv)
+    rows = segment_grad_outer_reports(args.arch)
+    cols = ["kernel", "dtype", "BLOCK_T", "BLOCK_K", "BLOCK_R", "num_warps", "num_stages", "registers",
+            "spill_store_bytes", "shared_bytes", "wgmma"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"arch": args.arch, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
