@@ -65,3 +65,23 @@ def test_reward_bench_parts_agree_on_the_tiny_config():
     chunked, full = fns["penalty"](), fns["penalty_full"]()
     assert chunked.shape == (r.input_ids.shape[0], r.num_episodes) and torch.isfinite(chunked).all()
     assert torch.allclose(chunked, full, rtol=1e-4, atol=1e-6)
+
+
+def test_train_step_bench_runs_l2t_train_on_a_saved_random_model(tmp_path):
+    """The GPU check's end-to-end run, at tiny shapes on the CPU: the model directory goes through
+    from_pretrained, both methods train, every phase is timed and the regex marker yields several episodes."""
+    from l2t_ext.bench import train_step
+
+    res = train_step.run("tiny", "cpu", steps=2, max_new_tokens=40, workdir=str(tmp_path))
+    assert set(res["runs"]) == {"grpo", "l2t"}
+    for rows in res["runs"].values():
+        assert [r["step"] for r in rows] == [1, 2]
+        for r in rows:
+            parts = r["time_rollout_s"] + r["time_score_s"] + r["time_update_s"]
+            assert 0 < parts <= r["time_s"]
+            assert r["episodes_mean"] > 2  # the placeholder-token marker splits responses
+    assert 0 < res["reward_share_of_step"] < 1
+    assert res["runs"]["l2t"][-1]["penalty_mean"] > 0 and res["runs"]["grpo"][-1]["penalty_mean"] == 0
+    assert "peak_mem_gb" not in res["runs"]["l2t"][-1] and "extra_peak_mem_frac" not in res  # CPU: no GPU peak
+    md = train_step.markdown(res)
+    assert "| l2t | 2 |" in md and "reward takes" in md

@@ -17,7 +17,7 @@ from l2t_ext.rl import checkpoint  # noqa: E402
 from l2t_ext.rl.config import preset  # noqa: E402
 
 METRIC_KEYS = ("step", "accuracy", "reward_mean", "response_tokens_mean", "episodes_mean", "loss", "kl",
-               "clip_frac", "penalty_mean", "jr_gain_mean", "time_s")
+               "clip_frac", "penalty_mean", "jr_gain_mean", "time_s", "time_rollout_s", "time_score_s", "time_update_s")
 
 
 def small_cfg(tmp_path, name, **kw):
@@ -43,6 +43,8 @@ def test_three_step_run_every_method(tmp_path, method, ppo):
     for r in lines:
         for k in METRIC_KEYS:
             assert k in r and math.isfinite(r[k]), (k, r)
+        phases = [r["time_rollout_s"], r["time_score_s"], r["time_update_s"]]
+        assert min(phases) > 0 and sum(phases) <= r["time_s"], r  # disjoint parts of the step's wall time
     if method.startswith("l2t") and method != "l2t_no_penalty":
         assert any(r["penalty_mean"] > 0 for r in lines)
     assert os.path.isdir(checkpoint.resolve(cfg.out))

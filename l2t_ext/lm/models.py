@@ -14,13 +14,20 @@ SPECIALS = ("<pad>", "<eos>")
 THINK_TOKENS = ("<think>", "</think>")
 
 
-def char_tokenizer(chars: str):
+def char_tokenizer(chars: str, vocab_size: int | None = None):
     """A character-level tokenizer (``tokenizers`` WordLevel) over ``chars`` in which ``<think>``/``</think>``
-    are single tokens, wrapped as a transformers ``PreTrainedTokenizerFast`` (left padding)."""
+    are single tokens, wrapped as a transformers ``PreTrainedTokenizerFast`` (left padding). ``vocab_size`` pads
+    the vocabulary with placeholder tokens ``<u0>``, ``<u1>``, ... that encoding never produces but decoding
+    writes out: a model with a real vocabulary's shape can then sample and be decoded (GPU shape checks)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(list(SPECIALS) + list(THINK_TOKENS) + sorted(set(chars)))}
+    tokens = list(SPECIALS) + list(THINK_TOKENS) + sorted(set(chars))
+    if vocab_size is not None:
+        if vocab_size < len(tokens):
+            raise InputError(f"vocab_size={vocab_size} is smaller than the {len(tokens)} tokens of the alphabet")
+        tokens += [f"<u{i}>" for i in range(vocab_size - len(tokens))]
+    vocab = {t: i for i, t in enumerate(tokens)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"<think>|</think>|<pad>|<eos>|[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()

@@ -192,13 +192,28 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ one step
     def step(self) -> dict:
-        """One training step: collect, update, and the metrics row."""
-        t0 = time.time()
+        """One training step: collect, update, and the metrics row (with this rank's time per phase and, on a GPU,
+        its peak memory)."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = self._clock()
         batch = self.collect(self.next_problems())
+        t1 = self._clock()
         stats = self.update(batch)
         m = self._metrics(batch, stats)
         self._check_episode_health(m)
-        return {"step": self.step_idx, **m, "lr": self.sched.get_last_lr()[0], "time_s": time.time() - t0}
+        t2 = self._clock()
+        row = {"step": self.step_idx, **m, "lr": self.sched.get_last_lr()[0], "time_s": t2 - t0, **self._phase_s,
+               "time_update_s": t2 - t1}
+        if self.device.type == "cuda":
+            row["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return row
+
+    def _clock(self) -> float:
+        """Seconds, read after the GPU has finished the work queued so far (phase times, not launch times)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _check_episode_health(self, m: dict) -> None:
         """Warn once when most rollouts are one episode: L2T's process reward then reduces to an outcome reward."""
@@ -230,9 +245,11 @@ class Trainer:
     def _collect(self, problems: list[dict]) -> ScoredBatch:
         cfg = self.cfg
         self.model.eval()
+        t0 = self._clock()
         with self.autocast():
             prompts = [p["prompt"] for p in self.prompted(problems)]
             ro = self.rollouts.generate(prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+        t1 = self._clock()
         answers = [p["answer"] for p in problems for _ in range(cfg.group_size)]
         outcome = torch.tensor([float(self.verify(c, a)) for c, a in zip(ro.completions, answers)], device=self.device)
         episode_ids = segment_episodes(ro.input_ids, ro.response_mask, self.markers, tokenizer=self.tok,
@@ -241,8 +258,11 @@ class Trainer:
         loss_mask[:, :-1] = ro.response_mask[:, 1:]
         episode_ids_pred = torch.full_like(episode_ids, -1)
         episode_ids_pred[:, :-1] = episode_ids[:, 1:]
+        t_score = self._clock()
         with self.autocast():
             old_logprobs, reward = self._score(ro, episode_ids, answers)
+            # the score phase: the l2t reward (which returns the old log-probs too) or the plain old-log-prob forward
+            self._phase_s = {"time_rollout_s": t1 - t0, "time_score_s": self._clock() - t_score}
             ref_logprobs = None
             if self.ref_policy is not None:
                 with torch.no_grad():
