@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import _cases
 import pytest
 import torch
-from _cases import BF16, F32, F64, cases, rel_err
+from _cases import BF16, F32, F64, HAS_GPU, cases, rel_err
 
 from l2t_ext import ops
 
@@ -59,6 +60,33 @@ def test_explicit_fisher_form(backend, device, dtype, tol, size):
     else:
         assert rel_err(q, ref) <= tol
     del grads
+
+
+@pytest.mark.skipif(not any(b == "triton" for b, _, _ in _cases._combos()), reason="triton backend not runnable here")
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("nz", [1, 2, 5])
+def test_triton_fused_quadform_over_k_splits(dtype, nz):
+    """The fused kernel's epilogue (last program of a tile sums the K-split partials in order, last tile of a row
+    block sums the row partials and the norms): both forms, shapes crossing tile edges, transposed inputs."""
+    from l2t_ext.ops import _triton
+
+    dev = "cuda" if HAS_GPU else "cpu"
+    M, p, N = 37, 301, 40
+    delta = torch.randn(M, p, dtype=torch.float64).to(dtype)
+    grads = torch.randn(N, p, dtype=torch.float64).to(dtype)
+    A = torch.randn(p, p, dtype=torch.float64).to(dtype)
+    ref_i = explicit_ref(delta, grads, 0.3)
+    d64 = delta.double()
+    ref_e = torch.einsum("mp,pq,mq->m", d64, A.double(), d64) + 0.3 * d64.square().sum(1)
+    d_t = delta.T.contiguous().T.to(dev)  # column-major view: strides are honoured
+    with ops.poison():
+        q_i = _triton.fisher_quadform_implicit(d_t, grads.to(dev), 0.3, nz=nz)
+        q_e = _triton.fisher_quadform_explicit(delta.to(dev), A.to(dev), 0.3, nz=nz)
+    tol = 1e-4  # the inputs are exact in their dtype and products accumulate in float32 (bf16 too)
+    assert rel_err(q_i, ref_i) <= tol
+    assert rel_err(q_e, ref_e) <= tol
+    assert torch.equal(q_i, _triton.fisher_quadform_implicit(d_t, grads.to(dev), 0.3, nz=nz))  # bitwise repeatable
+    assert rel_err(_triton.fisher_quadform_splitk(delta.to(dev), grads.to(dev), 0.3), ref_i) <= tol
 
 
 @pytest.mark.parametrize("backend,device,dtype,tol", cases({F64: 5e-12, F32: 1e-4}))

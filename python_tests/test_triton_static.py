@@ -1,5 +1,5 @@
-"""The tuned Triton kernels compile for a Hopper GPU (sm_90) with every autotune tile, without register spills
-and within the shared memory, and the bf16 projections become wgmma instructions; checked on any machine
+"""The fused Triton kernels compile for a Hopper GPU (sm_90) with every tile they launch with, without register
+spills and within the shared memory, and their bf16 dots become wgmma instructions; checked on any machine
 (no GPU needed: Triton compiles for the target and its ptxas reports the resources)."""
 
 from __future__ import annotations
@@ -34,8 +34,11 @@ def test_every_segment_grad_outer_tile_is_reported(rows):
 
     want = {(str(d).replace("torch.", "").replace("float32", "fp32").replace("bfloat16", "bf16"), *t, br)
             for d, ts in _triton.SGO_TILES.items() for t in ts for br in (16, 32, 64)}
-    got = {(r["dtype"], r["BLOCK_T"], r["BLOCK_K"], r["num_warps"], r["num_stages"], r["BLOCK_R"]) for r in rows}
+    got = {(r["dtype"], r["BLOCK_T"], r["BLOCK_K"], r["num_warps"], r["num_stages"], r["BLOCK_R"]) for r in rows
+           if r["kernel"] == "segment_grad_outer"}
     assert got == want
+    quad = {(r["kernel"], r["dtype"]) for r in rows if r["kernel"].startswith("fisher_quadform")}
+    assert quad == {(f"fisher_quadform_{k}", t) for k in ("implicit", "explicit") for t in ("bf16", "fp32")}
 
 
 def test_no_tile_spills_or_overflows_shared_memory(rows):
@@ -44,5 +47,5 @@ def test_no_tile_spills_or_overflows_shared_memory(rows):
     assert all(0 < r["registers"] <= 255 for r in rows)
 
 
-def test_bf16_projections_use_wgmma(rows):
+def test_bf16_dots_use_wgmma(rows):
     assert all(r["wgmma"] for r in rows if r["dtype"] == "bf16")

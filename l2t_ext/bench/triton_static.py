@@ -86,12 +86,35 @@ def segment_grad_outer_reports(arch: int = 90) -> list[dict]:
     return rows
 
 
+def fisher_quadform_reports(arch: int = 90) -> list[dict]:
+    """The fused fisher_quadform kernel at its tile, for each dtype, implicit and explicit."""
+    from l2t_ext.ops import _triton
+
+    fn = _triton._quadform_fused_kernel
+    bm, bn, bk, warps, stages = _triton.QF_TILE
+    rows = []
+    for t in ("bf16", "fp32"):
+        types = {k: ("*fp32" if k in ("WS_PTR", "NRM_PTR", "ROW_PTR", "Q_PTR") else "*i32" if k == "CNT_PTR"
+                     else f"*{t}") for k in fn.arg_names if k.endswith("_PTR")}
+        types.update({k: "i32" for k in fn.arg_names if not k.endswith("_PTR")})  # constexprs override
+        types.update(inv_n="fp32", damping="fp32")
+        div16 = {k for k in types if k.endswith("_PTR")} | {"p", "kchunk", "s_dm", "s_gn"}
+        for weighted in (False, True):
+            const = {"WEIGHTED": weighted, "BF16_DOT": t == "bf16", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                     "s_dp": 1, "s_gp": 1}
+            rep = compile_report(fn, types, const, div16, warps, stages, arch)
+            rows.append(dict(kernel="fisher_quadform_" + ("explicit" if weighted else "implicit"), dtype=t,
+                             BLOCK_T=bm, BLOCK_K=bk, BLOCK_R=bn, num_warps=warps, num_stages=stages, **rep))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT))
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args(argv)
-    rows = segment_grad_outer_reports(args.arch)
+    rows = segment_grad_outer_reports(args.arch) + fisher_quadform_reports(args.arch)
+    # fisher_quadform rows: BLOCK_T / BLOCK_R hold its BLOCK_M / BLOCK_N
     cols = ["kernel", "dtype", "BLOCK_T", "BLOCK_K", "BLOCK_R", "num_warps", "num_stages", "registers",
             "spill_store_bytes", "shared_bytes", "wgmma"]
     print("| " + " | ".join(cols) + " |")

@@ -1,5 +1,6 @@
 """Split-K GEMM drivers shared by the ``cuda`` and ``triton`` backends (written once; each backend supplies
-its GEMM and finalize launchers and its tile constants in a ``SplitK``).
+its GEMM and finalize launchers and its tile constants in a ``SplitK``). The ``triton`` backend's fisher_quadform
+is a fused kernel of its own (the epilogue in the GEMM); this two-launch version stays its benchmark baseline.
 
 fisher_quadform, implicit: C[z] = delta @ grads^T over the z-th chunk of p (nz chunks so that the grid fills
 the GPU), then a finalize kernel sums the chunks in a fixed order and applies

@@ -251,6 +251,69 @@ def _segment_sum_kernel(P_PTR, START_PTR, G_PTR, rr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _quadform_fused_kernel(DELTA_PTR, G_PTR, WS_PTR, NRM_PTR, ROW_PTR, CNT_PTR, Q_PTR, M, N, p, kchunk, nz, s_dm,
+                           s_dp, s_gn, s_gp, m_pad, inv_n, damping, WEIGHTED: tl.constexpr, BF16_DOT: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # fisher_quadform with its epilogue fused into the split-K GEMM C = delta @ G^T. Implicit (G = grads (N, p)):
+    # q_m = inv_n sum_n C[m, n]^2 + damping ||delta_m||^2; explicit (WEIGHTED, G = F (p, p)):
+    # q_m = sum_i C[m, i] delta[m, i] + damping ||delta_m||^2. Program (tile, z) multiplies K-chunk z; the last
+    # of a tile's nz programs to finish (integer counter) sums the tile's partials in z order and reduces it to
+    # per-row partials; the last of a row-block's tiles sums those in tile order and writes q. The fixed orders
+    # make q bitwise reproducible whichever program finishes last; no float atomics, no second launch.
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    z = tl.program_id(2).to(tl.int64)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tile = pid_m * tiles_n + pid_n
+    n_tiles = tl.cdiv(M, BLOCK_M) * tiles_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k_end = tl.minimum(p, z * kchunk + kchunk)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    nrm = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(z * kchunk, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = offs_k < k_end
+        d = tl.load(DELTA_PTR + offs_m[:, None] * s_dm + offs_k[None, :] * s_dp,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        g = tl.load(G_PTR + offs_n[:, None] * s_gn + offs_k[None, :] * s_gp,
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if BF16_DOT:
+            acc += tl.dot(d.to(tl.bfloat16), tl.trans(g.to(tl.bfloat16)))
+        else:
+            acc += tl.dot(d.to(tl.float32), tl.trans(g.to(tl.float32)), input_precision="ieee")
+        df = d.to(tl.float32)
+        nrm += tl.sum(df * df, axis=1)  # ||delta_m||^2 over this chunk (kept by the pid_n == 0 tiles)
+    tile_offs = tl.arange(0, BLOCK_M).to(tl.int64)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)[None, :]
+    tl.store(WS_PTR + (z * n_tiles + tile) * BLOCK_M * BLOCK_N + tile_offs, acc)
+    if pid_n == 0:
+        tl.store(NRM_PTR + z * m_pad + offs_m, nrm)
+    tl.debug_barrier()  # every thread's stores precede the release below
+    if tl.atomic_add(CNT_PTR + tile, 1, sem="acq_rel", scope="gpu") == nz - 1:
+        c = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for zz in range(0, nz):  # the tile's partials, in z order (L2 reads: other SMs wrote them)
+            c += tl.load(WS_PTR + (zz * n_tiles + tile) * BLOCK_M * BLOCK_N + tile_offs, cache_modifier=".cg")
+        if WEIGHTED:
+            dw = tl.load(DELTA_PTR + offs_m[:, None] * s_dm + offs_n[None, :] * s_dp,
+                         mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+            part = tl.sum(c * dw, axis=1)
+        else:
+            part = inv_n * tl.sum(c * c, axis=1)  # columns past N are exact zeros (masked loads)
+        tl.store(ROW_PTR + pid_n * m_pad + offs_m, part)
+        tl.debug_barrier()
+        if tl.atomic_add(CNT_PTR + n_tiles + pid_m, 1, sem="acq_rel", scope="gpu") == tiles_n - 1:
+            s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for nn in range(0, tiles_n):
+                s1 += tl.load(ROW_PTR + nn * m_pad + offs_m, cache_modifier=".cg")
+            s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for zz in range(0, nz):
+                s2 += tl.load(NRM_PTR + zz * m_pad + offs_m, cache_modifier=".cg")
+            tl.store(Q_PTR + offs_m, s1 + damping * s2, mask=mask_m)
+
+
+@triton.jit
 def _finalize_kernel(C_PTR, D_PTR, Q_PTR, nz, M, N, p, s_dm, s_dp, inv_n, damping, WEIGHTED: tl.constexpr,
                      BLOCK: tl.constexpr):
     # q[m] = inv_n * sum_j f(sum_z C[z, m, j]) + damping * ||delta_m||^2   (fisher_quadform)
@@ -392,12 +455,51 @@ SPLITK = _splitk.SplitK(gemm=_gemm, finalize=_finalize, sm_count=_sm_count, tile
                         bf16_dot=True)
 
 
-def fisher_quadform_implicit(delta: torch.Tensor, grads: torch.Tensor, damping: float) -> torch.Tensor:
+# BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages of the fused quadform: no register spills on sm_90 in all four
+# variants (bf16/fp32 x implicit/explicit; l2t_ext/bench/triton_static.py), wgmma for bf16
+QF_TILE = (64, 64, 64, 8, 3)
+
+
+def _quadform_fused(delta: torch.Tensor, G: torch.Tensor, weighted: bool, inv_n: float, damping: float,
+                    nz: int | None = None) -> torch.Tensor:
+    """q (M,) from one launch (plus the zeroed counters); ``nz`` overrides the K split (tests)."""
+    M, p = delta.shape
+    N = G.shape[0]
+    BM, BN, BK, warps, stages = (16, 16, 16, 1, 1) if triton_interpret() else QF_TILE  # CI: cross tile edges
+    tiles_m, tiles_n = triton.cdiv(M, BM), triton.cdiv(N, BN)
+    if nz is None:
+        nz, kchunk = _splitk.split(SPLITK, p, tiles_m * tiles_n, delta.device)
+    else:
+        kchunk = max(1, triton.cdiv(triton.cdiv(p, nz), BK)) * BK
+        nz = max(1, triton.cdiv(p, kchunk))
+    q = empty((M,), F32, delta.device)
+    if M == 0:
+        return q
+    m_pad = tiles_m * BM
+    ws = empty((nz * tiles_m * tiles_n, BM, BN), F32, delta.device)
+    nrm, rows = empty((nz, m_pad), F32, delta.device), empty((tiles_n, m_pad), F32, delta.device)
+    counters = torch.zeros(tiles_m * tiles_n + tiles_m, dtype=torch.int32, device=delta.device)
+    bf16 = delta.dtype == torch.bfloat16 and G.dtype == torch.bfloat16 and _BF16_DOT_OK
+    _quadform_fused_kernel[(tiles_m, tiles_n, nz)](
+        delta, G, ws, nrm, rows, counters, q, M, N, p, kchunk, nz, delta.stride(0), delta.stride(1), G.stride(0),
+        G.stride(1), m_pad, inv_n, damping, WEIGHTED=weighted, BF16_DOT=bf16, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+        num_warps=warps, num_stages=stages)
+    return q
+
+
+def fisher_quadform_implicit(delta: torch.Tensor, grads: torch.Tensor, damping: float, nz: int | None = None):
+    g = grads if grads.dtype == delta.dtype else grads.to(delta.dtype)
+    return _quadform_fused(delta, g, False, 1.0 / grads.shape[0], damping, nz)
+
+
+def fisher_quadform_explicit(delta: torch.Tensor, fisher: torch.Tensor, damping: float, nz: int | None = None):
+    F = fisher if fisher.dtype in (F32, torch.bfloat16) else fisher.to(F32)
+    return _quadform_fused(delta, F, True, 1.0, damping, nz)
+
+
+def fisher_quadform_splitk(delta: torch.Tensor, grads: torch.Tensor, damping: float) -> torch.Tensor:
+    """The previous path (split-K GEMM, then a finalize kernel), kept as the fused kernel's benchmark baseline."""
     return _splitk.fisher_quadform_implicit(SPLITK, delta, grads, damping)
-
-
-def fisher_quadform_explicit(delta: torch.Tensor, fisher: torch.Tensor, damping: float) -> torch.Tensor:
-    return _splitk.fisher_quadform_explicit(SPLITK, delta, fisher, damping)
 
 
 def fisher_accumulate(G: torch.Tensor, F_in: torch.Tensor | None, decay: float | None) -> torch.Tensor:

@@ -14,8 +14,9 @@ import torch
 
 from l2t_ext.ops._common import check_same_device, check_tensor, implementation, pick
 
-# fisher_quadform / fisher_accumulate per backend ("module.function" under l2t_ext/ops/; cuda and triton share the
-# split-K driver in _splitk.py); tests: python_tests/test_fisher.py, benchmark: l2t_ext/bench/fisher_quadform.py
+# fisher_quadform / fisher_accumulate per backend ("module.function" under l2t_ext/ops/; cuda uses the split-K
+# driver in _splitk.py, triton its own fused quadform kernel and the driver's fisher_accumulate); tests:
+# python_tests/test_fisher_quadform.py, benchmark: l2t_ext/bench/fisher_quadform.py
 FISHER_QUADFORM_IMPLICIT = {
     "torch": "reference.fisher_quadform_implicit",
     "cpu": "_cpu.fisher_quadform_implicit",
@@ -39,7 +40,9 @@ FISHER_ACCUMULATE = {
 def quadform_auto_order(device: torch.device, dtype: torch.dtype, p: int) -> tuple[str, ...]:
     """Fastest first, measured by ``l2t bench`` at M=64, N=512 (benchmarks/README.md). CPU: torch (one MKL GEMM)
     beats the C++ kernel. H200, measured at p = 4096, 16384 and 65536: the CUDA kernel wins at 4096, Triton at
-    16384; the cut is placed at p <= 8192, between the measured sizes. float32 at p > 32768: torch (cuBLAS)."""
+    16384; the cut is placed at p <= 8192, between the measured sizes. float32 at p > 32768: torch (cuBLAS).
+    Those Triton numbers are the split-K + finalize path; the fused kernel that replaced it is not measured yet
+    (``l2t bench --device cuda`` times both)."""
     if device.type == "cpu":
         return ("torch",)
     if p <= 8192:
