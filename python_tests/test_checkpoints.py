@@ -56,7 +56,7 @@ def _final(out):
 
 
 def _strip_time(rows):
-    return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
+    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]  # wall-clock fields
 
 
 def _copy_run(src, dst):

@@ -1,8 +1,11 @@
 // CUDA kernels for l2t_ext (docs/architecture.md, "Kernels and backends"): one shared-memory tiled fp32-accumulating GEMM that also
-// generates the rsvd sketch matrix on the fly, plus deterministic segment reductions and the Fisher
-// quadratic-form epilogue. Determinism: no float atomics; every output element is reduced by one thread
+// generates the rsvd sketch matrix on the fly, its tensor-core twin for bf16 x bf16 operands on sm_80+ (WMMA,
+// fp32 accumulation), plus deterministic segment reductions and the Fisher quadratic-form epilogue. Determinism: no float atomics; every output element is reduced by one thread
 // (or one block's fixed-shape tree) in a fixed order. All launches go on the caller's stream.
 #include <cuda_bf16.h>
+#include <mma.h>
+
+#include <type_traits>
 
 #include "cuda/kernels.h"
 #include "philox.h"
@@ -85,6 +88,97 @@ __global__ void __launch_bounds__(THREADS) gemm_kernel(const TX* __restrict__ X,
       Y[o] = alpha * acc[u] + (Yin ? beta * Yin[o] : 0.f);
     }
   }
+}
+
+// Tensor-core tile for bf16 x bf16: 64 x 64 outputs per block of 4 warps, each warp a 32 x 32 quarter as
+// 2 x 2 WMMA 16x16x16 fragments accumulating in fp32; BK-deep slices staged in shared memory as bf16 (exact: the
+// operands are bf16 already). Same contract as gemm_kernel; the fragments' products are exact and their sums
+// fp32, in a fixed order (deterministic). Row pads keep WMMA's 32-byte fragment alignment.
+constexpr int TBM = 64, TBN = 64, TBK = 32, TC_THREADS = 128;
+constexpr int XS_LD = TBK + 8, VS_LD = TBN + 8, CS_LD = TBN + 4;
+
+template <typename VSrc>
+__global__ void __launch_bounds__(TC_THREADS) gemm_tc_kernel(const __nv_bfloat16* __restrict__ X, int64_t sXr,
+                                                              int64_t sXc, int64_t sXz,
+                                                              const int64_t* __restrict__ idx, int64_t nrows,
+                                                              VSrc vsrc, bool v_k_fast, int64_t ncols, int64_t K,
+                                                              int64_t kchunk, bool split, float alpha, float beta,
+                                                              const float* __restrict__ Yin, float* __restrict__ Y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  namespace wm = nvcuda::wmma;
+  __shared__ __align__(32) __nv_bfloat16 Xs[TBM][XS_LD];
+  __shared__ __align__(32) __nv_bfloat16 Vs[TBK][VS_LD];
+  __shared__ __align__(32) float Cs[TBM][CS_LD];
+  const int tid = threadIdx.x, warp_m = (tid / 32) / 2, warp_n = (tid / 32) % 2;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * TBM, col0 = static_cast<int64_t>(blockIdx.y) * TBN;
+  const int64_t z = blockIdx.z;
+  const __nv_bfloat16* Xz = X + (split ? 0 : z * sXz);
+  const int64_t k_begin = split ? z * kchunk : 0;
+  const int64_t k_end = split ? min(K, k_begin + kchunk) : K;
+  const bool x_row_fast = (sXc != 1);
+  const __nv_bfloat16 zero = __float2bfloat16(0.f);
+  wm::fragment<wm::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wm::fill_fragment(acc[i][j], 0.f);
+
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += TBK) {
+#pragma unroll 4
+    for (int q = 0; q < (TBM * TBK) / TC_THREADS; ++q) {
+      const int e = tid + q * TC_THREADS;
+      const int r = x_row_fast ? e % TBM : e / TBK, l = x_row_fast ? e / TBM : e % TBK;
+      const int64_t gr = row0 + r, gl = k0 + l;
+      Xs[r][l] = (gr < nrows && gl < k_end) ? Xz[(idx ? idx[gr] : gr) * sXr + gl * sXc] : zero;
+    }
+#pragma unroll 4
+    for (int q = 0; q < (TBK * TBN) / TC_THREADS; ++q) {
+      const int e = tid + q * TC_THREADS;
+      const int l = v_k_fast ? e % TBK : e / TBN, c = v_k_fast ? e / TBK : e % TBN;
+      const int64_t gl = k0 + l, gc = col0 + c;
+      Vs[l][c] = (gl < k_end && gc < ncols) ? __float2bfloat16(vsrc(gl, gc)) : zero;  // bf16 -> float -> bf16: exact
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < TBK; kk += 16) {
+      wm::fragment<wm::matrix_a, 16, 16, 16, __nv_bfloat16, wm::row_major> a[2];
+      wm::fragment<wm::matrix_b, 16, 16, 16, __nv_bfloat16, wm::row_major> b[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) wm::load_matrix_sync(a[i], &Xs[warp_m * 32 + i * 16][kk], XS_LD);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wm::load_matrix_sync(b[j], &Vs[kk][warp_n * 32 + j * 16], VS_LD);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wm::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wm::store_matrix_sync(&Cs[warp_m * 32 + i * 16][warp_n * 32 + j * 16], acc[i][j], CS_LD, wm::mem_row_major);
+  __syncthreads();
+  for (int e = tid; e < TBM * TBN; e += TC_THREADS) {
+    const int r = e / TBN, c = e % TBN;
+    const int64_t gr = row0 + r, gc = col0 + c;
+    if (gr < nrows && gc < ncols) {
+      const int64_t o = z * nrows * ncols + gr * ncols + gc;
+      Y[o] = alpha * Cs[r][c] + (Yin ? beta * Yin[o] : 0.f);
+    }
+  }
+#endif
+}
+
+// Compute capability major of the current device, cached per device (the tensor-core path needs sm_80+).
+int device_major() {
+  static int major[64] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
+  if (major[dev] == 0 && cudaDeviceGetAttribute(&major[dev], cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+    major[dev] = -1;
+  return major[dev];
 }
 
 // One block per chunk (x) and per 1024 outputs (y); each thread owns up to 4 outputs of the (ra, rb) tile.
@@ -180,6 +274,16 @@ cudaError_t gemm(const std::string& dtX, const void* X, int64_t sXr, int64_t sXc
       gemm_kernel<TX, OmegaV><<<grid, THREADS, 0, stream>>>(Xp, sXr, sXc, sXz, idx, nrows, OmegaV{seed}, false,
                                                            ncols, K, kchunk, split, alpha, beta, Yin, Y);
       return cudaGetLastError();
+    }
+    if constexpr (std::is_same_v<TX, __nv_bfloat16>) {
+      if (dtV == "bfloat16" && device_major() >= 8) {  // tensor cores
+        const dim3 tc_grid(static_cast<unsigned>((nrows + TBM - 1) / TBM),
+                           static_cast<unsigned>((ncols + TBN - 1) / TBN), static_cast<unsigned>(nz));
+        LoadV<__nv_bfloat16> src{static_cast<const __nv_bfloat16*>(V), sVk, sVc};
+        gemm_tc_kernel<<<tc_grid, TC_THREADS, 0, stream>>>(Xp, sXr, sXc, sXz, idx, nrows, src, sVk == 1, ncols, K,
+                                                           kchunk, split, alpha, beta, Yin, Y);
+        return cudaGetLastError();
+      }
     }
     return with_dtype(dtV, [&](auto tv) {
       using TV = decltype(tv);

@@ -3,7 +3,8 @@
 Invariants: inputs are float32 or bfloat16 CUDA tensors on one device; accumulation, outputs and workspaces
 are float32; every launch goes on ``torch.cuda.current_stream()`` of the inputs' device, so the kernels
 order correctly with surrounding torch work without any synchronisation. X/D/W/delta/grads/fisher are read
-through their strides; small operands (U, V) are converted to contiguous float32.
+through their strides; small operands (U, V) are converted to contiguous float32 (bfloat16 when X is bfloat16).
+bf16 x bf16 GEMMs run on tensor cores (WMMA) on sm_80+, everything else on the fp32 CUDA-core kernel.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def rsvd_sketch(W: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 
 
 def row_project(X: torch.Tensor, idx: torch.Tensor | None, V: torch.Tensor) -> torch.Tensor:
-    V = V.to(F32).contiguous()
+    # bf16 X: V in bf16 too, so that the GEMM runs on tensor cores (sm_80+; fp32 accumulation)
+    V = V.to(torch.bfloat16 if X.dtype == torch.bfloat16 else F32).contiguous()
     nrows = idx.numel() if idx is not None else X.shape[0]
     return _gemm(X, X.stride(0), X.stride(1), 0, idx, nrows, V, V.stride(0), 1, V.shape[1], X.shape[1])[0]
 

@@ -42,9 +42,12 @@ def quadform_auto_order(device: torch.device, dtype: torch.dtype, p: int) -> tup
     beats the C++ kernel. H200, measured at p = 4096, 16384 and 65536: the CUDA kernel wins at 4096, Triton at
     16384; the cut is placed at p <= 8192, between the measured sizes. float32 at p > 32768: torch (cuBLAS).
     Those Triton numbers are the split-K + finalize path; the fused kernel that replaced it is not measured yet
-    (``l2t bench --device cuda`` times both)."""
+    (``l2t bench --device cuda`` times both). bfloat16 skips the CUDA kernel: its bf16 GEMM now runs on tensor
+    cores (WMMA) and has not run on a GPU yet."""
     if device.type == "cpu":
         return ("torch",)
+    if dtype == torch.bfloat16:
+        return ("triton", "torch", "cuda")
     if p <= 8192:
         return ("cuda", "triton", "torch")
     if dtype == torch.float32 and p > 32768:
