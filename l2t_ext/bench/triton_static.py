@@ -5,7 +5,7 @@ A launch specialises unit strides to constants and marks pointers and 16-divisib
 compiles with the same assumptions (contiguous rows, hidden sizes that are multiples of 16). Per tile it gives
 the shared memory (Triton's metadata), registers and spill bytes (``ptxas -v`` on the generated PTX, the ptxas
 Triton itself uses) and whether the dots became Hopper wgmma instructions. A tile that spills or does not fit
-the shared memory is a tuning defect that only shows up as slowness on the GPU; python_tests/test_triton_static.py
+the shared memory is a tuning defect that only shows up as slowness on the GPU; python_tests/test_gpu_static.py
 fails on it in CI.
 
 Usage: ``TRITON_INTERPRET=0 python -m l2t_ext.bench.triton_static [--arch 90] [--json out.json]``.

@@ -210,7 +210,7 @@ def _sgo_fused_kernel(X_PTR, D_PTR, U_PTR, V_PTR, SEG_PTR, BND_PTR, P_PTR, T, S,
 
 # Tile shapes (BLOCK_T, BLOCK_K, num_warps, num_stages) the fused kernel is tuned over on a GPU, per input dtype.
 # Each one compiles for sm_90 without register spills for every r-tile (16/32/64) and fits the shared memory
-# (checked by l2t_ext/bench/triton_static.py; python_tests/test_triton_static.py). bf16: BLOCK_T >= 64 so that
+# (checked by l2t_ext/bench/triton_static.py; python_tests/test_gpu_static.py). bf16: BLOCK_T >= 64 so that
 # the projections run as wgmma; float32 (exact IEEE dots on CUDA cores) needs 8 warps to avoid spilling.
 SGO_TILES = {torch.bfloat16: [(64, 32, 4, 4), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 8, 3), (128, 64, 8, 3),
                               (128, 128, 8, 2)],
