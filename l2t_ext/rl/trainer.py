@@ -200,11 +200,11 @@ class Trainer:
         batch = self.collect(self.next_problems())
         t1 = self._clock()
         stats = self.update(batch)
+        t2 = self._clock()
         m = self._metrics(batch, stats)
         self._check_episode_health(m)
-        t2 = self._clock()
-        row = {"step": self.step_idx, **m, "lr": self.sched.get_last_lr()[0], "time_s": t2 - t0, **self._phase_s,
-               "time_update_s": t2 - t1}
+        row = {"step": self.step_idx, **m, "lr": self.sched.get_last_lr()[0], "time_s": self._clock() - t0,
+               **self._phase_s, "time_update_s": t2 - t1}
         if self.device.type == "cuda":
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return row
