@@ -64,6 +64,12 @@ def compile_report(fn, types: dict[str, str], constexprs: dict, div16: set[str],
             "wgmma": "wgmma" in kernel.asm["ptx"], "fits_shared": int(kernel.metadata.shared) <= SHARED_LIMIT[arch]}
 
 
+def _signature(fn, dtype: str, **special: str) -> dict[str, str]:
+    """Triton types of ``fn``'s arguments: pointers to ``dtype`` and int32 scalars unless named in ``special``
+    (constexpr arguments are overridden by the constants passed to ``compile_report``)."""
+    return {k: special.get(k, f"*{dtype}" if k.endswith("_PTR") else "i32") for k in fn.arg_names}
+
+
 def segment_grad_outer_reports(arch: int = 90) -> list[dict]:
     """Every tile of the fused segment_grad_outer kernel, for each dtype and each r-tile width (16/32/64)."""
     from l2t_ext.ops import _triton
@@ -72,9 +78,7 @@ def segment_grad_outer_reports(arch: int = 90) -> list[dict]:
     rows = []
     for dtype, tiles in _triton.SGO_TILES.items():
         t = _TYPES[dtype]
-        types = {k: ("*i64" if k in ("SEG_PTR", "BND_PTR") else "*fp32" if k == "P_PTR" else f"*{t}")
-                 for k in fn.arg_names if k.endswith("_PTR")}
-        types.update({k: "i32" for k in fn.arg_names if not k.endswith("_PTR")})  # constexprs override
+        types = _signature(fn, t, SEG_PTR="*i64", BND_PTR="*i64", P_PTR="*fp32")
         div16 = {k for k in types if k.endswith("_PTR")} | {"n", "m", "s_xt", "s_dt"}
         for bt, bk, warps, stages in tiles:
             for br in (16, 32, 64):
@@ -94,10 +98,8 @@ def fisher_quadform_reports(arch: int = 90) -> list[dict]:
     bm, bn, bk, warps, stages = _triton.QF_TILE
     rows = []
     for t in ("bf16", "fp32"):
-        types = {k: ("*fp32" if k in ("WS_PTR", "NRM_PTR", "ROW_PTR", "Q_PTR") else "*i32" if k == "CNT_PTR"
-                     else f"*{t}") for k in fn.arg_names if k.endswith("_PTR")}
-        types.update({k: "i32" for k in fn.arg_names if not k.endswith("_PTR")})  # constexprs override
-        types.update(inv_n="fp32", damping="fp32")
+        types = _signature(fn, t, WS_PTR="*fp32", NRM_PTR="*fp32", ROW_PTR="*fp32", Q_PTR="*fp32", CNT_PTR="*i32",
+                           inv_n="fp32", damping="fp32")
         div16 = {k for k in types if k.endswith("_PTR")} | {"p", "kchunk", "s_dm", "s_gn"}
         for weighted in (False, True):
             const = {"WEIGHTED": weighted, "BF16_DOT": t == "bf16", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
