@@ -95,6 +95,8 @@ class ScoredBatch:
     reward: RewardOutput | None  # l2t: per-episode parts (B, K): r_prg, valid, jr gain, penalty, ...
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None  # ppo: value targets
+    # seconds of generation and of scoring (the l2t reward, or the other methods' old-log-prob forward)
+    phase_s: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def response_lengths(self) -> torch.Tensor:
@@ -204,7 +206,7 @@ class Trainer:
         m = self._metrics(batch, stats)
         self._check_episode_health(m)
         row = {"step": self.step_idx, **m, "lr": self.sched.get_last_lr()[0], "time_s": self._clock() - t0,
-               **self._phase_s, "time_update_s": t2 - t1}
+               **batch.phase_s, "time_update_s": t2 - t1}
         if self.device.type == "cuda":
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return row
@@ -261,8 +263,7 @@ class Trainer:
         t_score = self._clock()
         with self.autocast():
             old_logprobs, reward = self._score(ro, episode_ids, answers)
-            # the score phase: the l2t reward (which returns the old log-probs too) or the plain old-log-prob forward
-            self._phase_s = {"time_rollout_s": t1 - t0, "time_score_s": self._clock() - t_score}
+            phase_s = {"time_rollout_s": t1 - t0, "time_score_s": self._clock() - t_score}
             ref_logprobs = None
             if self.ref_policy is not None:
                 with torch.no_grad():
@@ -272,7 +273,8 @@ class Trainer:
             seq_reward = adv_lib.length_penalized(outcome, ro.response_mask.sum(1).to(torch.float32), cfg.group_size,
                                                   cfg.length_coef, gated=cfg.method == "length_penalty_gated")
         batch = ScoredBatch(ro.input_ids, ro.attention_mask, ro.response_mask, ro.completions, answers, episode_ids,
-                            episode_ids_pred, loss_mask, outcome, seq_reward, old_logprobs, ref_logprobs, reward)
+                            episode_ids_pred, loss_mask, outcome, seq_reward, old_logprobs, ref_logprobs, reward,
+                            phase_s=phase_s)
         batch.advantages, batch.returns = self._advantages(batch)
         return batch
 
