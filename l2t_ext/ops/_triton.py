@@ -10,6 +10,7 @@ Launches go on torch's current stream (Triton's default).
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import torch
@@ -232,8 +233,10 @@ def _sgo_prune(configs, named_args, **kwargs):
     return keep or configs
 
 
-_sgo_fused = triton.autotune(configs=_sgo_configs(), key=["n", "m", "ra", "rb", "nsplit"], cache_results=True,
-                             prune_configs_by={"early_config_prune": _sgo_prune})(_sgo_fused_kernel)
+# tuning results cached on disk where this Triton can (cache_results: Triton >= 3.2; the GPU check ran 3.6)
+_DISK_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+_sgo_fused = triton.autotune(configs=_sgo_configs(), key=["n", "m", "ra", "rb", "nsplit"],
+                             prune_configs_by={"early_config_prune": _sgo_prune}, **_DISK_CACHE)(_sgo_fused_kernel)
 
 
 @triton.jit
