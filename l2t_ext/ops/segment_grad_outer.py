@@ -8,8 +8,8 @@ restricted to the tokens of segment s, projected onto the rank-r bases U (m, r),
 The compiled backends evaluate the right-hand side: one pass over X and D projects each kept token to two
 r-vectors, then per-chunk outer products are summed per segment in a fixed order (deterministic, no float
 atomics, never a (S, m, n) gradient). The Triton backend fuses both steps into one kernel over each segment's
-token span, so the (T, r) projections never reach memory; it is fastest when episodes are contiguous runs of
-tokens (each row of X and D read once) and stays correct for any ``seg``.
+token span, so the (T, r) projections never reach memory; when episodes are contiguous runs of tokens it reads
+each row of X and D once, and it stays correct for any ``seg``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ MAX_OUTPUT_BYTES = 4 * 2**30
 
 def auto_order(device: torch.device) -> tuple[str, ...]:
     """Fastest first, measured by ``l2t bench`` (benchmarks/README.md): on CPU (2-core AMD EPYC) the C++ kernel
-    beats torch; on an H200 Triton beats torch, and the CUDA C++ kernel (an fp32 CUDA-core GEMM) loses to it."""
+    beats torch; on an H200 Triton beats torch, and the CUDA C++ kernel (an fp32 CUDA-core GEMM) loses to it.
+    The H200 Triton numbers are the two-pass path; the fused kernel that replaced it is not measured yet
+    (``l2t bench --device cuda`` times both)."""
     return ("cpu", "torch") if device.type == "cpu" else ("triton", "torch", "cuda")
 
 
