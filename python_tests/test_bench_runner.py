@@ -85,3 +85,25 @@ def test_train_step_bench_runs_l2t_train_on_a_saved_random_model(tmp_path):
     assert "peak_mem_gb" not in res["runs"]["l2t"][-1] and "extra_peak_mem_frac" not in res  # CPU: no GPU peak
     md = train_step.markdown(res)
     assert "| l2t | 2 |" in md and "reward takes" in md
+
+
+def test_rsvd_accuracy_bench_compares_each_sketch_with_the_baseline_and_its_twin(tmp_path):
+    """benchmarks/bench_rsvd_accuracy.py at a tiny shape: each l2t sketch is timed against svd_lowrank's q = r + 8
+    baseline and compared both with it and with svd_lowrank on the same sketch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rsvd_accuracy.py"
+    out = tmp_path / "acc.json"
+    subprocess.run([sys.executable, str(script), "--m", "96", "--n", "64", "--rank", "4", "--draws", "3",
+                    "--oversample", "12", "--rounds", "1", "--threads", "1", "--json", str(out)],
+                   cwd=tmp_path, check=True, capture_output=True)
+    res = json.loads(out.read_text())
+    assert res["baseline"] == "svd_lowrank o=8"
+    assert set(res["results"]) == {"l2t:cpu o=8", "svd_lowrank o=8", "l2t:cpu o=12", "svd_lowrank o=12"}
+    assert res["results"]["svd_lowrank o=8"]["speed_vs_baseline"] == 1.0
+    assert set(res["l2t_vs_svd_lowrank"]) == {"l2t:cpu o=8 / svd_lowrank o=8", "l2t:cpu o=12 / svd_lowrank o=8",
+                                              "l2t:cpu o=12 / svd_lowrank o=12"}
+    for r in res["results"].values():
+        assert r["ms"] > 0 and 0 <= r["sv_rel_error"]["median"] <= r["sv_rel_error"]["max"] < 1e-2
