@@ -54,6 +54,22 @@ def test_bf16_dots_use_wgmma(rows):
     assert all(r["wgmma"] for r in rows if r["dtype"] == "bf16")
 
 
+def test_autotuner_tries_exactly_the_input_dtypes_tiles():
+    """On a GPU the fused segment_grad_outer is tuned over every dtype's tiles, pruned at launch to the input's
+    dtype (the interpreter has one tile, so CI's kernel tests never reach the pruning)."""
+    import torch
+
+    from l2t_ext.ops import _triton
+
+    configs = _triton._sgo_configs(interpret=False)
+    assert len(configs) == len({t for ts in _triton.SGO_TILES.values() for t in ts})
+    for dtype, tiles in _triton.SGO_TILES.items():
+        kept = _triton._sgo_prune(configs, {"X_PTR": torch.empty(2, 2, dtype=dtype)})
+        assert sorted((c.kwargs["BLOCK_T"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in kept) == \
+            sorted(tiles)
+    assert "X_PTR" in _triton._sgo_fused.arg_names  # the name the pruning reads the input by
+
+
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "csrc")
 
 

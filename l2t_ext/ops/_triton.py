@@ -218,10 +218,10 @@ SGO_TILES = {torch.bfloat16: [(64, 32, 4, 4), (64, 64, 4, 3), (64, 64, 4, 4), (6
              torch.float32: [(32, 32, 8, 3), (64, 32, 8, 3)]}
 
 
-def _sgo_configs():
+def _sgo_configs(interpret: bool | None = None):
     """Every dtype's tiles on a GPU (pruned to the input's dtype at launch; tuning cached on disk by Triton);
     the interpreter gets one small tile so that CI's small tests still cross block boundaries."""
-    if triton_interpret():
+    if triton_interpret() if interpret is None else interpret:
         return [triton.Config({"BLOCK_T": 16, "BLOCK_K": 16})]
     tiles = dict.fromkeys(t for ts in SGO_TILES.values() for t in ts)
     return [triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=st) for bt, bk, w, st in tiles]
