@@ -12,6 +12,10 @@
 # Stages run in that order (most important first); STAGES="bench train" runs a subset (a rerun after the
 # build on a warm machine). Each stage has its own timeout (*_TIMEOUT). Logs and JSON go to $OUT (the device
 # tool brings them back). Usage: bash benchmarks/device_check.sh
+# The GPU image has no math-verify (the math verifier's tests need it) and no network: fetch its wheels here
+# once, then carry .whl (git-ignored, ~0.4 MB) with the call; they are installed to /tmp/site when present:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl math-verify==0.9.0 \
+#     latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/device_out}
@@ -27,6 +31,11 @@ stamp "machine (stages: $STAGES)"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader || true
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 nvcc --version | tail -1
+if compgen -G "$REPO/.whl/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$REPO"/.whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} \
+    && echo "carried wheels: $(ls "$REPO/.whl" | tr "\n" " ")"
+fi
 
 if want build; then
   stamp "build (L2T_CUDA=ON, L2T_CUDA_ARCHS=${L2T_CUDA_ARCHS:-90})"
