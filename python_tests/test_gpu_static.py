@@ -54,6 +54,16 @@ def test_bf16_dots_use_wgmma(rows):
     assert all(r["wgmma"] for r in rows if r["dtype"] == "bf16")
 
 
+def test_quadform_counters_are_fenced_by_cta_barriers(rows):
+    """The fused quadform's two completion counters (tile, row block) are acq_rel atomics with a CTA barrier
+    between every thread's partial stores and the release, and between the acquire and any thread's reads of
+    the other programs' partials: what the interpreter, running programs one at a time, cannot check. (Triton's
+    lowering of a scalar atomic brings barriers of its own; this checks the compiled result, whoever placed them.)"""
+    quad = [r for r in rows if r["kernel"].startswith("fisher_quadform")]
+    assert quad and all(r["acq_rel_atomics"] == 2 == r["fenced_atomics"] for r in quad), quad
+    assert all(r["acq_rel_atomics"] == 0 for r in rows if r["kernel"] == "segment_grad_outer")
+
+
 def test_autotuner_tries_exactly_the_input_dtypes_tiles():
     """On a GPU the fused segment_grad_outer is tuned over every dtype's tiles, pruned at launch to the input's
     dtype (the interpreter has one tile, so CI's kernel tests never reach the pruning)."""

@@ -61,7 +61,28 @@ def compile_report(fn, types: dict[str, str], constexprs: dict, div16: set[str],
 
     return {"shared_bytes": int(kernel.metadata.shared), "registers": num(r"Used (\d+) registers"),
             "spill_store_bytes": num(r"(\d+) bytes spill stores"), "spill_load_bytes": num(r"(\d+) bytes spill loads"),
-            "wgmma": "wgmma" in kernel.asm["ptx"], "fits_shared": int(kernel.metadata.shared) <= SHARED_LIMIT[arch]}
+            "wgmma": "wgmma" in kernel.asm["ptx"], "fits_shared": int(kernel.metadata.shared) <= SHARED_LIMIT[arch],
+            **fenced_atomics(kernel.asm["ptx"])}
+
+
+def fenced_atomics(ptx: str) -> dict:
+    """The acq_rel atomics of a last-arriver protocol, and how many of them are fenced by CTA barriers on both
+    sides in the PTX: a ``bar.sync`` after the block's last global store before the atomic (every thread's
+    partials precede the release) and one before its first global load after it (no thread reads the others'
+    partials before the acquire)."""
+    lines = [ln.strip() for ln in ptx.splitlines()]
+    at = [i for i, ln in enumerate(lines) if "atom.global.gpu.acq_rel" in ln]
+
+    def barrier_between(ops, i, step):
+        j = i + step
+        while 0 <= j < len(lines) and not any(op in lines[j] for op in ops):
+            if lines[j].startswith("bar.sync"):
+                return True
+            j += step
+        return j < 0 or j >= len(lines)  # no such access on that side
+
+    fenced = sum(barrier_between(("st.global",), i, -1) and barrier_between(("ld.global",), i, 1) for i in at)
+    return {"acq_rel_atomics": len(at), "fenced_atomics": fenced}
 
 
 def _signature(fn, dtype: str, **special: str) -> dict[str, str]:
