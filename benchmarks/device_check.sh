@@ -8,7 +8,8 @@
 #   train   the first training runs on the GPU: 2 steps each of GRPO and L2T with a random-init
 #           Qwen2-0.5B-shaped policy in bf16 (step time per phase, peak memory, the reward's share of the
 #           step), then the tiny-arith preset for 3 steps (metrics sanity);
-#   reward  the reward cost benchmark (Qwen2-0.5B shapes, bf16).
+#   reward  the reward cost benchmark (Qwen2-0.5B shapes, bf16);
+# then the performance goals read off this run's JSON, printed last (l2t_ext.bench.goals).
 # Stages run in that order (most important first); STAGES="bench train" runs a subset (a rerun after the
 # build on a warm machine). Each stage has its own timeout (*_TIMEOUT). Logs and JSON go to $OUT (the device
 # tool brings them back). Usage: bash benchmarks/device_check.sh
@@ -96,4 +97,6 @@ if want reward; then
   echo "reward bench exit code $?"
   tail -14 "$OUT/bench_reward.log"
 fi
+stamp "goals (from this run's JSON; the README's goals table)"
+$PY -m l2t_ext.bench.goals "$OUT" --markdown "$OUT/goals.md"
 stamp "done"

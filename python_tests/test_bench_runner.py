@@ -36,7 +36,8 @@ def test_bench_runner_tiny(tmp_path, monkeypatch):
     assert bench.main(args) == 0  # non-zero if any implementation's error is above tolerance
     rep = json.loads(out_json.read_text())
     assert {"cpu", "cpu_cores", "torch", "l2t_ext", "bandwidth_gbps"} <= set(rep["machine"])
-    keys = {"op", "case", "impl", "role", "device", "ms", "p20_ms", "p80_ms", "peak_mem_mb", "error", "gbps"}
+    keys = {"op", "case", "impl", "role", "device", "dtype", "ms", "p20_ms", "p80_ms", "peak_mem_mb", "error", "gbps",
+            "pct_of_bandwidth"}  # goals.py reads op, case, impl, dtype, ms, error, pct_of_bandwidth
     impls = {(r["op"], r["impl"]) for r in rep["results"]}
     for r in rep["results"]:
         assert keys <= set(r)
@@ -85,6 +86,57 @@ def test_train_step_bench_runs_l2t_train_on_a_saved_random_model(tmp_path):
     assert "peak_mem_gb" not in res["runs"]["l2t"][-1] and "extra_peak_mem_frac" not in res  # CPU: no GPU peak
     md = train_step.markdown(res)
     assert "| l2t | 2 |" in md and "reward takes" in md
+    from l2t_ext.bench import goals
+
+    (row,) = goals.train_goals(res)  # the GPU check's summary reads this result
+    assert row["status"] == "measured" and "peak memory not measured" in row["measured"]
+
+
+def _bench_row(case, impl, dtype, ms, error=1e-6, pct=None, op="segment_grad_outer"):
+    return dict(op=op, case=case, impl=impl, dtype=dtype, ms=ms, error=error, pct_of_bandwidth=pct)
+
+
+def test_goals_summary_reads_met_missed_and_unmeasured_off_one_run(tmp_path):
+    """The GPU check's last table: ratios within the run against each threshold; a missing, failed or inaccurate
+    row is "not measured", never met."""
+    from pathlib import Path
+
+    from l2t_ext.bench import goals
+
+    big, small, bf, f32 = goals.SGO_BIG, goals.SGO_SMALL, "bfloat16", "float32"
+    rows = [_bench_row(big, "torch_best", bf, 1.0), _bench_row(big, "l2t:triton", bf, 0.25, pct=70.0),
+            _bench_row(big, "l2t:triton_2pass", bf, 0.7), _bench_row(big, "l2t:cuda", bf, 0.3),
+            _bench_row(small, "torch_best", bf, 0.2), _bench_row(small, "l2t:triton", bf, 0.25),
+            _bench_row(small, "l2t:cuda", bf, 0.1, error=float("nan")),
+            _bench_row(big, "l2t:triton", f32, 0.5), _bench_row(big, "l2t:cuda", f32, 1.0)]
+    qf = goals.QF_CASES[0]
+    rows += [_bench_row(qf, "torch_best", f32, 0.3, op="fisher_quadform"),
+             _bench_row(qf, "l2t:triton", f32, 0.15, pct=65.0, op="fisher_quadform"),
+             _bench_row(qf, "l2t:cuda", f32, 0.1, error=0.5, op="fisher_quadform")]  # above tolerance: ignored
+    status = {r["goal"]: r["status"] for r in goals.kernel_goals(rows)}
+    assert status[f"sgo {big} {bf}: l2t:triton >= 3x torch_best, >= 60% of the bytes floor"] == "met"
+    assert status[f"sgo {small} {bf}: l2t:triton >= 1x torch_best"] == "missed"  # 0.8x
+    assert status[f"sgo {big} {bf}: l2t:cuda >= 0.8x l2t:triton's speed"] == "met"  # 0.83x
+    assert status[f"sgo {small} {bf}: l2t:cuda >= 0.8x l2t:triton's speed"] == "not measured"  # NaN error
+    assert status[f"sgo {big} {f32}: l2t:cuda >= 0.8x l2t:triton's speed"] == "missed"  # 0.5x
+    qf_goal = "best l2t >= 1.5x torch_best, >= 60% of the bytes floor"
+    assert status[f"fisher_quadform {qf} {f32}: {qf_goal}"] == "met"  # triton 2x; the inaccurate cuda row ignored
+    assert status[f"fisher_quadform {goals.QF_CASES[1]} {bf}: {qf_goal}"] == "not measured"
+    # the reward row from a real benchmark file (the CPU one: the GPU's has the same schema)
+    cpu = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/cpu/bench_reward_smollm2.json")
+                     .read_text())
+    (reward,) = goals.reward_goals(cpu)
+    assert reward["status"] == "met" and reward["measured"].startswith("0.16x, penalty 0.08x")
+    assert goals.reward_goals(None)[0]["status"] == "not measured"
+    assert goals.train_goals(None)[0]["status"] == "not measured"
+    run = tmp_path / "tiny_arith"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "time_s": 0.5, "peak_mem_gb": 0.1}) + "\n")
+    assert goals.tiny_goals(str(tmp_path))[0]["status"] == "met"
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "time_s": float("nan"), "peak_mem_gb": 0.1}) + "\n")
+    assert goals.tiny_goals(str(tmp_path))[0]["status"] == "missed"
+    md = goals.markdown(goals.summarize("/nonexistent"))
+    assert md.count("| not measured |") == len(md.splitlines()) - 2
 
 
 def test_rsvd_accuracy_bench_compares_each_sketch_with_the_baseline_and_its_twin(tmp_path):
