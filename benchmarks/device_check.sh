@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU check (H100/H200, CUDA 13, torch + Triton preinstalled, no network), about 8 minutes:
 #   build   l2t_ext for one arch (sm_90) against the machine's own torch (no build isolation, no deps);
-#   tests   the whole test suite (CUDA and Triton tests run on the GPU; nothing is interpreted);
+#   tests   the kernel tests (CUDA and Triton run on the GPU; nothing is interpreted);
 #   bench   the GPU kernel benchmarks, bf16 and fp32: the fused Triton segment_grad_outer / fisher_quadform
 #           against their two-step predecessors (l2t:triton_2pass, l2t:triton_splitk), the CUDA kernels
 #           (bf16 GEMMs on tensor cores) and the torch baselines;
@@ -9,10 +9,12 @@
 #           Qwen2-0.5B-shaped policy in bf16 (step time per phase, peak memory, the reward's share of the
 #           step), then the tiny-arith preset for 3 steps (metrics sanity);
 #   reward  the reward cost benchmark (Qwen2-0.5B shapes, bf16);
+#   moretests  the rest of the test suite;
 # then the performance goals read off this run's JSON, printed last (l2t_ext.bench.goals).
 # Stages run in that order (most important first); STAGES="bench train" runs a subset (a rerun after the
 # build on a warm machine). Each stage has its own timeout (*_TIMEOUT). Logs and JSON go to $OUT (the device
-# tool brings them back). Usage: bash benchmarks/device_check.sh
+# tool brings them back). Usage: bash benchmarks/device_check.sh; from the device tool, one call with
+# timeout_s 590, and if it is cut off, STAGES="..." with the stages left on the still-warm machine.
 # The GPU image has no math-verify (the math verifier's tests need it) and no network: fetch its wheels here
 # once, then carry .whl (git-ignored, ~0.4 MB) with the call; they are installed to /tmp/site when present:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl math-verify==0.9.0 \
@@ -23,7 +25,7 @@ OUT=${OUT:-$REPO/device_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-build tests bench train reward}
+STAGES=${STAGES:-build tests bench train reward moretests}
 T0=$(date +%s)
 stamp() { echo "[device_check +$(( $(date +%s) - T0 ))s] $*"; }
 want() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -47,22 +49,22 @@ fi
 cd /tmp
 l2t info | tee "$OUT/info.txt"
 
+T=$REPO/python_tests
+KERNEL_TESTS="test_segment_grad_outer.py test_fisher_quadform.py test_rsvd.py test_build_and_dispatch.py"
+# pytest -v writes one line per test, so a timeout still leaves which tests ran and failed
+pytest_stage() {  # LOG TIMEOUT PYTEST_ARGS...
+  local log=$1 limit=$2
+  shift 2
+  timeout "$limit" $PY -m pytest -v -rfE -p no:cacheprovider "$@" > "$OUT/$log" 2>&1
+  echo "pytest exit code $? (124: timed out)"
+  for r in PASSED SKIPPED FAILED ERROR; do printf "%s %s  " "$r" "$(grep -cE "::.* $r" "$OUT/$log")"; done; echo
+  grep -E "^=+ .*(passed|failed|error).* in " "$OUT/$log"
+  grep -E "::.* (FAILED|ERROR)" "$OUT/$log" | head -40
+}
+
 if want tests; then
-  stamp "tests"
-  # the kernel tests first (what only this machine can check), then the rest; -v writes one line per test, so
-  # a timeout still leaves which ran and failed. test_gpu_static.py compiles for sm_90 without a GPU: CI runs it.
-  T=$REPO/python_tests
-  KERNEL_TESTS="test_segment_grad_outer.py test_fisher_quadform.py test_rsvd.py test_build_and_dispatch.py
-    test_bench_runner.py"
-  timeout ${TEST_TIMEOUT:-120} $PY -m pytest -v -rfE -p no:cacheprovider $(printf "$T/%s " $KERNEL_TESTS) \
-    > "$OUT/tests.log" 2>&1
-  echo "kernel tests: pytest exit code $? (124: timed out)"
-  timeout ${TEST_TIMEOUT:-120} $PY -m pytest -v -rfE -p no:cacheprovider $T $(printf -- "--ignore=$T/%s " \
-    $KERNEL_TESTS) ${PYTEST_ARGS:---ignore=$T/test_gpu_static.py} >> "$OUT/tests.log" 2>&1
-  echo "other tests: pytest exit code $? (124: timed out)"
-  for r in PASSED SKIPPED FAILED ERROR; do printf "%s %s  " "$r" "$(grep -cE "::.* $r" "$OUT/tests.log")"; done; echo
-  grep -E "^=+ .*(passed|failed|error).* in " "$OUT/tests.log"
-  grep -E "::.* (FAILED|ERROR)" "$OUT/tests.log" | head -40
+  stamp "kernel tests (CUDA and Triton on the GPU; nothing interpreted)"
+  pytest_stage tests_kernels.log ${TEST_TIMEOUT:-150} $(printf "$T/%s " $KERNEL_TESTS)
 fi
 
 if want bench; then
@@ -97,6 +99,14 @@ if want reward; then
   echo "reward bench exit code $?"
   tail -14 "$OUT/bench_reward.log"
 fi
+if want moretests; then
+  # the rest of the suite (trainer, reward, CLI, ...; on this machine "auto" devices are the GPU). Last: CI runs
+  # these too, and a timeout here costs no measurement. test_gpu_static.py compiles for sm_90 without a GPU: CI.
+  stamp "other tests"
+  pytest_stage tests_other.log ${MORETEST_TIMEOUT:-200} $T $(printf -- "--ignore=$T/%s " $KERNEL_TESTS) \
+    ${PYTEST_ARGS:---ignore=$T/test_gpu_static.py}
+fi
+
 stamp "goals (from this run's JSON; the README's goals table)"
 $PY -m l2t_ext.bench.goals "$OUT" --markdown "$OUT/goals.md"
 stamp "done"
