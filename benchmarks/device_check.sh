@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check (H100/H200, CUDA 13, torch + Triton preinstalled, no network), about 8 minutes:
+# One-shot GPU check (H100/H200, CUDA 13, torch + Triton preinstalled, no network), about 8-10 minutes:
 #   build   l2t_ext for one arch (sm_90) against the machine's own torch (no build isolation, no deps);
 #   tests   the kernel tests (CUDA and Triton run on the GPU; nothing is interpreted);
 #   bench   the GPU kernel benchmarks, bf16 and fp32: the fused Triton segment_grad_outer / fisher_quadform
