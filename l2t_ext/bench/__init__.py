@@ -159,14 +159,14 @@ def main(args) -> int:
     if args.md_path:
         with open(args.md_path, "w") as f:
             f.write(md + "\n")
-    bad = [r for r in results if r["error"] is not None and not r["error"] < _tolerance(r)]
+    bad = [r for r in results if r["error"] is not None and not r["error"] < error_tolerance(r)]
     for r in bad:
         print(f"l2t bench: {r['op']} {r['case']} {r['impl']} {r['dtype']}: error {r['error']:.2e} above tolerance",
               file=sys.stderr)
     return 1 if bad else 0
 
 
-def _tolerance(row: dict) -> float:
+def error_tolerance(row: dict) -> float:
     """Error bound an implementation must meet (rsvd: singular values of a decaying spectrum)."""
     if row["op"] == "rsvd":
         return 5e-2 if row["dtype"] == "bfloat16" else 1e-2

@@ -15,6 +15,8 @@ import json
 import math
 import os
 
+from l2t_ext.bench import error_tolerance
+
 SGO_BIG, SGO_SMALL = "T16384_n4096_m4096_r32_S64", "T4096_n1024_m1024_r16_S64"
 QF_CASES = ("p16384_N512_M64", "p65536_N512_M64")
 
@@ -29,10 +31,8 @@ def _load(folder: str, name: str) -> dict | None:
 
 def _timed(rows: list[dict], op: str, case: str, dtype: str) -> dict:
     """impl -> row, for the rows of (op, case, dtype) that ran and are within the error tolerance."""
-    from l2t_ext.bench import _tolerance
-
     return {r["impl"]: r for r in rows if r["op"] == op and r["case"] == case and r["dtype"] == dtype
-            and r.get("ms") and r.get("error") is not None and r["error"] < _tolerance(r)}
+            and r.get("ms") and r.get("error") is not None and r["error"] < error_tolerance(r)}
 
 
 def _row(goal: str, measured: str | None, met: bool | None) -> dict:
