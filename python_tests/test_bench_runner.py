@@ -52,6 +52,32 @@ def test_bench_runner_tiny(tmp_path, monkeypatch):
         assert all((op, b) in impls for b in baselines)
     md = out_md.read_text()
     assert all(f"### {op}" in md for op in TINY)
+    assert rep["ops_done"] == list(TINY)
+
+
+def test_bench_json_keeps_the_ops_finished_before_a_run_is_cut_off(tmp_path, monkeypatch):
+    """The GPU check runs `l2t bench` under a time limit: the JSON is rewritten after every op, so a run killed
+    during the second op still leaves the first op's rows."""
+    from l2t_ext.bench import _harness as H
+
+    monkeypatch.setattr(H, "measure_bandwidth", lambda device, **kw: 10.0)
+
+    def run_suite(op, quick, device, dtypes, log=print):
+        if op == "fisher_quadform":
+            raise KeyboardInterrupt  # what a time limit's signal looks like from inside
+        return [dict(op=op, case="c", impl="l2t:cpu", role="l2t", dtype="float32", ms=1.0, error=0.0, gbps=5.0)]
+
+    monkeypatch.setattr(bench, "run_suite", run_suite)
+    out = tmp_path / "b.json"
+    args = SimpleNamespace(device="cpu", dtype=None, ops="segment_grad_outer,fisher_quadform", quick=True,
+                           json_path=str(out), md_path=None)
+    try:
+        bench.main(args)
+    except KeyboardInterrupt:
+        pass
+    rep = json.loads(out.read_text())
+    assert rep["ops_done"] == ["segment_grad_outer"] and [r["op"] for r in rep["results"]] == ["segment_grad_outer"]
+    assert rep["results"][0]["pct_of_bandwidth"] == 50.0
 
 
 def test_reward_bench_parts_agree_on_the_tiny_config():

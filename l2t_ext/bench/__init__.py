@@ -145,17 +145,20 @@ def main(args) -> int:
     print(f"l2t bench on {machine.get('gpu') or machine['cpu']} ({machine['cpu_cores']} cores), torch "
           f"{machine['torch']}, copy bandwidth {machine['bandwidth_gbps']:.1f} GB/s")
     results = []
+    report = {"machine": machine, "results": results, "quick": bool(args.quick), "ops_done": []}
     for op in ops_list:
-        results += run_suite(op, args.quick, device, dtypes)
-    for r in results:
-        r["pct_of_bandwidth"] = (100 * r["gbps"] / machine["bandwidth_gbps"]) if r["gbps"] else None
-    report = {"machine": machine, "results": results, "quick": bool(args.quick), "wall_s": time.time() - t0}
+        rows = run_suite(op, args.quick, device, dtypes)
+        for r in rows:
+            r["pct_of_bandwidth"] = (100 * r["gbps"] / machine["bandwidth_gbps"]) if r["gbps"] else None
+        results += rows
+        report["ops_done"].append(op)
+        report["wall_s"] = time.time() - t0
+        if args.json_path:  # after every op: a run cut off by a time limit keeps the ops it finished
+            with open(args.json_path, "w") as f:
+                json.dump(report, f, indent=1)
     md = H.markdown(report)
     print()
     print(md)
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(report, f, indent=1)
     if args.md_path:
         with open(args.md_path, "w") as f:
             f.write(md + "\n")
