@@ -7,7 +7,8 @@
 #           (bf16 GEMMs on tensor cores) and the torch baselines;
 #   train   the first training runs on the GPU: 2 steps each of GRPO and L2T with a random-init
 #           Qwen2-0.5B-shaped policy in bf16 (step time per phase, peak memory, the reward's share of the
-#           step), then the tiny-arith preset for 3 steps (metrics sanity);
+#           step), then the tiny-arith preset for 3 steps (metrics sanity), then 3 steps each of GRPO, the
+#           gated length penalty, L2T and L2T with PPO (the trainer tests, on the GPU);
 #   reward  the reward cost benchmark (Qwen2-0.5B shapes, bf16);
 #   moretests  the rest of the test suite;
 # then the performance goals read off this run's JSON, printed last (l2t_ext.bench.goals).
@@ -90,6 +91,10 @@ if want train; then
   tail -4 "$OUT/train_tiny.log"
   cat "$OUT/tiny_arith/metrics.jsonl" 2>/dev/null
   rm -rf "$OUT/tiny_arith/checkpoints"
+
+  stamp "3 training steps per method on the GPU (tiny model, bf16 autocast; PPO with L2T included)"
+  L2T_TEST_DEVICE=cuda pytest_stage tests_methods_gpu.log ${METHODS_TIMEOUT:-120} "$T/test_trainer.py" \
+    -k "every_method and (grpo-False or length_penalty_gated-False or l2t-False or l2t-True)"
 fi
 
 if want reward; then

@@ -10,6 +10,7 @@ from l2t_ext import _backend
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 HAS_GPU = torch.cuda.is_available()
 INTERP = _backend.triton_interpret()
+DEVICES = ["cpu", "cuda"] if HAS_GPU else ["cpu"]  # for tests of device-agnostic code: the GPU check runs both
 
 
 def _combos():

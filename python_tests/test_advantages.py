@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from _cases import DEVICES
 
 pytest.importorskip("transformers")
 
@@ -57,6 +58,23 @@ def test_process_token_advantages_hand_computed():
         assert torch.allclose(adv, want.float(), atol=1e-6), norm
     with pytest.raises(ValueError, match="norm must be"):
         A.process_token_advantages(r_prg, valid, ep, group_size=2, norm="z")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_rewards_hand_computed(device):
+    # PPO's token rewards: the sequence reward on each row's last loss position, alpha * r_prg[k] on the last
+    # position of each valid episode k (row 1's episode 1 is not valid: no reward there)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]], dtype=torch.bool, device=device)
+    ep = torch.tensor([[-1, 0, 0, 1, 1, -1], [-1, 0, 1, -1, -1, -1]], device=device)
+    r_prg = torch.tensor([[0.2, 0.4], [0.3, 0.7]], device=device)
+    valid = torch.tensor([[True, True], [True, False]], device=device)
+    seq = torch.tensor([1.0, 0.5], device=device)
+    got = A.token_rewards(seq, r_prg, valid, ep, mask, alpha=0.5)
+    want = torch.tensor([[0, 0, 0.1, 0, 1.2, 0], [0, 0.15, 0.5, 0, 0, 0]])
+    assert got.device.type == device
+    torch.testing.assert_close(got.cpu(), want)
+    outcome_only = torch.tensor([[0, 0, 0, 0, 1.0, 0], [0, 0, 0.5, 0, 0, 0]])
+    torch.testing.assert_close(A.token_rewards(seq, None, None, ep, mask, alpha=0.5).cpu(), outcome_only)
 
 
 def test_gae_hand_computed():

@@ -87,6 +87,37 @@ def test_torch_compile_traces_segment_grad_outer():
     assert torch.allclose(compiled(X, D), f(X, D), rtol=1e-5, atol=1e-5)
 
 
+def _public_calls(args: dict, backend: str) -> dict:
+    """Each public op called on ``_opcheck_args``-style inputs with ``backend``."""
+    X, D, seg, S, U, V, _ = args["segment_grad_outer"]
+    W, rank, over, n_iter, seed, _ = args["rsvd"]
+    M, Up, Vp, _ = args["project"]
+    delta, grads, _, damping, _ = args["fisher_quadform"]
+    G, F, decay, _ = args["fisher_accumulate"]
+    return {"segment_grad_outer": lambda: ops.segment_grad_outer(X, D, seg, S, U, V, backend=backend),
+            "rsvd": lambda: ops.rsvd(W, rank, oversample=over, n_iter=n_iter, seed=seed, backend=backend),
+            "project": lambda: ops.project(M, Up, Vp, backend=backend),
+            "fisher_quadform": lambda: ops.fisher_quadform(delta, grads=grads, damping=damping, backend=backend),
+            "fisher_accumulate": lambda: ops.fisher_accumulate(G, F, decay=decay, backend=backend)}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+def test_ops_ignore_the_callers_autocast(device):
+    # a trainer calls the reward inside a bf16 autocast region: the ops keep their own dtypes (float32 inputs,
+    # float32 results, float32 matmuls), bit for bit what they return outside it
+    args = {k: tuple(a.to(device) if torch.is_tensor(a) else a for a in v) for k, v in _opcheck_args().items()}
+    built = l2t_ext.build_info()["backends"]
+    backends = [b for b in (("torch", "cpu") if device == "cpu" else ("torch", "cuda", "triton")) if b in built]
+    assert "torch" in backends and (device == "cuda" or "cpu" in backends), built
+    for backend in backends:
+        for name, call in _public_calls(args, backend).items():
+            plain = call()
+            with torch.autocast(device, dtype=torch.bfloat16):
+                cast = call()
+            for a, b in zip(*(r if isinstance(r, tuple) else (r,) for r in (plain, cast)), strict=True):
+                assert b.dtype == a.dtype and torch.equal(a, b), (backend, name)
+
+
 def test_unknown_backend_name():
     with pytest.raises(ValueError, match="backend must be"):
         ops.fisher_accumulate(torch.randn(2, 3), backend="mps")

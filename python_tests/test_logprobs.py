@@ -41,6 +41,31 @@ def test_matches_full_logits(dtype, tol, chunk):
     assert (got[1][0] == 0).all()  # no gradient reaches positions whose log-prob has none
 
 
+@pytest.mark.parametrize("backward_in_region", [True, False])
+def test_under_bf16_autocast_matches_the_models_own_logits(backward_in_region):
+    # a float32 model scored inside a bf16 autocast region (the trainer on a GPU; CPU autocast here): the logits
+    # are the head's bf16 GEMM, as model(...).logits would be, and the backward recomputes them in bf16 whether
+    # it runs inside the region or after it
+    g = torch.Generator().manual_seed(3)
+    B, L, d, V = 2, 9, 16, 61
+    h = torch.randn(B, L, d, generator=g).requires_grad_(True)
+    head = torch.nn.Linear(d, V)
+    ids = torch.randint(0, V, (B, L), generator=g)
+    w = torch.randn(B, L, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = token_logprobs(head(h), ids)
+        want_grads = torch.autograd.grad((want * w).sum(), [h, head.weight, head.bias])
+        lp = head_token_logprobs(h, head, ids, chunk_tokens=4)
+        if backward_in_region:
+            grads = torch.autograd.grad((lp * w).sum(), [h, head.weight, head.bias])
+    if not backward_in_region:
+        grads = torch.autograd.grad((lp * w).sum(), [h, head.weight, head.bias])
+    assert lp.dtype == torch.float32 and (lp - want).abs().max() <= 1e-5
+    for name, a, b in zip(("d_hidden", "d_weight", "d_bias"), grads, want_grads):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all(), name
+        assert (a - b).abs().max() <= 2e-2 * max(1.0, b.abs().max().item()), name  # bf16 rounding of dz
+
+
 def test_only_hidden_needs_grad_and_single_position():
     head = torch.nn.Linear(8, 13, bias=False).double().requires_grad_(False)
     h = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)

@@ -21,9 +21,10 @@ METRIC_KEYS = ("step", "accuracy", "reward_mean", "response_tokens_mean", "episo
 
 
 def small_cfg(tmp_path, name, **kw):
+    # L2T_TEST_DEVICE=cuda: the GPU check runs the every-method test on the GPU (bf16 autocast)
     base = dict(steps=3, prompts_per_step=4, group_size=4, max_new_tokens=40, sft_steps=30, sft_batch=32,
                 eval_problems=0, save_every=2, hidden_size=64, num_layers=2, rank=4, refresh_every=2,
-                out=str(tmp_path / name), tiers=(1, 2))
+                out=str(tmp_path / name), tiers=(1, 2), device=os.environ.get("L2T_TEST_DEVICE", "cpu"))
     base.update(kw)
     return preset("tiny-arith").override([f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
                                           for k, v in base.items()])
@@ -48,6 +49,19 @@ def test_three_step_run_every_method(tmp_path, method, ppo):
     if method.startswith("l2t") and method != "l2t_no_penalty":
         assert any(r["penalty_mean"] > 0 for r in lines)
     assert os.path.isdir(checkpoint.resolve(cfg.out))
+
+
+@pytest.mark.parametrize("ppo", [False, True])
+def test_l2t_inside_a_bf16_autocast_region(tmp_path, monkeypatch, ppo):
+    # on a GPU the trainer scores and updates a float32 model inside a bf16 autocast region, so float32
+    # activations meet bf16 GEMM outputs in the reward's kernels; CPU autocast runs those code paths here
+    from l2t_ext.rl import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod.Trainer, "autocast", lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
+    cfg = small_cfg(tmp_path, f"autocast{ppo}", method="l2t", ppo=ppo, steps=2, kl_coef=0.01 if ppo else 0.0)
+    rows = trainer_mod.Trainer(cfg).train()
+    assert len(rows) == 2 and all(math.isfinite(r[k]) for r in rows for k in METRIC_KEYS)
+    assert any(r["penalty_mean"] > 0 for r in rows)
 
 
 def _weights(model):

@@ -46,8 +46,11 @@ class _HeadLogprobs(torch.autograd.Function):
         n = h.shape[0]
         lp = torch.empty(n, dtype=acc, device=h.device)
         lse = torch.empty(n, dtype=acc, device=h.device)
+        ctx.zdt = torch.result_type(h, weight)  # the logits' dtype: the head's, or autocast's (below) when active
         for s in range(0, n, chunk):
-            z = torch.nn.functional.linear(h[s:s + chunk], weight, bias).to(acc)  # logits in the head's dtype
+            z = torch.nn.functional.linear(h[s:s + chunk], weight, bias)  # as the model's own head computes them
+            ctx.zdt = z.dtype
+            z = z.to(acc)
             lse[s:s + chunk] = torch.logsumexp(z, -1)
             lp[s:s + chunk] = z.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
         ctx.save_for_backward(h, weight, bias, targets, lse)
@@ -62,19 +65,25 @@ class _HeadLogprobs(torch.autograd.Function):
         gw = torch.zeros(weight.shape, dtype=lse.dtype, device=h.device) if need_w else None
         gb = torch.zeros(weight.shape[0], dtype=lse.dtype, device=h.device) if need_b else None
         rows = grad.nonzero().squeeze(1)  # rows without an upstream gradient (prompt, padding) are skipped
-        for s in range(0, rows.numel(), ctx.chunk):
-            idx = rows[s:s + ctx.chunk]
-            hc, g = h[idx], grad[idx].to(lse.dtype)
-            # d lp / d z = onehot(target) - softmax(z), times the upstream gradient
-            dz = -(torch.nn.functional.linear(hc, weight, bias).to(lse.dtype) - lse[idx, None]).exp_() * g[:, None]
-            dz.scatter_add_(1, targets[idx, None], g[:, None])
-            dz = dz.to(h.dtype)  # as autograd casts the logits' gradient back to the head's dtype
-            if need_h:
-                gh[idx] = dz @ weight
-            if need_w:
-                gw += dz.mT.to(gw.dtype) @ hc.to(gw.dtype)
-            if need_b:
-                gb += dz.sum(0).to(gb.dtype)
+        zdt = ctx.zdt
+        # explicit dtypes, whatever autocast state the backward runs under: the logits are recomputed in the
+        # forward's dtype (so that they match lse) and their gradient flows back in it, as autograd would do
+        with torch.autocast(h.device.type, enabled=False):
+            wz, bz = weight.to(zdt), None if bias is None else bias.to(zdt)
+            for s in range(0, rows.numel(), ctx.chunk):
+                idx = rows[s:s + ctx.chunk]
+                hc, g = h[idx], grad[idx].to(lse.dtype)
+                # d lp / d z = onehot(target) - softmax(z), times the upstream gradient
+                dz = -(torch.nn.functional.linear(hc.to(zdt), wz, bz).to(lse.dtype) - lse[idx, None]).exp_() \
+                    * g[:, None]
+                dz.scatter_add_(1, targets[idx, None], g[:, None])
+                dz = dz.to(zdt)
+                if need_h:
+                    gh[idx] = (dz @ wz).to(gh.dtype)
+                if need_w:
+                    gw += dz.mT.to(gw.dtype) @ hc.to(gw.dtype)
+                if need_b:
+                    gb += dz.sum(0).to(gb.dtype)
         return (gh, gw.to(weight.dtype) if need_w else None, gb.to(bias.dtype) if need_b else None, None, None)
 
 

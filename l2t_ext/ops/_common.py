@@ -47,6 +47,18 @@ def pick(op: str, backend: str, device: torch.device, dtype: torch.dtype, auto_o
     return resolve(op, backend, device, dtype, auto_order)
 
 
+def autocast_off(body):
+    """Runs a custom op's body with autocast off for its tensors' device. Each op's dtypes are its own contract
+    (the inputs' dtype, float32/float64 accumulation); a caller's bf16 autocast region (a trainer scoring rollouts)
+    must not recast the matmuls of its torch paths. Autocast passes through custom ops, hence here."""
+    @functools.wraps(body)
+    def run(*args, **kwargs):
+        device = next(a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        with torch.autocast(device, enabled=False):
+            return body(*args, **kwargs)
+    return run
+
+
 @functools.cache
 def implementation(path: str):
     """The function at ``path`` ("module.function" under ``l2t_ext.ops``), imported on first use (a backend's

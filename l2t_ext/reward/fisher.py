@@ -279,8 +279,8 @@ class FisherTracker:
         flat_seg = torch.where(seg >= 0, seg + K * torch.arange(B, device=seg.device)[:, None], -1).reshape(-1)
         for i, n in enumerate(self.layer_names):
             U, V = self.bases[n]
-            G = ops.segment_grad_outer(xs[i].reshape(B * L, -1), Ds[i].reshape(B * L, -1), flat_seg, B * K, U, V,
-                                       backend=self.backend)  # (B*K, r, r)
+            G = ops.segment_grad_outer(_as_out(xs[i], Ds[i]).reshape(B * L, -1), Ds[i].reshape(B * L, -1), flat_seg,
+                                       B * K, U, V, backend=self.backend)  # (B*K, r, r)
             g[:, :, i * rr:(i + 1) * rr] = G.reshape(B, K, rr).to(g.dtype)
 
     def _exact_grads(self, g, lp, seg, xs, outs) -> None:
@@ -298,9 +298,16 @@ class FisherTracker:
                 if Ds[i] is None:
                     continue
                 U, V = self.bases[n]
-                G = ops.segment_grad_outer(xs[i].reshape(B * L, -1), Ds[i].reshape(B * L, -1), rowseg, B, U, V,
-                                           backend=self.backend)
+                G = ops.segment_grad_outer(_as_out(xs[i], Ds[i]).reshape(B * L, -1), Ds[i].reshape(B * L, -1),
+                                           rowseg, B, U, V, backend=self.backend)
                 g[:, k, i * rr:(i + 1) * rr] = G.reshape(B, rr).to(g.dtype) * sel.any(1, keepdim=True)
+
+
+def _as_out(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """A tracked layer's input in the dtype its GEMM ran in (its output's, ``d``'s): under bf16 autocast a float32
+    model feeds float32 activations to a Linear that computes in bf16, and the projected weight gradient
+    U^T D^T X V is the gradient of that bf16 product."""
+    return x if x.dtype == d.dtype else x.to(d.dtype)
 
 
 def compression_penalty(g: torch.Tensor, valid: torch.Tensor, mode: str = "batch", damping: float = 1e-5,

@@ -88,13 +88,14 @@ def token_rewards(seq_reward: torch.Tensor, r_prg: torch.Tensor | None, valid: t
     B, L = mask.shape
     pos = torch.arange(L, device=mask.device)
     out = torch.zeros(B, L, device=mask.device)
+    rows = torch.arange(B, device=mask.device)  # on the device: it is indexed with device masks below
     last = (mask.long() * pos).max(1).values
-    out[torch.arange(B), last] = seq_reward.float()
+    out[rows, last] = seq_reward.float()
     if r_prg is not None:
         for k in range(r_prg.shape[1]):
             end = torch.where(episode_ids == k, pos, -1).max(1).values
             ok = (end >= 0) & valid[:, k]
-            out[torch.arange(B)[ok], end[ok]] += alpha * r_prg[ok, k]
+            out[rows[ok], end[ok]] += alpha * r_prg[ok, k]
     return out
 
 
