@@ -12,6 +12,7 @@ from _cases import DEVICES
 pytest.importorskip("transformers")
 
 from l2t_ext.rl import advantages as A  # noqa: E402
+from l2t_ext.rl.advantages import EPS  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------- advantages
@@ -58,6 +59,37 @@ def test_process_token_advantages_hand_computed():
         assert torch.allclose(adv, want.float(), atol=1e-6), norm
     with pytest.raises(ValueError, match="norm must be"):
         A.process_token_advantages(r_prg, valid, ep, group_size=2, norm="z")
+
+
+@pytest.mark.parametrize("norm", ["std", "mean_std"])
+def test_tied_groups_get_no_process_advantage(norm):
+    # groups of 2 rollouts x 2 episodes: identical rollouts (equal rewards, up to float32 rounding), a group with
+    # a single valid episode, and a group with a real spread that keeps its normalised values
+    r_prg = torch.tensor([[-0.6, -0.6], [-0.6, -0.6],
+                          [0.3, 0.0], [0.0, 0.0],
+                          [1.0, 3.0], [2.0, 0.0]])
+    r_prg[1, 1] += 3e-8  # rounding-level spread: std / rms ~ 2e-8
+    valid = torch.tensor([[True, True], [True, True], [True, False], [False, False], [True, True], [True, False]])
+    normed, suffix = A.normalized_episode_rewards(r_prg, valid, group_size=2, eps=EPS, norm=norm)
+    assert torch.equal(normed[:4], torch.zeros(4, 2)) and torch.equal(suffix[:4], torch.zeros(4, 2))
+    s = math.sqrt(2 / 3)  # group 3: values 1, 3, 2 (as in the hand-computed test above)
+    want = torch.tensor([[-1, 1], [0, 0]]) / s if norm == "mean_std" else torch.tensor([[1, 3], [2, 0]]) / s
+    torch.testing.assert_close(normed[4:], want.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_near_constant_group_is_scaled_by_the_floor():
+    # a per-episode count with almost no information gain: rewards -0.6 +- 1e-4, std / rms ~ 1e-4 > TIE_RTOL;
+    # the std alone would scale them to ~ -6000, the floor to ~ -0.6 / (0.1 * 0.6) = -10
+    r_prg = torch.tensor([[-0.6001, -0.5999], [-0.6, -0.6002]])
+    valid = torch.ones(2, 2, dtype=torch.bool)
+    normed, _ = A.normalized_episode_rewards(r_prg, valid, group_size=2, eps=EPS, norm="std")
+    rms = r_prg.square().mean().sqrt()
+    torch.testing.assert_close(normed, r_prg / (A.FLOOR_RTOL * rms + EPS))
+    # above the floor nothing changes: the hand-computed test's group has std / rms = 0.38
+    spread = torch.tensor([[1.0, 3.0], [2.0, 0.0]])
+    ok = torch.tensor([[True, True], [True, False]])
+    got, _ = A.normalized_episode_rewards(spread, ok, group_size=2, eps=EPS, norm="std")
+    torch.testing.assert_close(got, spread / (spread[ok].std(unbiased=False) + EPS) * ok, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

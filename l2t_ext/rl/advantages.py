@@ -6,7 +6,8 @@ Rollouts are laid out group-major: rows g*G .. g*G + G - 1 answer prompt g.
 - l2t:             A_t = A_out + alpha * A_prg_t: the group's valid episode rewards r_prg are normalised over
                    all valid episodes of the group's G rollouts; a token of episode k gets the sum of the
                    normalised rewards of episodes k..K of its rollout; final-answer tokens get 0.
-                   ``norm="std"`` (default) divides by the group's std only; ``norm="mean_std"`` also subtracts
+                   ``norm="std"`` (default) divides by the group's std only (floored, and 0 for a tied group:
+                   ``normalized_episode_rewards``); ``norm="mean_std"`` also subtracts
                    the group mean, which gives every episode a bonus of -mean/std: when most episodes cost more
                    than they gain (mean < 0), a rollout's advantage then grows with its number of episodes
                    (measured on the demo: within-group corr(length, advantage) +0.97), i.e. it rewards verbosity.
@@ -21,6 +22,12 @@ from __future__ import annotations
 import torch
 
 EPS = 1e-6
+# Process-reward normalisation of near-constant groups (normalized_episode_rewards). A group's episode rewards
+# whose std is within TIE_RTOL of their root mean square are tied (float32 rounding of equal rewards leaves
+# ~1e-7); otherwise the std used is at least FLOOR_RTOL x their RMS, so that no normalised reward exceeds
+# 1 / FLOOR_RTOL x |r| / RMS (std alone turned a near-constant group's rewards into values of 1e3-1e5).
+TIE_RTOL = 1e-4
+FLOOR_RTOL = 0.1
 
 
 def group_normalize(x: torch.Tensor, group_size: int, eps: float = EPS) -> torch.Tensor:
@@ -50,17 +57,25 @@ def length_penalized(r_out: torch.Tensor, lengths: torch.Tensor, group_size: int
 def normalized_episode_rewards(r_prg: torch.Tensor, valid: torch.Tensor, group_size: int, eps: float = EPS,
                                norm: str = "std") -> tuple[torch.Tensor, torch.Tensor]:
     """(B, K) episode rewards normalised over each group's valid episodes (``norm``: "std" or "mean_std"; 0
-    where ~valid) and their suffix sums over episodes k..K of each rollout."""
+    where ~valid) and their suffix sums over episodes k..K of each rollout. A tied group (fewer than two valid
+    episodes, or rewards equal up to ``TIE_RTOL`` of their root mean square) gets 0, as a tied group gets no
+    outcome advantage: dividing by its rounding-level std made advantages of up to r / eps. The std is floored
+    at ``FLOOR_RTOL`` x the rewards' RMS (a near-constant group: a per-episode count with no information
+    gain), which leaves every group whose spread is above the floor unchanged."""
     if norm not in ("std", "mean_std"):
         raise ValueError(f"norm must be 'std' or 'mean_std', got {norm!r}")
     B, K = r_prg.shape
     vf = valid.to(r_prg.dtype)
     rg, vg = r_prg.reshape(-1, group_size, K), vf.reshape(-1, group_size, K)
-    cnt = vg.sum((1, 2), keepdim=True).clamp(min=1)
+    n = vg.sum((1, 2), keepdim=True)
+    cnt = n.clamp(min=1)
     mean = (rg * vg).sum((1, 2), keepdim=True) / cnt
     std = (((rg - mean) ** 2 * vg).sum((1, 2), keepdim=True) / cnt).sqrt()
+    rms = ((rg * rg * vg).sum((1, 2), keepdim=True) / cnt).sqrt()
+    tied = (n < 2) | (std <= TIE_RTOL * rms)
+    scale = torch.maximum(std, FLOOR_RTOL * rms)
     centred = rg - mean if norm == "mean_std" else rg  # the std is the same either way
-    normed = (centred / (std + eps) * vg).reshape(B, K)
+    normed = torch.where(tied, torch.zeros_like(rg), centred / (scale + eps) * vg).reshape(B, K)
     return normed, normed.flip(1).cumsum(1).flip(1)  # suffix[b, k] = sum_{j >= k} normed[b, j]
 
 
