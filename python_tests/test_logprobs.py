@@ -78,6 +78,21 @@ def test_only_hidden_needs_grad_and_single_position():
     assert one.shape == (2, 1) and (one == 0).all()
 
 
+def test_head_grads_false_differentiates_the_hidden_state_only(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    head = torch.nn.Linear(8, 13)
+    h = torch.randn(2, 6, 8, generator=g, requires_grad=True)
+    ids = torch.randint(0, 13, (2, 6), generator=g)
+    (want,) = torch.autograd.grad(head_token_logprobs(h, head, ids, chunk_tokens=4).sum(), [h])
+    calls = []
+    real = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: calls.append(a.shape) or real(a, b))
+    lp = head_token_logprobs(h, head, ids, chunk_tokens=4, head_grads=False)
+    (got,) = torch.autograd.grad(lp.sum(), [h])
+    assert torch.equal(got, want)
+    assert calls == [(4, 13), (4, 13), (2, 13)]  # d hidden = dz @ W per chunk; no dz^T @ h for the weight
+
+
 def test_bad_input():
     head = torch.nn.Linear(8, 13)
     with pytest.raises(ValueError, match="hidden must be"):

@@ -88,7 +88,7 @@ class _HeadLogprobs(torch.autograd.Function):
 
 
 def head_token_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, input_ids: torch.Tensor,
-                        chunk_tokens: int = 1024) -> torch.Tensor:
+                        chunk_tokens: int = 1024, head_grads: bool = True) -> torch.Tensor:
     """``token_logprobs(head(hidden), input_ids)`` without forming the (B, L, vocab) logits: the output layer and
     its log-softmax run ``chunk_tokens`` positions at a time, forward and backward (recomputed), so the memory of
     that step is O(chunk_tokens x vocab) instead of two (B, L, vocab) float32 tensors.
@@ -98,10 +98,13 @@ def head_token_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, input_ids: 
         head: the output Linear (vocab, d), e.g. ``model.get_output_embeddings()``.
         input_ids: (B, L) int64.
         chunk_tokens: positions per chunk (>= 1).
+        head_grads: False treats the head's parameters as constants. A custom autograd function's backward
+            cannot tell which inputs a ``torch.autograd.grad`` call asks for, so a caller that only needs the
+            gradient w.r.t. ``hidden`` saves a (vocab x d) GEMM per chunk and a (vocab, d) float32 buffer.
 
     Returns:
         (B, L) log pi(x_{t+1} | x_<=t) at position t, last position 0; float32 (float64 for float64 hidden);
-        differentiable in ``hidden`` and the head's parameters.
+        differentiable in ``hidden`` (and the head's parameters unless ``head_grads`` is False).
     """
     if hidden.dim() != 3 or input_ids.shape != hidden.shape[:2]:
         raise ValueError(f"head_token_logprobs: hidden must be (B, L, d) and input_ids (B, L); got "
@@ -110,6 +113,8 @@ def head_token_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, input_ids: 
         raise ValueError(f"head_token_logprobs: chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
     B, L, d = hidden.shape
     h = hidden[:, :-1].reshape(-1, d)
-    lp = _HeadLogprobs.apply(h, head.weight, head.bias, input_ids[:, 1:].reshape(-1), chunk_tokens)
+    weight, bias = (head.weight, head.bias) if head_grads else \
+        (head.weight.detach(), None if head.bias is None else head.bias.detach())
+    lp = _HeadLogprobs.apply(h, weight, bias, input_ids[:, 1:].reshape(-1), chunk_tokens)
     lp = lp.reshape(B, L - 1)
     return torch.cat([lp, lp.new_zeros(B, 1)], 1)

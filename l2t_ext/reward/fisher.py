@@ -220,7 +220,8 @@ class FisherTracker:
             if self.split is not None:  # the (B, L, vocab) logits are never formed
                 dec, head = self.split
                 out = dec(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
-                lp = head_token_logprobs(out.last_hidden_state, head, input_ids, self.logprob_chunk)
+                # only d lp / d hidden is needed (it flows back to the tracked layers), not the head's gradient
+                lp = head_token_logprobs(out.last_hidden_state, head, input_ids, self.logprob_chunk, head_grads=False)
             else:
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
                 lp = token_logprobs(out.logits if hasattr(out, "logits") else out[0], input_ids)
