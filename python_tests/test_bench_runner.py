@@ -152,7 +152,9 @@ def test_goals_summary_reads_met_missed_and_unmeasured_off_one_run(tmp_path):
     cpu = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/cpu/bench_reward_smollm2.json")
                      .read_text())
     (reward,) = goals.reward_goals(cpu)
-    assert reward["status"] == "met" and reward["measured"].startswith("0.16x, penalty 0.08x")
+    net = cpu["ratios"]  # this file's own numbers (it is re-measured now and then): 0.14x and 0.05x in its last run
+    assert reward["status"] == "met" and reward["measured"].startswith(
+        f"{net['reward_net_of_old_logprob_forward']:.2f}x, penalty {net['penalty_net_of_old_logprob_forward']:.2f}x")
     assert goals.reward_goals(None)[0]["status"] == "not measured"
     assert goals.train_goals(None)[0]["status"] == "not measured"
     run = tmp_path / "tiny_arith"
