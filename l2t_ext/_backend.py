@@ -80,10 +80,25 @@ _DTYPES = {
 }
 
 
+def disabled_backends() -> set[str]:
+    """Backends switched off at run time by ``L2T_DISABLE_BACKENDS`` (comma-separated: cpu, cuda, triton): "auto"
+    skips them and an explicit request raises. An escape hatch when a kernel misbehaves on some GPU or driver;
+    the torch reference cannot be disabled. Read at every dispatch, so a process can change it."""
+    raw = os.environ.get("L2T_DISABLE_BACKENDS", "")
+    names = {n.strip() for n in raw.split(",") if n.strip()}
+    bad = sorted(names - {"cpu", "cuda", "triton"})
+    if bad:
+        raise ValueError(f"L2T_DISABLE_BACKENDS={raw!r}: unknown backend(s) {bad}; use a comma-separated subset of "
+                         "cpu, cuda, triton (the torch reference cannot be disabled)")
+    return names
+
+
 def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why ``backend`` cannot run on tensors of ``device``/``dtype`` (None when it can)."""
     if backend == "torch":
         return None
+    if backend in disabled_backends():
+        return f"disabled by L2T_DISABLE_BACKENDS={os.environ['L2T_DISABLE_BACKENDS']!r}"
     if backend == "cpu":
         if _C is None:
             return f"the l2t_ext C++ module _C failed to import ({_C_ERR}); reinstall with `pip install .`"
@@ -164,6 +179,7 @@ def build_info() -> dict:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "triton_interpret": triton_interpret(),
         "backends": available_backends(),
+        "disabled_backends": sorted(disabled_backends()),
     }
     if _C is None:
         info["cpu_module_error"] = _C_ERR

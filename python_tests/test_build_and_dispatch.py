@@ -118,6 +118,27 @@ def test_ops_ignore_the_callers_autocast(device):
                 assert b.dtype == a.dtype and torch.equal(a, b), (backend, name)
 
 
+def test_disable_backends_at_run_time(monkeypatch):
+    cpu = torch.device("cpu")
+    _, _, segment_grad_outer = _op_modules()
+    X, D, seg, S, U, V, _ = _opcheck_args()["segment_grad_outer"]
+    monkeypatch.setenv("L2T_DISABLE_BACKENDS", " cpu ,triton")
+    assert _backend.resolve("segment_grad_outer", "auto", cpu, torch.float32, segment_grad_outer.auto_order(cpu)) \
+        == "torch"
+    assert torch.equal(ops.segment_grad_outer(X, D, seg, S, U, V),
+                       ops.segment_grad_outer(X, D, seg, S, U, V, backend="torch"))
+    with pytest.raises(RuntimeError, match="backend 'cpu' is unavailable: disabled by L2T_DISABLE_BACKENDS"):
+        ops.segment_grad_outer(X, D, seg, S, U, V, backend="cpu")
+    assert l2t_ext.build_info()["disabled_backends"] == ["cpu", "triton"]
+    for bad in ("cpu,gpu", "torch"):  # a typo, or the reference itself
+        monkeypatch.setenv("L2T_DISABLE_BACKENDS", bad)
+        with pytest.raises(ValueError, match="L2T_DISABLE_BACKENDS=.*unknown backend"):
+            ops.segment_grad_outer(X, D, seg, S, U, V)
+    monkeypatch.setenv("L2T_DISABLE_BACKENDS", "")
+    assert _backend.resolve("segment_grad_outer", "auto", cpu, torch.float32, segment_grad_outer.auto_order(cpu)) \
+        == "cpu"
+
+
 def test_unknown_backend_name():
     with pytest.raises(ValueError, match="backend must be"):
         ops.fisher_accumulate(torch.randn(2, 3), backend="mps")
