@@ -136,6 +136,9 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT))
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args(argv)
+    import triton
+
+    print(f"Triton {triton.__version__}, sm_{args.arch}")
     rows = segment_grad_outer_reports(args.arch) + fisher_quadform_reports(args.arch)
     # fisher_quadform rows: BLOCK_T / BLOCK_R hold its BLOCK_M / BLOCK_N
     cols = ["kernel", "dtype", "BLOCK_T", "BLOCK_K", "BLOCK_R", "num_warps", "num_stages", "registers",
@@ -146,7 +149,7 @@ def main(argv=None) -> int:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"arch": args.arch, "rows": rows}, f, indent=1)
+            json.dump({"arch": args.arch, "triton": triton.__version__, "rows": rows}, f, indent=1)
     return 0
 
 
