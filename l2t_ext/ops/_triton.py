@@ -381,10 +381,11 @@ def _nsplit(T: int, S: int, device) -> int:
 
 
 def segment_grad_outer(X, D, seg, num_segments: int, U, V, nsplit: int | None = None) -> torch.Tensor:
-    """Fused single pass, sync-free: a bounds kernel finds each segment's token span, then one program per
-    (segment, piece of its span, r-tile) projects its tokens on the fly and accumulates their outer products
-    in token order; with more than one piece, the pieces are summed in a fixed order. Three launches for any
-    T (four with pieces), deterministic (no float atomics). ``nsplit`` overrides the pieces (tests)."""
+    """Fused single pass, no host synchronisation (the public op's id check makes one): a bounds kernel finds
+    each segment's token span, then one program per (segment, piece of its span, r-tile) projects its tokens on
+    the fly and accumulates their outer products in token order; with more than one piece, the pieces are summed
+    in a fixed order. Three launches for any T (four with pieces), deterministic (no float atomics). ``nsplit``
+    overrides the pieces (tests)."""
     T, S = seg.numel(), num_segments
     bf16 = X.dtype == torch.bfloat16 and _BF16_DOT_OK
     wdt = torch.bfloat16 if bf16 else F32

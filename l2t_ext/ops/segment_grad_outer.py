@@ -24,7 +24,7 @@ IMPLEMENTATIONS = {
     "torch": "reference.segment_grad_outer",  # the reference: index_add_ of per-token outer products
     "cpu": "_cpu.segment_grad_outer",  # C++/OpenMP building blocks on the chunked path (_plan.py)
     "cuda": "_cuda.segment_grad_outer",  # CUDA C++ building blocks on the chunked path (_plan.py)
-    "triton": "_triton.segment_grad_outer",  # fused single pass, sync-free: projections never leave registers
+    "triton": "_triton.segment_grad_outer",  # fused single pass, no host sync: projections never leave registers
 }
 # the largest (S, r1, r2) output segment_grad_outer allocates; a bigger num_segments is almost surely a bug (an
 # episode count is at most the number of tokens) and used to be found by the OOM killer instead
@@ -43,7 +43,8 @@ def auto_order(device: torch.device) -> tuple[str, ...]:
 @autocast_off
 def _segment_grad_outer_op(X: torch.Tensor, D: torch.Tensor, seg: torch.Tensor, num_segments: int,
                            U: torch.Tensor, V: torch.Tensor, backend: str) -> torch.Tensor:
-    if seg.numel() and int(seg.max()) >= num_segments:  # data check before any kernel writes
+    # data check before any kernel writes; on a GPU a host synchronisation (the Triton backend adds none)
+    if seg.numel() and int(seg.max()) >= num_segments:
         raise ValueError(f"l2t_ext.ops.segment_grad_outer: seg contains id {int(seg.max())} >= "
                          f"num_segments={num_segments}")
     return implementation(IMPLEMENTATIONS[backend])(X, D, seg, num_segments, U, V)
