@@ -5,6 +5,7 @@ import argparse
 from datasets import Dataset
 
 from l2t_ext.integrations.trl import L2TConfig, L2TGRPOTrainer
+from l2t_ext.rl.builders import exit_process
 from l2t_ext.tasks import arith
 
 p = argparse.ArgumentParser()
@@ -27,3 +28,4 @@ trainer = L2TGRPOTrainer(model=cli.model_dir, reward_funcs=correct, args=args, t
 trainer.train()  # logs l2t/episodes_mean, l2t/penalty_mean, l2t/jr_gain_mean, l2t/single_episode_share
 trainer.save_model()
 print(f"process {trainer.accelerator.process_index} of {trainer.accelerator.num_processes}: done")
+exit_process(0)  # leave the process group with every peer, then exit (under a launcher: without finalisation)

@@ -295,20 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _exit(code: int) -> None:
-    """Exit with ``code``. Under torchrun, after the process group is gone, skip the interpreter's finalisation:
-    gloo's C++ threads can still hold objects with Python references then, and tearing them down aborted a
-    finished rank (SIGABRT, "terminate called without an active exception") in a few runs in a hundred."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
-
-
 def run() -> None:
-    """The ``l2t`` command."""
-    _exit(main())
+    """The ``l2t`` command. Its exit leaves the process group and, under ``torchrun``, skips the interpreter's
+    finalisation (see ``exit_process``)."""
+    from l2t_ext.rl.builders import exit_process
+
+    exit_process(main())
 
 
 if __name__ == "__main__":

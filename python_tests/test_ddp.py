@@ -22,6 +22,7 @@ if not torch.distributed.is_available():
 UPDATE_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch
+    from l2t_ext.rl.builders import exit_process
     from l2t_ext.rl.config import preset
     from l2t_ext.rl.sharding import full_parameters
     from l2t_ext.rl.trainer import ScoredBatch, Trainer
@@ -51,7 +52,7 @@ UPDATE_SCRIPT = textwrap.dedent("""
     flat = torch.cat([p.reshape(-1) for p in full_parameters(t.model)])  # fsdp: gathered from the shards
     torch.save(flat, os.path.join(out, f"params_w{t.world}_r{t.rank}.pt"))
     t.close()
-    os._exit(0)  # as l2t's CLI does under torchrun: no interpreter finalisation with gloo threads around
+    exit_process()  # as l2t's CLI does
 """)
 
 
@@ -60,6 +61,7 @@ REWARD_SCRIPT = textwrap.dedent("""
     import torch
     from l2t_ext.reward import DenseProcessReward, FisherTracker, Rollouts
     from l2t_ext.lm import tiny_qwen2
+    from l2t_ext.rl.builders import exit_process
     from l2t_ext.tasks import arith
 
     out = sys.argv[1]
@@ -93,10 +95,7 @@ REWARD_SCRIPT = textwrap.dedent("""
     o = rw(Rollouts(ids[rows], am[rows], resp[rows], ep[rows], answers=["1"] * (rows.stop - rows.start)))
     torch.save({"P": o.penalty, "Pbar": o.penalty_normalized, "valid": o.valid},
                os.path.join(out, f"r{rank}_w{world}.pt"))
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    os._exit(0)
+    exit_process()
 """)
 
 
@@ -199,6 +198,7 @@ FISHER_SCRIPT = textwrap.dedent("""
     from torch.distributed.tensor import DTensor
     from l2t_ext.lm import tiny_qwen2
     from l2t_ext.reward import FisherTracker
+    from l2t_ext.rl.builders import exit_process
     from l2t_ext.tasks import arith
 
     out = sys.argv[1]
@@ -217,10 +217,7 @@ FISHER_SCRIPT = textwrap.dedent("""
     tr = FisherTracker(model, rank=4, seed=0)
     torch.save({"bases": tr.state_dict(), "gathered": gathered, "proxy": tr.proxy()},
                os.path.join(out, f"fisher_{os.environ.get('RANK', 'single')}.pt"))
-    if gathered:
-        dist.barrier()
-        dist.destroy_process_group()
-    os._exit(0)
+    exit_process()
 """)
 
 
@@ -272,3 +269,35 @@ def test_fsdp_needs_a_list_of_transformer_blocks():
     assert transformer_blocks(model) is model.model.layers
     with pytest.raises(InputError, match="Sequential has no list of transformer blocks"):
         transformer_blocks(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_exit_process_leaves_the_group_only_on_success_and_skips_finalisation(tmp_path, monkeypatch, code):
+    """Under a launcher (WORLD_SIZE > 1) ``exit_process`` ends with ``os._exit(code)``; a successful rank first
+    leaves the process group, a failing one exits without waiting in a barrier. Without a launcher it is
+    ``sys.exit(code)``."""
+    import torch.distributed as dist
+
+    from l2t_ext.rl.builders import exit_process
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(c):
+        raise Exited(c)
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setattr(os, "_exit", fake_exit)
+        with pytest.raises(Exited) as e:
+            exit_process(code)
+        assert e.value.args == (code,)
+        assert dist.is_initialized() == (code != 0)
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        with pytest.raises(SystemExit) as s:
+            exit_process(code)
+        assert s.value.code == code and dist.is_initialized() == (code != 0)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

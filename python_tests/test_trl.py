@@ -104,6 +104,7 @@ import os, sys, torch, datasets
 from l2t_ext.integrations.trl import L2TConfig, L2TGRPOTrainer
 from l2t_ext.lm import tiny_qwen2
 from l2t_ext.reward import DenseProcessReward
+from l2t_ext.rl.builders import exit_process
 from l2t_ext.tasks import arith
 
 seen = []
@@ -132,8 +133,7 @@ flat = torch.cat([p.detach().reshape(-1) for p in t.model.parameters()])
 rank = t.accelerator.process_index
 torch.save(flat, os.path.join(out, f"params_r{rank}_of{t.accelerator.num_processes}.pt"))
 torch.save({"pbar": seen, "gathers": t.l2t_reward.gather is not None}, os.path.join(out, f"pbar_r{rank}.pt"))
-sys.stdout.flush()
-os._exit(0)  # no interpreter finalisation while gloo's threads are alive (see l2t_ext.cli._exit)
+exit_process()
 """
 
 
