@@ -133,15 +133,23 @@ def test_goals_summary_reads_met_missed_and_unmeasured_off_one_run(tmp_path):
     rows = [_bench_row(big, "torch_best", bf, 1.0), _bench_row(big, "l2t:triton", bf, 0.25, pct=70.0),
             _bench_row(big, "l2t:triton_2pass", bf, 0.7), _bench_row(big, "l2t:cuda", bf, 0.3),
             _bench_row(small, "torch_best", bf, 0.2), _bench_row(small, "l2t:triton", bf, 0.25),
+            _bench_row(small, "l2t:triton_nocheck", bf, 0.16),
             _bench_row(small, "l2t:cuda", bf, 0.1, error=float("nan")),
             _bench_row(big, "l2t:triton", f32, 0.5), _bench_row(big, "l2t:cuda", f32, 1.0)]
     qf = goals.QF_CASES[0]
     rows += [_bench_row(qf, "torch_best", f32, 0.3, op="fisher_quadform"),
              _bench_row(qf, "l2t:triton", f32, 0.15, pct=65.0, op="fisher_quadform"),
              _bench_row(qf, "l2t:cuda", f32, 0.1, error=0.5, op="fisher_quadform")]  # above tolerance: ignored
-    status = {r["goal"]: r["status"] for r in goals.kernel_goals(rows)}
+    table = goals.kernel_goals(rows)
+    status = {r["goal"]: r["status"] for r in table}
+    measured = {r["goal"]: r["measured"] for r in table}
     assert status[f"sgo {big} {bf}: l2t:triton >= 3x torch_best, >= 60% of the bytes floor"] == "met"
+    assert measured[f"sgo {big} {bf}: l2t:triton >= 3x torch_best, >= 60% of the bytes floor"] == \
+        "4.00x, 70% of the floor (0.250 ms); two-pass 1.43x"
+    # judged on the default (checked) call; the unchecked one, as the reward calls the op, is reported beside it
     assert status[f"sgo {small} {bf}: l2t:triton >= 1x torch_best"] == "missed"  # 0.8x
+    assert measured[f"sgo {small} {bf}: l2t:triton >= 1x torch_best"] == \
+        "0.80x, 0% of the floor (0.250 ms); without the id check (the reward's call) 1.25x"
     assert status[f"sgo {big} {bf}: l2t:cuda >= 0.8x l2t:triton's speed"] == "met"  # 0.83x
     assert status[f"sgo {small} {bf}: l2t:cuda >= 0.8x l2t:triton's speed"] == "not measured"  # NaN error
     assert status[f"sgo {big} {f32}: l2t:cuda >= 0.8x l2t:triton's speed"] == "missed"  # 0.5x

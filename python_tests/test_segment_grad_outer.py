@@ -117,6 +117,39 @@ def test_all_tokens_masked_gives_zeros(backend, device, dtype):
     assert torch.equal(out.cpu(), torch.zeros(3, 2, 2, dtype=out.dtype))
 
 
+@pytest.mark.parametrize("backend,device,dtype", exact_cases(F64, F32, BF16))
+def test_unchecked_ids_drop_out_of_range_tokens_like_masked_ones(backend, device, dtype):
+    X, D, seg, U, V = make(90, 11, 9, 3, 5, dtype, device, seed=8)
+    out_of_range = (torch.rand(90, generator=torch.Generator().manual_seed(8)) < 0.3).to(device)
+    wild = torch.where(out_of_range, torch.tensor([5, 6, 2**40], device=device).repeat(30), seg)
+    dropped = torch.where(out_of_range, -1, seg)
+    with pytest.raises(ValueError, match="seg contains id 1099511627776 >= num_segments=5"):
+        ops.segment_grad_outer(X, D, wild, 5, U, V, backend=backend)
+    with pytest.raises(TypeError, match="check_ids must be a bool, got 0"):
+        ops.segment_grad_outer(X, D, seg, 5, U, V, backend=backend, check_ids=0)
+    with ops.poison():
+        pairs = [(ops.segment_grad_outer(X, D, a, 5, U, V, backend=backend, check_ids=False),
+                  ops.segment_grad_outer(X, D, b, 5, U, V, backend=backend)) for a, b in ((wild, dropped), (seg, seg))]
+    for unchecked, checked in pairs:  # the same kernels on the same ids: bitwise equal (NaN never is)
+        if backend == "torch" and device == "cuda":  # index_add_'s float atomics on CUDA
+            assert rel_err(unchecked, checked) <= 2e-5
+        else:
+            assert torch.equal(unchecked, checked)
+
+
+@pytest.mark.skipif(not HAS_GPU or _cases._backend.triton is None, reason="needs a GPU and Triton")
+def test_unchecked_triton_call_makes_no_host_synchronisation():
+    X, D, seg, U, V = make(4096, 256, 256, 16, 64, BF16, "cuda", seed=9)
+    ops.segment_grad_outer(X, D, seg, 64, U, V, backend="triton", check_ids=False)  # autotunes (synchronises)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = ops.segment_grad_outer(X, D, seg, 64, U, V, backend="triton", check_ids=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert rel_err(out, ops.segment_grad_outer(X, D, seg, 64, U, V, backend="triton")) == 0.0
+
+
 def contiguous_episodes(T, S, seed, gap_frac=0.2):
     """seg of S contiguous episodes in token order (some empty), prompt-like masked runs between them."""
     g = torch.Generator().manual_seed(seed)

@@ -94,9 +94,14 @@ def impls(device: str, l2t_backends: list[str]) -> list[Impl]:
                 lambda inp, b=b: ops.segment_grad_outer(inp["X"], inp["D"], inp["seg"], inp["S"], inp["U"],
                                                         inp["V"], backend=b))
            for b in l2t_backends]
-    if "triton" in l2t_backends:  # the unfused two-pass Triton path the fused kernel replaced, for the ratio
+    if "triton" in l2t_backends:
         from l2t_ext.ops import _triton
 
+        # as the reward calls it: no id check, so no host synchronisation (the checked call's sync lets the GPU
+        # idle while the host launches the kernels)
+        out.append(Impl("l2t:triton_nocheck", "l2t", lambda inp: ops.segment_grad_outer(
+            inp["X"], inp["D"], inp["seg"], inp["S"], inp["U"], inp["V"], backend="triton", check_ids=False)))
+        # the unfused two-pass Triton path the fused kernel replaced, for the ratio
         out.append(Impl("l2t:triton_2pass", "l2t", lambda inp: _triton.segment_grad_outer_two_pass(
             inp["X"], inp["D"], inp["seg"].to(torch.int64), inp["S"], inp["U"], inp["V"])))
     out += [Impl("torch_func", "baseline", _torch_func), Impl("torch_naive", "baseline", _torch_naive),

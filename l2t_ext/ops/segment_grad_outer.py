@@ -42,21 +42,24 @@ def auto_order(device: torch.device) -> tuple[str, ...]:
 @torch.library.custom_op("l2t_ext::segment_grad_outer", mutates_args=())
 @autocast_off
 def _segment_grad_outer_op(X: torch.Tensor, D: torch.Tensor, seg: torch.Tensor, num_segments: int,
-                           U: torch.Tensor, V: torch.Tensor, backend: str) -> torch.Tensor:
-    # data check before any kernel writes; on a GPU a host synchronisation (the Triton backend adds none)
-    if seg.numel() and int(seg.max()) >= num_segments:
-        raise ValueError(f"l2t_ext.ops.segment_grad_outer: seg contains id {int(seg.max())} >= "
-                         f"num_segments={num_segments}")
+                           U: torch.Tensor, V: torch.Tensor, backend: str, check_ids: bool = True) -> torch.Tensor:
+    # data check before any kernel writes; on a GPU a host synchronisation (the kernels themselves make none)
+    if check_ids:
+        if seg.numel() and int(seg.max()) >= num_segments:
+            raise ValueError(f"l2t_ext.ops.segment_grad_outer: seg contains id {int(seg.max())} >= "
+                             f"num_segments={num_segments}")
+    else:  # no check, no synchronisation: ids >= num_segments are dropped like masked tokens (every backend alike)
+        seg = torch.where(seg < num_segments, seg, -1)
     return implementation(IMPLEMENTATIONS[backend])(X, D, seg, num_segments, U, V)
 
 
 @_segment_grad_outer_op.register_fake
-def _(X, D, seg, num_segments, U, V, backend):
+def _(X, D, seg, num_segments, U, V, backend, check_ids=True):
     return X.new_empty((num_segments, U.shape[1], V.shape[1]), dtype=out_dtype(X.dtype))
 
 
 def segment_grad_outer(X: torch.Tensor, D: torch.Tensor, seg: torch.Tensor, num_segments: int, U: torch.Tensor,
-                       V: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+                       V: torch.Tensor, backend: str = "auto", check_ids: bool = True) -> torch.Tensor:
     """Per-segment projected gradients of a Linear layer.
 
     Args:
@@ -67,6 +70,9 @@ def segment_grad_outer(X: torch.Tensor, D: torch.Tensor, seg: torch.Tensor, num_
         num_segments: S >= 1; every id must be < S; the (S, r1, r2) output may take at most MAX_OUTPUT_BYTES (4 GiB).
         U: (m, r) left basis; V: (n, r') right basis (used in the accumulation dtype, made contiguous).
         backend: "auto" | "cuda" | "triton" | "cpu" | "torch".
+        check_ids: raise if an id is >= num_segments (default). On a GPU that check is a host synchronisation,
+            which in a launch-bound call costs more than the kernels; callers whose ids are valid by construction
+            (the reward) pass False: no check, and ids >= num_segments are dropped like negative ones.
 
     Returns:
         G (S, r, r') in float32 (float64 for float64 inputs); empty segments are exact zeros.
@@ -100,5 +106,7 @@ def segment_grad_outer(X: torch.Tensor, D: torch.Tensor, seg: torch.Tensor, num_
         raise ValueError(f"l2t_ext.ops.{op}: the output (num_segments={num_segments}, {U.shape[1]}, {V.shape[1]}) "
                          f"would take {out_bytes / 2**30:.1f} GiB, over the {MAX_OUTPUT_BYTES // 2**30} GiB limit; "
                          "num_segments should be the number of episodes (seg.max() + 1)")
+    if not isinstance(check_ids, bool):
+        raise TypeError(f"l2t_ext.ops.{op}: check_ids must be a bool, got {check_ids!r}")
     name = pick(op, backend, device, X.dtype, auto_order(device))
-    return _segment_grad_outer_op(X, D, seg.to(torch.int64), num_segments, U, V, name)
+    return _segment_grad_outer_op(X, D, seg.to(torch.int64), num_segments, U, V, name, check_ids)

@@ -276,12 +276,14 @@ class FisherTracker:
         """One backward of the response log-likelihood, then segment_grad_outer per layer (fills g in place)."""
         B, K, _ = g.shape
         L, rr = seg.shape[1], self.rank * self.rank
-        Ds = torch.autograd.grad(lp[seg >= 0].sum(), outs)  # only the tracked outputs: param.grad untouched
+        # only the tracked outputs: param.grad untouched; where, not lp[seg >= 0]: no host synchronisation
+        Ds = torch.autograd.grad(torch.where(seg >= 0, lp, 0).sum(), outs)
+        # ids < B * K by construction (episode_grads dropped ids >= K): the op need not check them
         flat_seg = torch.where(seg >= 0, seg + K * torch.arange(B, device=seg.device)[:, None], -1).reshape(-1)
         for i, n in enumerate(self.layer_names):
             U, V = self.bases[n]
             G = ops.segment_grad_outer(_as_out(xs[i], Ds[i]).reshape(B * L, -1), Ds[i].reshape(B * L, -1), flat_seg,
-                                       B * K, U, V, backend=self.backend)  # (B*K, r, r)
+                                       B * K, U, V, backend=self.backend, check_ids=False)  # (B*K, r, r)
             g[:, :, i * rr:(i + 1) * rr] = G.reshape(B, K, rr).to(g.dtype)
 
     def _exact_grads(self, g, lp, seg, xs, outs) -> None:
@@ -300,7 +302,7 @@ class FisherTracker:
                     continue
                 U, V = self.bases[n]
                 G = ops.segment_grad_outer(_as_out(xs[i], Ds[i]).reshape(B * L, -1), Ds[i].reshape(B * L, -1),
-                                           rowseg, B, U, V, backend=self.backend)
+                                           rowseg, B, U, V, backend=self.backend, check_ids=False)
                 g[:, k, i * rr:(i + 1) * rr] = G.reshape(B, rr).to(g.dtype) * sel.any(1, keepdim=True)
 
 
