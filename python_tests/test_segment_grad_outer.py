@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import _cases
 import pytest
 import torch
@@ -137,17 +139,41 @@ def test_unchecked_ids_drop_out_of_range_tokens_like_masked_ones(backend, device
             assert torch.equal(unchecked, checked)
 
 
+def test_the_id_check_read_after_the_launches_masks_bad_ids_and_discards_the_result(monkeypatch):
+    """The GPU's order (maximum queued, kernels on masked ids, then the check), taken on the CPU."""
+    import importlib
+
+    sgo = importlib.import_module("l2t_ext.ops.segment_grad_outer")
+    X, D, seg, U, V = make(40, 6, 5, 2, 4, F32, "cpu", seed=12)
+    seen = []
+    real = sgo.implementation(sgo.IMPLEMENTATIONS["torch"])
+    monkeypatch.setattr(sgo, "implementation", lambda path: lambda *a: seen.append(a[2].clone()) or real(*a))
+    monkeypatch.setattr(sgo, "check_after_launch", lambda device: True)
+    assert torch.equal(ops.segment_grad_outer(X, D, seg, 4, U, V, backend="torch"),
+                       real(X, D, seg, 4, U, V)) and torch.equal(seen[-1], seg)
+    bad = seg.clone()
+    bad[::7] = 9
+    with pytest.raises(ValueError, match="seg contains id 9 >= num_segments=4"):
+        ops.segment_grad_outer(X, D, bad, 4, U, V, backend="torch")
+    assert torch.equal(seen[-1], torch.where(bad == 9, -1, bad))  # the kernel ran, on the masked ids only
+
+
 @pytest.mark.skipif(not HAS_GPU or _cases._backend.triton is None, reason="needs a GPU and Triton")
-def test_unchecked_triton_call_makes_no_host_synchronisation():
+def test_triton_call_synchronises_only_to_read_the_id_check():
     X, D, seg, U, V = make(4096, 256, 256, 16, 64, BF16, "cuda", seed=9)
     ops.segment_grad_outer(X, D, seg, 64, U, V, backend="triton", check_ids=False)  # autotunes (synchronises)
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
     try:
-        out = ops.segment_grad_outer(X, D, seg, 64, U, V, backend="triton", check_ids=False)
+        torch.cuda.set_sync_debug_mode("error")
+        unchecked = ops.segment_grad_outer(X, D, seg, 64, U, V, backend="triton", check_ids=False)
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            checked = ops.segment_grad_outer(X, D, seg, 64, U, V, backend="triton")
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert rel_err(out, ops.segment_grad_outer(X, D, seg, 64, U, V, backend="triton")) == 0.0
+    assert len([w for w in caught if "synchroniz" in str(w.message)]) == 1  # the maximum id, read after the launches
+    assert torch.equal(unchecked, checked)
 
 
 def contiguous_episodes(T, S, seed, gap_frac=0.2):

@@ -97,8 +97,8 @@ def impls(device: str, l2t_backends: list[str]) -> list[Impl]:
     if "triton" in l2t_backends:
         from l2t_ext.ops import _triton
 
-        # as the reward calls it: no id check, so no host synchronisation (the checked call's sync lets the GPU
-        # idle while the host launches the kernels)
+        # as the reward calls it: no id check, no host synchronisation at all (the default call reads the largest
+        # id back after its kernels are queued)
         out.append(Impl("l2t:triton_nocheck", "l2t", lambda inp: ops.segment_grad_outer(
             inp["X"], inp["D"], inp["seg"], inp["S"], inp["U"], inp["V"], backend="triton", check_ids=False)))
         # the unfused two-pass Triton path the fused kernel replaced, for the ratio

@@ -43,14 +43,30 @@ def auto_order(device: torch.device) -> tuple[str, ...]:
 @autocast_off
 def _segment_grad_outer_op(X: torch.Tensor, D: torch.Tensor, seg: torch.Tensor, num_segments: int,
                            U: torch.Tensor, V: torch.Tensor, backend: str, check_ids: bool = True) -> torch.Tensor:
-    # data check before any kernel writes; on a GPU a host synchronisation (the kernels themselves make none)
-    if check_ids:
-        if seg.numel() and int(seg.max()) >= num_segments:
-            raise ValueError(f"l2t_ext.ops.segment_grad_outer: seg contains id {int(seg.max())} >= "
-                             f"num_segments={num_segments}")
-    else:  # no check, no synchronisation: ids >= num_segments are dropped like masked tokens (every backend alike)
+    # The segment-id check. On the CPU it runs before any kernel. On a GPU, reading seg.max() first would leave
+    # the GPU idle while the host launches the kernels, so the maximum is queued first and read after them: the
+    # kernels see out-of-range ids masked, and a failed check discards the result (nothing the caller owns is
+    # written). check_ids=False: no check, no synchronisation, out-of-range ids dropped like masked tokens.
+    late = check_after_launch(seg.device)
+    top = seg.max() if check_ids and seg.numel() else None
+    if top is not None and not late:
+        _check_top(int(top), num_segments)
+    if late or not check_ids:
         seg = torch.where(seg < num_segments, seg, -1)
-    return implementation(IMPLEMENTATIONS[backend])(X, D, seg, num_segments, U, V)
+    G = implementation(IMPLEMENTATIONS[backend])(X, D, seg, num_segments, U, V)
+    if top is not None and late:
+        _check_top(int(top), num_segments)
+    return G
+
+
+def check_after_launch(device: torch.device) -> bool:
+    """Whether the id check is read after the kernels are queued: on devices that run asynchronously to the host."""
+    return device.type != "cpu"
+
+
+def _check_top(top: int, num_segments: int) -> None:
+    if top >= num_segments:
+        raise ValueError(f"l2t_ext.ops.segment_grad_outer: seg contains id {top} >= num_segments={num_segments}")
 
 
 @_segment_grad_outer_op.register_fake
@@ -70,9 +86,9 @@ def segment_grad_outer(X: torch.Tensor, D: torch.Tensor, seg: torch.Tensor, num_
         num_segments: S >= 1; every id must be < S; the (S, r1, r2) output may take at most MAX_OUTPUT_BYTES (4 GiB).
         U: (m, r) left basis; V: (n, r') right basis (used in the accumulation dtype, made contiguous).
         backend: "auto" | "cuda" | "triton" | "cpu" | "torch".
-        check_ids: raise if an id is >= num_segments (default). On a GPU that check is a host synchronisation,
-            which in a launch-bound call costs more than the kernels; callers whose ids are valid by construction
-            (the reward) pass False: no check, and ids >= num_segments are dropped like negative ones.
+        check_ids: raise if an id is >= num_segments (default; on a GPU the check reads the ids' maximum back
+            after the kernels are queued, one host synchronisation). False: no check and no synchronisation, ids
+            >= num_segments are dropped like negative ones (the reward: its ids are valid by construction).
 
     Returns:
         G (S, r, r') in float32 (float64 for float64 inputs); empty segments are exact zeros.
