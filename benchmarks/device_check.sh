@@ -5,15 +5,15 @@
 #   bench   the GPU kernel benchmarks, bf16 and fp32: the fused Triton segment_grad_outer / fisher_quadform
 #           against their two-step predecessors (l2t:triton_2pass, l2t:triton_splitk), the CUDA kernels
 #           (bf16 GEMMs on tensor cores) and the torch baselines;
+#   reward  the reward cost benchmark (Qwen2-0.5B shapes, bf16; a goal with thresholds, so before train);
 #   train   the first training runs on the GPU: 2 steps each of GRPO and L2T with a random-init
 #           Qwen2-0.5B-shaped policy in bf16 (step time per phase, peak memory, the reward's share of the
 #           step), then the tiny-arith preset for 3 steps (metrics sanity), then 3 steps each of GRPO, the
 #           gated length penalty, L2T and L2T with PPO (the trainer tests, on the GPU);
-#   reward  the reward cost benchmark (Qwen2-0.5B shapes, bf16);
 #   moretests  the rest of the test suite;
 # then the performance goals read off this run's JSON, printed last (l2t_ext.bench.goals). A backend whose
 # kernel tests fail is switched off (L2T_DISABLE_BACKENDS) for the stages after the bench, so that one broken
-# kernel does not cost the training and reward measurements; a rerun without the tests stage can set it.
+# kernel does not cost the reward and training measurements; a rerun without the tests stage can set it.
 # Stages run in that order (most important first); STAGES="bench train" runs a subset (a rerun after the
 # build on a warm machine). Each stage has its own timeout (*_TIMEOUT). Logs and JSON go to $OUT (the device
 # tool brings them back). Usage: bash benchmarks/device_check.sh; from the device tool, one call with
@@ -28,7 +28,7 @@ OUT=${OUT:-$REPO/device_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-build tests bench train reward moretests}
+STAGES=${STAGES:-build tests bench reward train moretests}
 T0=$(date +%s)
 stamp() { echo "[device_check +$(( $(date +%s) - T0 ))s] $*"; }
 want() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -65,7 +65,7 @@ pytest_stage() {  # LOG TIMEOUT PYTEST_ARGS...
   grep -E "::.* (FAILED|ERROR)" "$OUT/$log" | head -40
 }
 
-AUTO_OFF=""  # backends whose kernel tests failed: "auto" skips them in the train, reward and moretests stages
+AUTO_OFF=""  # backends whose kernel tests failed: "auto" skips them in the reward, train and moretests stages
 if want tests; then
   stamp "kernel tests (CUDA and Triton on the GPU; nothing interpreted)"
   pytest_stage tests_kernels.log ${TEST_TIMEOUT:-150} $(printf "$T/%s " $KERNEL_TESTS)
@@ -84,6 +84,14 @@ if want bench; then
   echo "bench exit code $?"
   grep -vE "^\|" "$OUT/bench.log" | grep -E "skipped|failed|above tolerance" | head -20
   cat "$OUT/bench_gpu.md" 2>/dev/null || tail -30 "$OUT/bench.log"
+fi
+
+if want reward; then
+  stamp "reward cost benchmark (Qwen2-0.5B shapes, bf16)"
+  with_auto_off timeout ${REWARD_TIMEOUT:-120} $PY "$REPO/benchmarks/bench_reward.py" --device cuda \
+    --json "$OUT/bench_reward_gpu.json" > "$OUT/bench_reward.log" 2>&1
+  echo "reward bench exit code $?"
+  tail -14 "$OUT/bench_reward.log"
 fi
 
 if want train; then
@@ -106,13 +114,6 @@ if want train; then
     -k "every_method and (grpo-False or length_penalty_gated-False or l2t-False or l2t-True)"
 fi
 
-if want reward; then
-  stamp "reward cost benchmark (Qwen2-0.5B shapes, bf16)"
-  with_auto_off timeout ${REWARD_TIMEOUT:-120} $PY "$REPO/benchmarks/bench_reward.py" --device cuda \
-    --json "$OUT/bench_reward_gpu.json" > "$OUT/bench_reward.log" 2>&1
-  echo "reward bench exit code $?"
-  tail -14 "$OUT/bench_reward.log"
-fi
 if want moretests; then
   # the rest of the suite (trainer, reward, CLI, ...; on this machine "auto" devices are the GPU). Last: CI runs
   # these too, and a timeout here costs no measurement. test_gpu_static.py compiles for sm_90 without a GPU: CI.
