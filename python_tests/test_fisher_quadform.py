@@ -66,8 +66,9 @@ def test_explicit_fisher_form(backend, device, dtype, tol, size):
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("nz", [1, 2, 5])
 def test_triton_fused_quadform_over_k_splits(dtype, nz):
-    """The fused kernel's epilogue (last program of a tile sums the K-split partials in order, last tile of a row
-    block sums the row partials and the norms): both forms, shapes crossing tile edges, transposed inputs."""
+    """The fused-epilogue kernel (an explicit candidate; the backend runs split-K): the last program of a tile sums
+    the K-split partials in order, the last tile of a row block sums the row partials and the norms; both forms,
+    shapes crossing tile edges, transposed inputs."""
     from l2t_ext.ops import _triton
 
     dev = "cuda" if HAS_GPU else "cpu"
@@ -80,16 +81,16 @@ def test_triton_fused_quadform_over_k_splits(dtype, nz):
     ref_e = torch.einsum("mp,pq,mq->m", d64, A.double(), d64) + 0.3 * d64.square().sum(1)
     d_t = delta.T.contiguous().T.to(dev)  # column-major view: strides are honoured
     with ops.poison():
-        q_i = _triton.fisher_quadform_implicit(d_t, grads.to(dev), 0.3, nz=nz)
-        q_e = _triton.fisher_quadform_explicit(delta.to(dev), A.to(dev), 0.3, nz=nz)
+        q_i = _triton.fisher_quadform_fused_implicit(d_t, grads.to(dev), 0.3, nz=nz)
+        q_e = _triton.fisher_quadform_fused_explicit(delta.to(dev), A.to(dev), 0.3, nz=nz)
     tol = 1e-4  # the inputs are exact in their dtype and products accumulate in float32 (bf16 too)
     assert rel_err(q_i, ref_i) <= tol
     assert rel_err(q_e, ref_e) <= tol
     # bitwise repeatable: on a GPU the programs finish in a different order on every run, which the fixed
     # summation order must not see (and a missing memory fence would show as a stray value)
     for _ in range(20 if HAS_GPU else 1):
-        assert torch.equal(q_i, _triton.fisher_quadform_implicit(d_t, grads.to(dev), 0.3, nz=nz))
-    assert rel_err(_triton.fisher_quadform_splitk(delta.to(dev), grads.to(dev), 0.3), ref_i) <= tol
+        assert torch.equal(q_i, _triton.fisher_quadform_fused_implicit(d_t, grads.to(dev), 0.3, nz=nz))
+    assert rel_err(_triton.fisher_quadform_implicit(delta.to(dev), grads.to(dev), 0.3), ref_i) <= tol  # split-K
 
 
 @pytest.mark.parametrize("backend,device,dtype,tol", cases({F64: 5e-12, F32: 1e-4}))

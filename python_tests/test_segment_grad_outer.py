@@ -195,8 +195,9 @@ needs_triton = pytest.mark.skipif(not any(b == "triton" for b, _, _ in _cases._c
 @pytest.mark.parametrize("nsplit", [1, 2, 7])
 @pytest.mark.parametrize("layout", ["contiguous", "interleaved"])
 def test_triton_fused_pieces_match_bruteforce(dtype, nsplit, layout):
-    """The fused kernel cuts each segment's token span into nsplit pieces: every split, both layouts (contiguous
-    episodes: the fast path; interleaved ids: the general one), r above one 64-wide tile, NaN in masked rows."""
+    """The fused kernel (an explicit candidate; the backend runs two passes) cuts each segment's token span into
+    nsplit pieces: every split, both layouts (contiguous episodes: the fast path; interleaved ids: the general
+    one), r above one 64-wide tile, NaN in masked rows."""
     from l2t_ext.ops import _triton
 
     T, n, m, r, S = 203, 37, 29, 70, 9
@@ -207,14 +208,15 @@ def test_triton_fused_pieces_match_bruteforce(dtype, nsplit, layout):
     X[seg < 0], D[seg < 0] = float("nan"), float("inf")
     ref = brute_force(X.masked_fill((seg < 0)[:, None], 0), D.masked_fill((seg < 0)[:, None], 0), seg, S, U, V)
     with ops.poison():
-        out = _triton.segment_grad_outer(X, D, seg, S, U, V, nsplit=nsplit)
+        out = _triton.segment_grad_outer_fused(X, D, seg, S, U, V, nsplit=nsplit)
     assert out.shape == (S, r, r) and out.dtype == F32
     err = rel_err(out, ref)
     assert err <= (2e-5 if dtype == F32 else 2.0 * torch_bf16_error(X.nan_to_num(0, 0, 0), D.nan_to_num(0, 0, 0),
                                                                        seg, S, U, V, ref) + 1e-6), err
     for s in set(range(S)) - set(seg[seg >= 0].tolist()):
         assert torch.equal(out[s].cpu(), torch.zeros(r, r))
-    assert torch.equal(out, _triton.segment_grad_outer(X, D, seg, S, U, V, nsplit=nsplit))  # bitwise repeatable
+    # bitwise repeatable
+    assert torch.equal(out, _triton.segment_grad_outer_fused(X, D, seg, S, U, V, nsplit=nsplit))
 
 
 @needs_triton
@@ -223,10 +225,10 @@ def test_triton_fused_agrees_with_two_pass_and_handles_empty_input():
 
     X, D, seg, U, V = make(150, 24, 40, 16, 6, F32, TRITON_DEV, seed=4)
     seg = contiguous_episodes(150, 6, seed=4).to(TRITON_DEV)
-    fused = _triton.segment_grad_outer(X, D, seg, 6, U, V)
-    assert rel_err(fused, _triton.segment_grad_outer_two_pass(X, D, seg, 6, U, V)) <= 1e-6
+    fused = _triton.segment_grad_outer_fused(X, D, seg, 6, U, V)
+    assert rel_err(fused, _triton.segment_grad_outer(X, D, seg, 6, U, V)) <= 1e-6
     with ops.poison():
-        empty = _triton.segment_grad_outer(X[:0], D[:0], seg[:0], 3, U, V, nsplit=2)
+        empty = _triton.segment_grad_outer_fused(X[:0], D[:0], seg[:0], 3, U, V, nsplit=2)
     assert torch.equal(empty.cpu(), torch.zeros(3, 16, 16))
 
 

@@ -54,9 +54,9 @@ def impls(device: str, l2t_backends: list[str]) -> list[Impl]:
                 lambda inp, b=b: ops.fisher_quadform(inp["delta"], grads=inp["grads"], damping=inp["damping"],
                                                      backend=b))
            for b in l2t_backends]
-    if "triton" in l2t_backends:  # the split-K + finalize Triton path the fused kernel replaced, for the ratio
+    if "triton" in l2t_backends:  # the fused-epilogue Triton kernel (not the backend's path: slower on an H100)
         from l2t_ext.ops import _triton
 
-        out.append(Impl("l2t:triton_splitk", "l2t",
-                        lambda inp: _triton.fisher_quadform_splitk(inp["delta"], inp["grads"], inp["damping"])))
+        out.append(Impl("l2t:triton_fused", "l2t", lambda inp: _triton.fisher_quadform_fused_implicit(
+            inp["delta"], inp["grads"], inp["damping"])))
     return out + [Impl("explicit_fisher", "baseline", _explicit_fisher), Impl("torch_best", "baseline", _torch_best)]

@@ -55,7 +55,7 @@ def kernel_goals(rows: list[dict]) -> list[dict]:
         pct = tri.get("pct_of_bandwidth") or 0.0
         extra = "".join(f"; {label} {t['torch_best']['ms'] / t[impl]['ms']:.2f}x"
                         for impl, label in (("l2t:triton_nocheck", "without the id check (the reward's call)"),
-                                            ("l2t:triton_2pass", "two-pass")) if impl in t)
+                                            ("l2t:triton_fused", "fused single pass")) if impl in t)
         out.append(_row(goal, f"{x:.2f}x, {pct:.0f}% of the floor ({tri['ms']:.3f} ms){extra}",
                         x >= want_x and (want_pct is None or pct >= want_pct)))
     for case in (SGO_SMALL, SGO_BIG):

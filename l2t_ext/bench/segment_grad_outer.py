@@ -101,8 +101,8 @@ def impls(device: str, l2t_backends: list[str]) -> list[Impl]:
         # id back after its kernels are queued)
         out.append(Impl("l2t:triton_nocheck", "l2t", lambda inp: ops.segment_grad_outer(
             inp["X"], inp["D"], inp["seg"], inp["S"], inp["U"], inp["V"], backend="triton", check_ids=False)))
-        # the unfused two-pass Triton path the fused kernel replaced, for the ratio
-        out.append(Impl("l2t:triton_2pass", "l2t", lambda inp: _triton.segment_grad_outer_two_pass(
+        # the fused single-pass Triton kernel (not the backend's path: slower on an H100), called directly
+        out.append(Impl("l2t:triton_fused", "l2t", lambda inp: _triton.segment_grad_outer_fused(
             inp["X"], inp["D"], inp["seg"].to(torch.int64), inp["S"], inp["U"], inp["V"])))
     out += [Impl("torch_func", "baseline", _torch_func), Impl("torch_naive", "baseline", _torch_naive),
             Impl("torch_best", "baseline", _torch_best)]

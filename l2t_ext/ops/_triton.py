@@ -233,9 +233,11 @@ def _sgo_prune(configs, named_args, **kwargs):
     return keep or configs
 
 
-# tuning results cached on disk where this Triton can (cache_results: Triton >= 3.2; the GPU check ran 3.6)
+# tuning results cached on disk where this Triton can (cache_results: Triton >= 3.2; the GPU check ran 3.6); keyed on
+# the layer shapes and ranks only (and dtypes): the pieces per segment change with T and the episode count, which
+# in training change every step, and keying on them re-tuned (compiled every tile) again and again
 _DISK_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-_sgo_fused = triton.autotune(configs=_sgo_configs(), key=["n", "m", "ra", "rb", "nsplit"],
+_sgo_fused = triton.autotune(configs=_sgo_configs(), key=["n", "m", "ra", "rb"],
                              prune_configs_by={"early_config_prune": _sgo_prune}, **_DISK_CACHE)(_sgo_fused_kernel)
 
 
@@ -380,12 +382,13 @@ def _nsplit(T: int, S: int, device) -> int:
     return max(1, min(-(-4 * _sm_count(device) // S), T // (32 * S)))
 
 
-def segment_grad_outer(X, D, seg, num_segments: int, U, V, nsplit: int | None = None) -> torch.Tensor:
-    """Fused single pass, no host synchronisation (the public op's id check makes one): a bounds kernel finds
-    each segment's token span, then one program per (segment, piece of its span, r-tile) projects its tokens on
-    the fly and accumulates their outer products in token order; with more than one piece, the pieces are summed
-    in a fixed order. Three launches for any T (four with pieces), deterministic (no float atomics). ``nsplit``
-    overrides the pieces (tests)."""
+def segment_grad_outer_fused(X, D, seg, num_segments: int, U, V, nsplit: int | None = None) -> torch.Tensor:
+    """Fused single pass, no host synchronisation: a bounds kernel finds each segment's token span, then one
+    program per (segment, piece of its span, r-tile) projects its tokens on the fly and accumulates their outer
+    products in token order; with more than one piece, the pieces are summed in a fixed order. Three launches for
+    any T (four with pieces), deterministic (no float atomics). ``nsplit`` overrides the pieces (tests).
+    Not the backend's path: on an H100 it measured 0.53-1.13x the two-pass path's speed (``segment_grad_outer``
+    below; benchmarks/results/h100), so it stays an explicit candidate that ``l2t bench`` times beside it."""
     T, S = seg.numel(), num_segments
     bf16 = X.dtype == torch.bfloat16 and _BF16_DOT_OK
     wdt = torch.bfloat16 if bf16 else F32
@@ -403,10 +406,10 @@ def segment_grad_outer(X, D, seg, num_segments: int, U, V, nsplit: int | None = 
     return P[:, 0] if nsplit == 1 else P.sum(1)  # torch's reduction: fixed order for a given shape
 
 
-def segment_grad_outer_two_pass(X, D, seg, num_segments: int, U, V) -> torch.Tensor:
-    """The previous GPU path, kept as a benchmark baseline for the fused kernel: project every token (two GEMMs
-    writing (T, r) float32 intermediates), then one program per segment reduces the rows of its token range
-    [first, last] in token order. No sort, no host synchronisation."""
+def segment_grad_outer(X, D, seg, num_segments: int, U, V) -> torch.Tensor:
+    """Two passes: project every token (two GEMMs writing (T, r) float32 intermediates, a small share of the bytes
+    at r <= 64), then one program per segment reduces the rows of its token range [first, last] in token order.
+    No sort, no host synchronisation, fixed tiles (nothing to tune at the first call), deterministic."""
     T, S = seg.numel(), num_segments
     A = row_project(D, None, U)  # (T, r) float32
     B = row_project(X, None, V)  # (T, r') float32
@@ -493,19 +496,27 @@ def _quadform_fused(delta: torch.Tensor, G: torch.Tensor, weighted: bool, inv_n:
     return q
 
 
-def fisher_quadform_implicit(delta: torch.Tensor, grads: torch.Tensor, damping: float, nz: int | None = None):
+def fisher_quadform_fused_implicit(delta: torch.Tensor, grads: torch.Tensor, damping: float,
+                                   nz: int | None = None) -> torch.Tensor:
+    """The fused-epilogue quadform. Not the backend's path: on an H100 the split-K + finalize path below was faster
+    at 5 of 6 measured sizes (benchmarks/results/h100), so this one stays an explicit candidate for ``l2t bench``."""
     g = grads if grads.dtype == delta.dtype else grads.to(delta.dtype)
     return _quadform_fused(delta, g, False, 1.0 / grads.shape[0], damping, nz)
 
 
-def fisher_quadform_explicit(delta: torch.Tensor, fisher: torch.Tensor, damping: float, nz: int | None = None):
+def fisher_quadform_fused_explicit(delta: torch.Tensor, fisher: torch.Tensor, damping: float,
+                                   nz: int | None = None) -> torch.Tensor:
     F = fisher if fisher.dtype in (F32, torch.bfloat16) else fisher.to(F32)
     return _quadform_fused(delta, F, True, 1.0, damping, nz)
 
 
-def fisher_quadform_splitk(delta: torch.Tensor, grads: torch.Tensor, damping: float) -> torch.Tensor:
-    """The previous path (split-K GEMM, then a finalize kernel), kept as the fused kernel's benchmark baseline."""
+def fisher_quadform_implicit(delta: torch.Tensor, grads: torch.Tensor, damping: float) -> torch.Tensor:
+    """Split-K GEMM (bf16 dots on tensor cores for bf16 inputs), then a finalize kernel that squares and sums."""
     return _splitk.fisher_quadform_implicit(SPLITK, delta, grads, damping)
+
+
+def fisher_quadform_explicit(delta: torch.Tensor, fisher: torch.Tensor, damping: float) -> torch.Tensor:
+    return _splitk.fisher_quadform_explicit(SPLITK, delta, fisher, damping)
 
 
 def fisher_accumulate(G: torch.Tensor, F_in: torch.Tensor | None, decay: float | None) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from l2t_ext.ops._common import autocast_off, check_same_device, check_tensor, implementation, pick
 
 # fisher_quadform / fisher_accumulate per backend ("module.function" under l2t_ext/ops/; cuda uses the split-K
-# driver in _splitk.py, triton its own fused quadform kernel and the driver's fisher_accumulate); tests:
+# driver in _splitk.py, triton the same driver with its own GEMM and finalize kernels); tests:
 # python_tests/test_fisher_quadform.py, benchmark: l2t_ext/bench/fisher_quadform.py
 FISHER_QUADFORM_IMPLICIT = {
     "torch": "reference.fisher_quadform_implicit",
@@ -39,11 +39,10 @@ FISHER_ACCUMULATE = {
 
 def quadform_auto_order(device: torch.device, dtype: torch.dtype, p: int) -> tuple[str, ...]:
     """Fastest first, measured by ``l2t bench`` at M=64, N=512 (benchmarks/README.md). CPU: torch (one MKL GEMM)
-    beats the C++ kernel. H200, measured at p = 4096, 16384 and 65536: the CUDA kernel wins at 4096, Triton at
-    16384; the cut is placed at p <= 8192, between the measured sizes. float32 at p > 32768: torch (cuBLAS).
-    Those Triton numbers are the split-K + finalize path; the fused kernel that replaced it is not measured yet
-    (``l2t bench --device cuda`` times both). bfloat16 skips the CUDA kernel: its bf16 GEMM now runs on tensor
-    cores (WMMA) and has not run on a GPU yet."""
+    beats the C++ kernel. H200 and H100, measured at p = 4096, 16384 and 65536, float32: the CUDA kernel wins at
+    4096, Triton (split-K + finalize) at 16384; the cut is placed at p <= 8192, between the measured sizes; at
+    p > 32768 torch (cuBLAS). bfloat16: Triton at every measured p (H100: 9x the CUDA kernel's tensor-core
+    WMMA GEMM at 4096, 19x at 65536)."""
     if device.type == "cpu":
         return ("torch",)
     if dtype == torch.bfloat16:
