@@ -3,8 +3,10 @@
 #   build   l2t_ext for one arch (sm_90) against the machine's own torch (no build isolation, no deps);
 #   tests   the kernel tests (CUDA and Triton run on the GPU; nothing is interpreted; pytest-xdist workers when
 #           installed, so that Triton's compiles run in parallel);
-#   bench   the GPU kernel benchmarks, bf16 and fp32: each backend through the public op, the fused Triton
-#           candidates (l2t:triton_fused), the reward's unchecked call (l2t:triton_nocheck), the torch baselines;
+#   bench   the GPU kernel benchmarks, bf16 and fp32: each backend through the public op, the reward's
+#           unchecked call (l2t:triton_nocheck), Triton candidates called directly (l2t:triton_2pass /
+#           _splitk: the backend's paths, _ksplit: projections split over K, _fused: the single-pass kernels),
+#           the torch baselines;
 #   reward  the reward cost benchmark (Qwen2-0.5B shapes, bf16; a goal with thresholds, so before train);
 #   train   the first training runs on the GPU: 2 steps each of GRPO and L2T with a random-init
 #           Qwen2-0.5B-shaped policy in bf16 (step time per phase, peak memory, the reward's share of the

@@ -220,6 +220,31 @@ def test_triton_fused_pieces_match_bruteforce(dtype, nsplit, layout):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("ksplit", [2, 3, None])
+def test_triton_two_pass_split_over_k_matches_bruteforce(dtype, ksplit):
+    """The two-pass path's projections with K cut into chunks (programs of their own, summed in order): K not a
+    multiple of the 64-wide chunk, n != m, masked rows holding NaN/Inf, bitwise repeatable; None picks the split
+    from the GPU's size (one chunk under the interpreter)."""
+    from l2t_ext.ops import _triton
+
+    T, n, m, r, S = 97, 150, 131, 20, 5
+    X, D, seg, U, V = make(T, n, m, r, S, dtype, TRITON_DEV, seed=ksplit or 1)
+    X, D = X.clone(), D.clone()
+    X[seg < 0], D[seg < 0] = float("nan"), float("inf")
+    X0, D0 = X.masked_fill((seg < 0)[:, None], 0), D.masked_fill((seg < 0)[:, None], 0)
+    ref = brute_force(X0, D0, seg, S, U, V)
+    with ops.poison():
+        out = _triton.segment_grad_outer(X, D, seg, S, U, V, ksplit=ksplit)
+    tol = 2e-5 if dtype == F32 else 2.0 * torch_bf16_error(X0, D0, seg, S, U, V, ref) + 1e-6
+    assert rel_err(out, ref) <= tol
+    assert torch.equal(out, _triton.segment_grad_outer(X, D, seg, S, U, V, ksplit=ksplit))
+    if ksplit:  # the chunks are really separate programs: 150 columns in 64-wide chunks
+        A = _triton.row_project(X0, None, V, ksplit)
+        assert rel_err(A, X0.double() @ V.double()) <= (2e-6 if dtype == F32 else 1e-2)
+
+
+@needs_triton
 def test_triton_fused_agrees_with_two_pass_and_handles_empty_input():
     from l2t_ext.ops import _triton
 

@@ -54,9 +54,10 @@ def impls(device: str, l2t_backends: list[str]) -> list[Impl]:
                 lambda inp, b=b: ops.fisher_quadform(inp["delta"], grads=inp["grads"], damping=inp["damping"],
                                                      backend=b))
            for b in l2t_backends]
-    if "triton" in l2t_backends:  # the fused-epilogue Triton kernel (not the backend's path: slower on an H100)
-        from l2t_ext.ops import _triton
+    if "triton" in l2t_backends:  # Triton called directly (no op layer): the backend's split-K path, and the
+        from l2t_ext.ops import _triton  # fused-epilogue kernel (not the backend's path: slower on an H100)
 
-        out.append(Impl("l2t:triton_fused", "l2t", lambda inp: _triton.fisher_quadform_fused_implicit(
-            inp["delta"], inp["grads"], inp["damping"])))
+        out += [Impl(f"l2t:triton_{name}", "l2t", lambda inp, fn=fn: fn(inp["delta"], inp["grads"], inp["damping"]))
+                for name, fn in (("splitk", _triton.fisher_quadform_implicit),
+                                 ("fused", _triton.fisher_quadform_fused_implicit))]
     return out + [Impl("explicit_fisher", "baseline", _explicit_fisher), Impl("torch_best", "baseline", _torch_best)]

@@ -101,9 +101,15 @@ def impls(device: str, l2t_backends: list[str]) -> list[Impl]:
         # id back after its kernels are queued)
         out.append(Impl("l2t:triton_nocheck", "l2t", lambda inp: ops.segment_grad_outer(
             inp["X"], inp["D"], inp["seg"], inp["S"], inp["U"], inp["V"], backend="triton", check_ids=False)))
-        # the fused single-pass Triton kernel (not the backend's path: slower on an H100), called directly
-        out.append(Impl("l2t:triton_fused", "l2t", lambda inp: _triton.segment_grad_outer_fused(
-            inp["X"], inp["D"], inp["seg"].to(torch.int64), inp["S"], inp["U"], inp["V"])))
+        # Triton candidates, called directly (no op layer, no id check), so that they compare with each other:
+        # the backend's two-pass path, the same with its projections split over K to fill the GPU (not measured
+        # yet), and the fused single-pass kernel (slower than two-pass on an H100)
+        def direct(fn, **kw):
+            return lambda inp: fn(inp["X"], inp["D"], inp["seg"].to(torch.int64), inp["S"], inp["U"], inp["V"], **kw)
+
+        out += [Impl("l2t:triton_2pass", "l2t", direct(_triton.segment_grad_outer)),
+                Impl("l2t:triton_ksplit", "l2t", direct(_triton.segment_grad_outer, ksplit=None)),
+                Impl("l2t:triton_fused", "l2t", direct(_triton.segment_grad_outer_fused))]
     out += [Impl("torch_func", "baseline", _torch_func), Impl("torch_naive", "baseline", _torch_naive),
             Impl("torch_best", "baseline", _torch_best)]
     return out

@@ -346,12 +346,16 @@ def _pow2(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(1, x))))
 
 
+def _gemm_tiles(nrows: int, ncols: int) -> tuple[int, int]:
+    return (128 if nrows >= 8192 else 64), _pow2(ncols, 16, 64)
+
+
 def _gemm(X, sXr, sXc, sXz, idx, nrows, V, sVk, sVc, ncols, K, *, nz=1, split=False, kchunk=0, seed=0,
           alpha=1.0, beta=0.0, Yin=None, bf16_dot=False):
     Y = empty((nz, nrows, ncols), F32, X.device)
     if nrows == 0 or ncols == 0:
         return Y
-    BM, BN, BK = (128 if nrows >= 8192 else 64), _pow2(ncols, 16, 64), 64
+    (BM, BN), BK = _gemm_tiles(nrows, ncols), 64
     grid = (triton.cdiv(nrows, BM), triton.cdiv(ncols, BN), nz)
     dummy = Y
     _gemm_kernel[grid](X, idx if idx is not None else dummy, V if V is not None else dummy,
@@ -368,12 +372,22 @@ def rsvd_sketch(W: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     return _gemm(W, W.stride(1), W.stride(2), W.stride(0), None, m, None, 0, 0, k, n, nz=B, seed=seed)
 
 
-def row_project(X: torch.Tensor, idx: torch.Tensor | None, V: torch.Tensor) -> torch.Tensor:
+def row_project(X: torch.Tensor, idx: torch.Tensor | None, V: torch.Tensor, ksplit: int | None = 1) -> torch.Tensor:
+    """X[idx] @ V (T', r) float32. ``ksplit`` > 1 cuts K into that many chunks, each its own program, summed in a
+    fixed order (torch's sum over the chunk axis): more programs when the row tiles alone do not fill the GPU
+    (r <= 64 is one column tile, so T16384 gives 128 programs). None: as many as ``_splitk.split`` picks for
+    about two programs per SM."""
     bf16 = X.dtype == torch.bfloat16 and _BF16_DOT_OK
     V = V.to(torch.bfloat16 if bf16 else F32).contiguous()
-    nrows = idx.numel() if idx is not None else X.shape[0]
-    return _gemm(X, X.stride(0), X.stride(1), 0, idx, nrows, V, V.stride(0), 1, V.shape[1], X.shape[1],
-                 bf16_dot=bf16)[0]
+    nrows, (K, ncols) = (idx.numel() if idx is not None else X.shape[0]), V.shape
+    if ksplit is None:
+        BM, BN = _gemm_tiles(nrows, ncols)
+        ksplit = _splitk.split(SPLITK, K, triton.cdiv(nrows, BM) * triton.cdiv(ncols, BN), X.device)[0]
+    kchunk = triton.cdiv(triton.cdiv(K, max(1, ksplit)), 64) * 64
+    nz = max(1, triton.cdiv(K, kchunk))
+    Y = _gemm(X, X.stride(0), X.stride(1), 0, idx, nrows, V, V.stride(0), 1, ncols, K, nz=nz, split=nz > 1,
+              kchunk=kchunk, bf16_dot=bf16)
+    return Y[0] if nz == 1 else Y.sum(0)
 
 
 def _nsplit(T: int, S: int, device) -> int:
@@ -406,13 +420,15 @@ def segment_grad_outer_fused(X, D, seg, num_segments: int, U, V, nsplit: int | N
     return P[:, 0] if nsplit == 1 else P.sum(1)  # torch's reduction: fixed order for a given shape
 
 
-def segment_grad_outer(X, D, seg, num_segments: int, U, V) -> torch.Tensor:
+def segment_grad_outer(X, D, seg, num_segments: int, U, V, ksplit: int | None = 1) -> torch.Tensor:
     """Two passes: project every token (two GEMMs writing (T, r) float32 intermediates, a small share of the bytes
     at r <= 64), then one program per segment reduces the rows of its token range [first, last] in token order.
-    No sort, no host synchronisation, fixed tiles (nothing to tune at the first call), deterministic."""
+    No sort, no host synchronisation, fixed tiles (nothing to tune at the first call), deterministic.
+    ``ksplit`` goes to ``row_project`` (None: split K to fill the GPU; a candidate the bench times, not measured
+    yet, so the backend's default stays 1)."""
     T, S = seg.numel(), num_segments
-    A = row_project(D, None, U)  # (T, r) float32
-    B = row_project(X, None, V)  # (T, r') float32
+    A = row_project(D, None, U, ksplit)  # (T, r) float32
+    B = row_project(X, None, V, ksplit)  # (T, r') float32
     pos = torch.arange(T, device=seg.device)
     bins = torch.where(seg >= 0, seg, S)  # masked tokens go to an extra bin that is dropped
     lo = torch.full((S + 1,), T, dtype=torch.int64, device=seg.device).scatter_reduce_(0, bins, pos, "amin")
