@@ -20,7 +20,8 @@ def _reference(h, head, ids, w):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5), (torch.bfloat16, 6e-2)])
 @pytest.mark.parametrize("chunk", [1, 5, 4096])
-def test_matches_full_logits(dtype, tol, chunk):
+@pytest.mark.parametrize("head_grads", [True, False], ids=["recomputed", "jacobian_in_forward"])
+def test_matches_full_logits(dtype, tol, chunk, head_grads):
     g = torch.Generator().manual_seed(chunk)
     B, L, d, V = 3, 11, 16, 97  # odd sizes; 30 predicted positions
     h = torch.randn(B, L, d, generator=g).to(dtype).requires_grad_(True)
@@ -29,10 +30,11 @@ def test_matches_full_logits(dtype, tol, chunk):
     w = torch.randn(B, L, generator=g, dtype=torch.float64)
     w[0] = 0  # rows without an upstream gradient (the prompt) are skipped by the backward
     w[:, -1] = 0
-    lp = head_token_logprobs(h, head, ids, chunk_tokens=chunk)
+    lp = head_token_logprobs(h, head, ids, chunk_tokens=chunk, head_grads=head_grads)
     assert lp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and lp.shape == (B, L)
-    got = (lp.detach(), *torch.autograd.grad((lp.double() * w).sum(), [h, head.weight, head.bias]))
-    want = _reference(h, head, ids, w)
+    wrt = [h, head.weight, head.bias] if head_grads else [h]  # per-token upstream gradients w, zero on some rows
+    got = (lp.detach(), *torch.autograd.grad((lp.double() * w).sum(), wrt))
+    want = _reference(h, head, ids, w)[:len(wrt) + 1]
     for name, a, b in zip(("lp", "d_hidden", "d_weight", "d_bias"), got, want):
         assert torch.isfinite(a).all(), name
         scale = max(1.0, b.abs().max().item())
@@ -42,7 +44,8 @@ def test_matches_full_logits(dtype, tol, chunk):
 
 
 @pytest.mark.parametrize("backward_in_region", [True, False])
-def test_under_bf16_autocast_matches_the_models_own_logits(backward_in_region):
+@pytest.mark.parametrize("head_grads", [True, False], ids=["recomputed", "jacobian_in_forward"])
+def test_under_bf16_autocast_matches_the_models_own_logits(backward_in_region, head_grads):
     # a float32 model scored inside a bf16 autocast region (the trainer on a GPU; CPU autocast here): the logits
     # are the head's bf16 GEMM, as model(...).logits would be, and the backward recomputes them in bf16 whether
     # it runs inside the region or after it
@@ -55,11 +58,12 @@ def test_under_bf16_autocast_matches_the_models_own_logits(backward_in_region):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = token_logprobs(head(h), ids)
         want_grads = torch.autograd.grad((want * w).sum(), [h, head.weight, head.bias])
-        lp = head_token_logprobs(h, head, ids, chunk_tokens=4)
+        lp = head_token_logprobs(h, head, ids, chunk_tokens=4, head_grads=head_grads)
+        wrt = [h, head.weight, head.bias] if head_grads else [h]
         if backward_in_region:
-            grads = torch.autograd.grad((lp * w).sum(), [h, head.weight, head.bias])
+            grads = torch.autograd.grad((lp * w).sum(), wrt)
     if not backward_in_region:
-        grads = torch.autograd.grad((lp * w).sum(), [h, head.weight, head.bias])
+        grads = torch.autograd.grad((lp * w).sum(), wrt)
     assert lp.dtype == torch.float32 and (lp - want).abs().max() <= 1e-5
     for name, a, b in zip(("d_hidden", "d_weight", "d_bias"), grads, want_grads):
         assert a.dtype == torch.float32 and torch.isfinite(a).all(), name
@@ -90,7 +94,12 @@ def test_head_grads_false_differentiates_the_hidden_state_only(monkeypatch):
     lp = head_token_logprobs(h, head, ids, chunk_tokens=4, head_grads=False)
     (got,) = torch.autograd.grad(lp.sum(), [h])
     assert torch.equal(got, want)
-    assert calls == [(4, 13), (4, 13), (2, 13)]  # d hidden = dz @ W per chunk; no dz^T @ h for the weight
+    # d hidden = dz @ W per chunk, formed in the forward; no dz^T @ h for the weight, no logits recomputed
+    assert calls == [(4, 13), (4, 13), (2, 13)]
+    lp = head_token_logprobs(h, head, ids, chunk_tokens=4, head_grads=False)
+    with torch.no_grad():
+        head_token_logprobs(h, head, ids, chunk_tokens=4, head_grads=False)
+    assert calls == [(4, 13), (4, 13), (2, 13)] * 2  # no gradient wanted: nothing formed for it
 
 
 def test_bad_input():

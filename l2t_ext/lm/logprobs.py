@@ -37,8 +37,15 @@ def split_head(model) -> tuple | None:
 
 
 class _HeadLogprobs(torch.autograd.Function):
-    """log softmax(h W^T + b)[target] row by row, ``chunk`` rows at a time; saves only (h, W, b, targets, lse):
-    the (rows, vocab) logits exist one chunk at a time in the forward and again in the backward (recomputed)."""
+    """log softmax(h W^T + b)[target] row by row, ``chunk`` rows at a time; the (rows, vocab) logits exist one chunk
+    at a time. Two ways to the gradient:
+
+    - only ``h`` needs one (the head is constant): each row's log-prob depends on its own hidden state alone, so
+      its Jacobian d lp_t / d h_t = (onehot(target_t) - softmax(z_t)) W is a d-vector, computed in the forward
+      from the chunk's logits already at hand and saved (rows x d, like h); the backward scales it by the
+      upstream gradient. Two GEMMs per chunk in all, as through full logits, and no logits recomputed.
+    - the head's parameters need one too: saves (h, W, b, targets, lse) and the backward recomputes each chunk's
+      logits (the weight's gradient needs the upstream gradient, unknown in the forward)."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets, chunk):
@@ -46,6 +53,8 @@ class _HeadLogprobs(torch.autograd.Function):
         n = h.shape[0]
         lp = torch.empty(n, dtype=acc, device=h.device)
         lse = torch.empty(n, dtype=acc, device=h.device)
+        ctx.jacobian = ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3])
+        jac = torch.empty_like(h) if ctx.jacobian else None
         ctx.zdt = torch.result_type(h, weight)  # the logits' dtype: the head's, or autocast's (below) when active
         for s in range(0, n, chunk):
             z = torch.nn.functional.linear(h[s:s + chunk], weight, bias)  # as the model's own head computes them
@@ -53,12 +62,21 @@ class _HeadLogprobs(torch.autograd.Function):
             z = z.to(acc)
             lse[s:s + chunk] = torch.logsumexp(z, -1)
             lp[s:s + chunk] = z.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
-        ctx.save_for_backward(h, weight, bias, targets, lse)
+            if ctx.jacobian:
+                jac[s:s + chunk] = _dlogprob_dhidden(z, lse[s:s + chunk], targets[s:s + chunk], None, weight,
+                                                     ctx.zdt, h.device.type)
+        if ctx.jacobian:
+            ctx.save_for_backward(jac)
+        else:
+            ctx.save_for_backward(h, weight, bias, targets, lse)
         ctx.chunk = chunk
         return lp
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.jacobian:
+            (jac,) = ctx.saved_tensors
+            return jac * grad[:, None].to(jac.dtype), None, None, None, None
         h, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         gh = torch.zeros_like(h) if need_h else None
@@ -73,11 +91,8 @@ class _HeadLogprobs(torch.autograd.Function):
             for s in range(0, rows.numel(), ctx.chunk):
                 idx = rows[s:s + ctx.chunk]
                 hc, g = h[idx], grad[idx].to(lse.dtype)
-                # d lp / d z = onehot(target) - softmax(z), times the upstream gradient
-                dz = -(torch.nn.functional.linear(hc.to(zdt), wz, bz).to(lse.dtype) - lse[idx, None]).exp_() \
-                    * g[:, None]
-                dz.scatter_add_(1, targets[idx, None], g[:, None])
-                dz = dz.to(zdt)
+                z = torch.nn.functional.linear(hc.to(zdt), wz, bz).to(lse.dtype)
+                dz = _dlogprob_dlogits(z, lse[idx], targets[idx], g).to(zdt)
                 if need_h:
                     gh[idx] = (dz @ wz).to(gh.dtype)
                 if need_w:
@@ -87,11 +102,27 @@ class _HeadLogprobs(torch.autograd.Function):
         return (gh, gw.to(weight.dtype) if need_w else None, gb.to(bias.dtype) if need_b else None, None, None)
 
 
+def _dlogprob_dlogits(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, g: torch.Tensor | None):
+    """(rows, vocab) g * (onehot(target) - softmax(z)), the gradient of g * lp w.r.t. the logits; overwrites z."""
+    dz = z.sub_(lse[:, None]).exp_().neg_()
+    if g is not None:
+        dz.mul_(g[:, None])
+    return dz.scatter_add_(1, targets[:, None], g[:, None] if g is not None else dz.new_ones(dz.shape[0], 1))
+
+
+def _dlogprob_dhidden(z, lse, targets, g, weight, zdt, device_type: str) -> torch.Tensor:
+    """(rows, d) d lp / d h = (onehot(target) - softmax(z)) W, in the logits' dtype as autograd would compute it."""
+    with torch.autocast(device_type, enabled=False):
+        return _dlogprob_dlogits(z, lse, targets, g).to(zdt) @ weight.to(zdt)
+
+
 def head_token_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, input_ids: torch.Tensor,
                         chunk_tokens: int = 1024, head_grads: bool = True) -> torch.Tensor:
     """``token_logprobs(head(hidden), input_ids)`` without forming the (B, L, vocab) logits: the output layer and
-    its log-softmax run ``chunk_tokens`` positions at a time, forward and backward (recomputed), so the memory of
-    that step is O(chunk_tokens x vocab) instead of two (B, L, vocab) float32 tensors.
+    its log-softmax run ``chunk_tokens`` positions at a time, so the memory of that step is O(chunk_tokens x
+    vocab) instead of two (B, L, vocab) float32 tensors. With ``head_grads=False`` the gradient w.r.t. ``hidden``
+    is formed in the forward from each chunk's logits (one more GEMM per chunk, no logits in the backward);
+    otherwise the backward recomputes each chunk's logits.
 
     Args:
         hidden: (B, L, d) the decoder's last hidden state (after its final norm).
@@ -100,7 +131,8 @@ def head_token_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, input_ids: 
         chunk_tokens: positions per chunk (>= 1).
         head_grads: False treats the head's parameters as constants. A custom autograd function's backward
             cannot tell which inputs a ``torch.autograd.grad`` call asks for, so a caller that only needs the
-            gradient w.r.t. ``hidden`` saves a (vocab x d) GEMM per chunk and a (vocab, d) float32 buffer.
+            gradient w.r.t. ``hidden`` saves the logits' recomputation, a (vocab x d) GEMM per chunk and a
+            (vocab, d) float32 buffer; it pays one (rows, d) tensor for the saved per-row gradients.
 
     Returns:
         (B, L) log pi(x_{t+1} | x_<=t) at position t, last position 0; float32 (float64 for float64 hidden);
