@@ -63,8 +63,8 @@ class _HeadLogprobs(torch.autograd.Function):
             lse[s:s + chunk] = torch.logsumexp(z, -1)
             lp[s:s + chunk] = z.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
             if ctx.jacobian:
-                jac[s:s + chunk] = _dlogprob_dhidden(z, lse[s:s + chunk], targets[s:s + chunk], None, weight,
-                                                     ctx.zdt, h.device.type)
+                jac[s:s + chunk] = _dlogprob_dhidden(z, lse[s:s + chunk], targets[s:s + chunk], weight, ctx.zdt,
+                                                     h.device.type)
         if ctx.jacobian:
             ctx.save_for_backward(jac)
         else:
@@ -110,10 +110,11 @@ def _dlogprob_dlogits(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor,
     return dz.scatter_add_(1, targets[:, None], g[:, None] if g is not None else dz.new_ones(dz.shape[0], 1))
 
 
-def _dlogprob_dhidden(z, lse, targets, g, weight, zdt, device_type: str) -> torch.Tensor:
-    """(rows, d) d lp / d h = (onehot(target) - softmax(z)) W, in the logits' dtype as autograd would compute it."""
+def _dlogprob_dhidden(z, lse, targets, weight, zdt, device_type: str) -> torch.Tensor:
+    """(rows, d) d lp / d h = (onehot(target) - softmax(z)) W, in the logits' dtype as autograd would compute it;
+    overwrites z."""
     with torch.autocast(device_type, enabled=False):
-        return _dlogprob_dlogits(z, lse, targets, g).to(zdt) @ weight.to(zdt)
+        return _dlogprob_dlogits(z, lse, targets, None).to(zdt) @ weight.to(zdt)
 
 
 def head_token_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, input_ids: torch.Tensor,
