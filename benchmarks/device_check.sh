@@ -104,7 +104,7 @@ with_auto_off() { L2T_DISABLE_BACKENDS=${L2T_DISABLE_BACKENDS:-$AUTO_OFF} "$@"; 
 
 if want bench; then
   stamp "kernel benchmarks"
-  timeout "$(limit ${BENCH_TIMEOUT:-150})" l2t bench --device cuda ${BENCH_ARGS:---quick} \
+  timeout "$(limit ${BENCH_TIMEOUT:-180})" l2t bench --device cuda ${BENCH_ARGS:---quick} \
     --json "$OUT/bench_gpu.json" --markdown "$OUT/bench_gpu.md" > "$OUT/bench.log" 2>&1
   echo "bench exit code $?"
   grep -vE "^\|" "$OUT/bench.log" | grep -E "skipped|failed|above tolerance" | head -20
