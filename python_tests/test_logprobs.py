@@ -45,7 +45,8 @@ def test_matches_full_logits(dtype, tol, chunk, head_grads):
 
 @pytest.mark.parametrize("backward_in_region", [True, False])
 @pytest.mark.parametrize("head_grads", [True, False], ids=["recomputed", "jacobian_in_forward"])
-def test_under_bf16_autocast_matches_the_models_own_logits(backward_in_region, head_grads):
+@pytest.mark.parametrize("all_rows", [False, True], ids=["", "grad_rows"])  # grad_rows: the indexed path
+def test_under_bf16_autocast_matches_the_models_own_logits(backward_in_region, head_grads, all_rows):
     # a float32 model scored inside a bf16 autocast region (the trainer on a GPU; CPU autocast here): the logits
     # are the head's bf16 GEMM, as model(...).logits would be, and the backward recomputes them in bf16 whether
     # it runs inside the region or after it
@@ -58,7 +59,8 @@ def test_under_bf16_autocast_matches_the_models_own_logits(backward_in_region, h
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = token_logprobs(head(h), ids)
         want_grads = torch.autograd.grad((want * w).sum(), [h, head.weight, head.bias])
-        lp = head_token_logprobs(h, head, ids, chunk_tokens=4, head_grads=head_grads)
+        rows = torch.ones(B, L, dtype=torch.bool) if all_rows else None
+        lp = head_token_logprobs(h, head, ids, chunk_tokens=4, head_grads=head_grads, grad_rows=rows)
         wrt = [h, head.weight, head.bias] if head_grads else [h]
         if backward_in_region:
             grads = torch.autograd.grad((lp * w).sum(), wrt)
@@ -102,12 +104,41 @@ def test_head_grads_false_differentiates_the_hidden_state_only(monkeypatch):
     assert calls == [(4, 13), (4, 13), (2, 13)] * 2  # no gradient wanted: nothing formed for it
 
 
+@pytest.mark.parametrize("head_grads", [True, False], ids=["recomputed", "jacobian_in_forward"])
+def test_grad_rows_make_the_other_positions_constants(head_grads, monkeypatch):
+    """Positions outside grad_rows keep their log-prob values but pass no gradient, whatever the upstream
+    gradient there; with the head constant, no per-row gradient is formed for them (one GEMM for those rows)."""
+    g = torch.Generator().manual_seed(7)
+    B, L, d, V = 2, 7, 8, 13
+    head = torch.nn.Linear(d, V).double()
+    h = torch.randn(B, L, d, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, V, (B, L), generator=g)
+    rows = torch.zeros(B, L, dtype=torch.bool)
+    rows[0, 2:5], rows[1, 5] = True, True  # 4 of the 12 predicting positions
+    w = torch.randn(B, L, generator=g, dtype=torch.float64)  # nonzero everywhere
+    want_lp, *want = _reference(h, head, ids, w * rows)
+    calls = []
+    real = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: calls.append(a.shape) or real(a, b))
+    lp = head_token_logprobs(h, head, ids, chunk_tokens=3, head_grads=head_grads, grad_rows=rows)
+    wrt = [h, head.weight, head.bias] if head_grads else [h]
+    got = torch.autograd.grad((lp * w).sum(), wrt)
+    assert (lp - want_lp).abs().max() <= 1e-12
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() <= 1e-12 * max(1.0, b.abs().max().item())
+    if not head_grads:
+        assert calls == [(3, V), (1, V)]  # d hidden for the 4 gradient rows only, 3 at a time
+
+
 def test_bad_input():
     head = torch.nn.Linear(8, 13)
     with pytest.raises(ValueError, match="hidden must be"):
         head_token_logprobs(torch.randn(2, 6, 8), head, torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="chunk_tokens"):
         head_token_logprobs(torch.randn(2, 6, 8), head, torch.zeros(2, 6, dtype=torch.long), chunk_tokens=0)
+    with pytest.raises(ValueError, match="grad_rows must be a bool tensor"):
+        head_token_logprobs(torch.randn(2, 6, 8), head, torch.zeros(2, 6, dtype=torch.long),
+                            grad_rows=torch.ones(2, 5, dtype=torch.bool))
 
 
 def test_split_head_only_where_logits_are_the_head_of_the_hidden_state():

@@ -45,30 +45,38 @@ class _HeadLogprobs(torch.autograd.Function):
       from the chunk's logits already at hand and saved (rows x d, like h); the backward scales it by the
       upstream gradient. Two GEMMs per chunk in all, as through full logits, and no logits recomputed.
     - the head's parameters need one too: saves (h, W, b, targets, lse) and the backward recomputes each chunk's
-      logits (the weight's gradient needs the upstream gradient, unknown in the forward)."""
+      logits (the weight's gradient needs the upstream gradient, unknown in the forward).
+
+    ``rows`` (bool, or None for all): the rows whose log-prob may carry a gradient; the others' log-probs are
+    constants, and in the first way their Jacobians are never formed (a long prompt costs one GEMM, not two)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, chunk):
+    def forward(ctx, h, weight, bias, targets, chunk, rows):
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
         n = h.shape[0]
         lp = torch.empty(n, dtype=acc, device=h.device)
         lse = torch.empty(n, dtype=acc, device=h.device)
         ctx.jacobian = ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3])
-        jac = torch.empty_like(h) if ctx.jacobian else None
+        jac = torch.zeros_like(h) if ctx.jacobian else None  # rows outside ``rows``: no gradient
         ctx.zdt = torch.result_type(h, weight)  # the logits' dtype: the head's, or autocast's (below) when active
-        for s in range(0, n, chunk):
-            z = torch.nn.functional.linear(h[s:s + chunk], weight, bias)  # as the model's own head computes them
-            ctx.zdt = z.dtype
-            z = z.to(acc)
-            lse[s:s + chunk] = torch.logsumexp(z, -1)
-            lp[s:s + chunk] = z.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
-            if ctx.jacobian:
-                jac[s:s + chunk] = _dlogprob_dhidden(z, lse[s:s + chunk], targets[s:s + chunk], weight, ctx.zdt,
-                                                     h.device.type)
+        # (row indices or None for all rows, form the Jacobian?); with ``rows``, one host read of its indices
+        groups = [(None, ctx.jacobian)] if rows is None or not ctx.jacobian else \
+            [(rows.nonzero().squeeze(1), True), ((~rows).nonzero().squeeze(1), False)]
+        for idx, want_jac in groups:
+            for s in range(0, n if idx is None else idx.numel(), chunk):
+                sel = slice(s, s + chunk) if idx is None else idx[s:s + chunk]
+                z = torch.nn.functional.linear(h[sel], weight, bias)  # as the model's own head computes them
+                ctx.zdt = z.dtype
+                z = z.to(acc)
+                lse[sel] = torch.logsumexp(z, -1)
+                lp[sel] = z.gather(1, targets[sel, None]).squeeze(1) - lse[sel]
+                if want_jac:
+                    jac[sel] = _dlogprob_dhidden(z, lse[sel], targets[sel], weight, ctx.zdt, h.device.type).to(
+                        jac.dtype)  # index_put does not cast (bf16 logits of a float32 model under autocast)
         if ctx.jacobian:
             ctx.save_for_backward(jac)
         else:
-            ctx.save_for_backward(h, weight, bias, targets, lse)
+            ctx.save_for_backward(h, weight, bias, targets, lse, rows)
         ctx.chunk = chunk
         return lp
 
@@ -76,8 +84,10 @@ class _HeadLogprobs(torch.autograd.Function):
     def backward(ctx, grad):
         if ctx.jacobian:
             (jac,) = ctx.saved_tensors
-            return jac * grad[:, None].to(jac.dtype), None, None, None, None
-        h, weight, bias, targets, lse = ctx.saved_tensors
+            return jac * grad[:, None].to(jac.dtype), None, None, None, None, None
+        h, weight, bias, targets, lse, rows = ctx.saved_tensors
+        if rows is not None:
+            grad = torch.where(rows, grad, 0)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         gh = torch.zeros_like(h) if need_h else None
         gw = torch.zeros(weight.shape, dtype=lse.dtype, device=h.device) if need_w else None
@@ -99,7 +109,7 @@ class _HeadLogprobs(torch.autograd.Function):
                     gw += dz.mT.to(gw.dtype) @ hc.to(gw.dtype)
                 if need_b:
                     gb += dz.sum(0).to(gb.dtype)
-        return (gh, gw.to(weight.dtype) if need_w else None, gb.to(bias.dtype) if need_b else None, None, None)
+        return (gh, gw.to(weight.dtype) if need_w else None, gb.to(bias.dtype) if need_b else None, None, None, None)
 
 
 def _dlogprob_dlogits(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, g: torch.Tensor | None):
@@ -118,7 +128,8 @@ def _dlogprob_dhidden(z, lse, targets, weight, zdt, device_type: str) -> torch.T
 
 
 def head_token_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, input_ids: torch.Tensor,
-                        chunk_tokens: int = 1024, head_grads: bool = True) -> torch.Tensor:
+                        chunk_tokens: int = 1024, head_grads: bool = True,
+                        grad_rows: torch.Tensor | None = None) -> torch.Tensor:
     """``token_logprobs(head(hidden), input_ids)`` without forming the (B, L, vocab) logits: the output layer and
     its log-softmax run ``chunk_tokens`` positions at a time, so the memory of that step is O(chunk_tokens x
     vocab) instead of two (B, L, vocab) float32 tensors. With ``head_grads=False`` the gradient w.r.t. ``hidden``
@@ -134,6 +145,9 @@ def head_token_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, input_ids: 
             cannot tell which inputs a ``torch.autograd.grad`` call asks for, so a caller that only needs the
             gradient w.r.t. ``hidden`` saves the logits' recomputation, a (vocab x d) GEMM per chunk and a
             (vocab, d) float32 buffer; it pays one (rows, d) tensor for the saved per-row gradients.
+        grad_rows: optional (B, L) bool, the positions whose log-prob may receive a gradient (e.g. the response
+            tokens); the others are returned as constants (no gradient flows from them), and with
+            ``head_grads=False`` their per-row gradients are not formed. Costs one host read of its indices.
 
     Returns:
         (B, L) log pi(x_{t+1} | x_<=t) at position t, last position 0; float32 (float64 for float64 hidden);
@@ -144,10 +158,16 @@ def head_token_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, input_ids: 
                          f"{tuple(hidden.shape)} and {tuple(input_ids.shape)}")
     if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"head_token_logprobs: chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
+    if grad_rows is not None and (not isinstance(grad_rows, torch.Tensor) or grad_rows.dtype != torch.bool
+                                  or grad_rows.shape != input_ids.shape):
+        raise ValueError(f"head_token_logprobs: grad_rows must be a bool tensor shaped like input_ids "
+                         f"{tuple(input_ids.shape)}, got {getattr(grad_rows, 'dtype', type(grad_rows).__name__)} "
+                         f"{tuple(getattr(grad_rows, 'shape', ()))}")
     B, L, d = hidden.shape
     h = hidden[:, :-1].reshape(-1, d)
     weight, bias = (head.weight, head.bias) if head_grads else \
         (head.weight.detach(), None if head.bias is None else head.bias.detach())
-    lp = _HeadLogprobs.apply(h, weight, bias, input_ids[:, 1:].reshape(-1), chunk_tokens)
+    rows = None if grad_rows is None else grad_rows[:, :-1].reshape(-1)
+    lp = _HeadLogprobs.apply(h, weight, bias, input_ids[:, 1:].reshape(-1), chunk_tokens, rows)
     lp = lp.reshape(B, L - 1)
     return torch.cat([lp, lp.new_zeros(B, 1)], 1)

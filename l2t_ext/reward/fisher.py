@@ -190,9 +190,9 @@ class FisherTracker:
                           for n, m in zip(self.layer_names, self.modules)])
 
     # ----------------------------------------------------------------------------------------- gradients
-    def _capture_forward(self, input_ids, attention_mask, position_ids, use_cache=False):
+    def _capture_forward(self, input_ids, attention_mask, position_ids, use_cache=False, grad_rows=None):
         """Forward with autograd only from the first tracked layer on. Returns (token log-probs (B, L), X list,
-        out list, KV cache or None)."""
+        out list, KV cache or None). ``grad_rows``: (B, L) the positions whose log-prob gets a gradient."""
         xs: list[torch.Tensor] = [None] * len(self.modules)
         outs: list[torch.Tensor] = [None] * len(self.modules)
         first = self.modules[0]
@@ -221,7 +221,8 @@ class FisherTracker:
                 dec, head = self.split
                 out = dec(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
                 # only d lp / d hidden is needed (it flows back to the tracked layers), not the head's gradient
-                lp = head_token_logprobs(out.last_hidden_state, head, input_ids, self.logprob_chunk, head_grads=False)
+                lp = head_token_logprobs(out.last_hidden_state, head, input_ids, self.logprob_chunk, head_grads=False,
+                                         grad_rows=grad_rows)
             else:
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
                 lp = token_logprobs(out.logits if hasattr(out, "logits") else out[0], input_ids)
@@ -259,12 +260,13 @@ class FisherTracker:
                              f"{tuple(attention_mask.shape)} and episode_ids {tuple(episode_ids.shape)} must match")
         B = input_ids.shape[0]
         K = max(int(episode_ids.max()) + 1 if num_episodes is None else int(num_episodes), 0)
-        lp, xs, outs, cache = self._capture_forward(input_ids, attention_mask,
-                                                    position_ids_from_mask(attention_mask), return_cache)
         # the token at t+1 is produced at position t: its episode is charged to position t
         seg = torch.full_like(episode_ids, -1)
         seg[:, :-1] = episode_ids[:, 1:]
         seg = torch.where(seg >= K, torch.full_like(seg, -1), seg)
+        # only episode positions seed the backward: the output layer forms no gradient for the others
+        lp, xs, outs, cache = self._capture_forward(input_ids, attention_mask, position_ids_from_mask(attention_mask),
+                                                    return_cache, grad_rows=seg >= 0)
         acc = lp.dtype
         g = torch.zeros(B, K, self.p, dtype=acc, device=input_ids.device)
         if K > 0 and bool((seg >= 0).any()):
