@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import statistics
 import time
@@ -28,10 +29,20 @@ SHAPES = [(8, 256, 576, 49152), (4, 512, 896, 151936)]  # (B, L, d, vocab): Smol
 
 
 def _load(path: str):
+    """The other version's ``_HeadLogprobs``, called with as many of this version's arguments as it takes (an
+    older one has no trailing ``rows``: it ignores which positions get a gradient)."""
     spec = importlib.util.spec_from_file_location("l2t_logprobs_against", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod._HeadLogprobs
+    cls = mod._HeadLogprobs
+    nargs = len(inspect.signature(cls.forward).parameters) - 1  # without ctx
+
+    class Against:
+        @staticmethod
+        def apply(*args):
+            return cls.apply(*args[:nargs])
+
+    return Against
 
 
 def _timed(fns: dict, reps: int, device: str) -> dict:
