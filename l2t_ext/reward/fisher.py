@@ -264,12 +264,12 @@ class FisherTracker:
         seg = torch.full_like(episode_ids, -1)
         seg[:, :-1] = episode_ids[:, 1:]
         seg = torch.where(seg >= K, torch.full_like(seg, -1), seg)
-        # only episode positions seed the backward: the output layer forms no gradient for the others
+        keep = seg >= 0  # only episode positions seed the backward: the output layer forms no gradient for others
         lp, xs, outs, cache = self._capture_forward(input_ids, attention_mask, position_ids_from_mask(attention_mask),
-                                                    return_cache, grad_rows=seg >= 0)
+                                                    return_cache, grad_rows=keep)
         acc = lp.dtype
         g = torch.zeros(B, K, self.p, dtype=acc, device=input_ids.device)
-        if K > 0 and bool((seg >= 0).any()):
+        if K > 0 and bool(keep.any()):
             (self._exact_grads if exact else self._batched_grads)(g, lp, seg, xs, outs)
         extra = ((lp.detach(),) if return_logprobs else ()) + ((cache,) if return_cache else ())
         return (g, *extra) if extra else g
