@@ -7,7 +7,8 @@
 #           unchecked call (l2t:triton_nocheck), Triton candidates called directly (l2t:triton_2pass /
 #           _splitk: the backend's paths, _ksplit: projections split over K, _fused: the single-pass kernels),
 #           the torch baselines;
-#   reward  the reward cost benchmark (Qwen2-0.5B shapes, bf16; a goal with thresholds, so before train);
+#   reward  the reward cost benchmark (Qwen2-0.5B shapes, bf16; a goal with thresholds, so before train) and a
+#           torch.profiler table of the penalty, the probes and the step (reward_profile.txt);
 #   train   the first training runs on the GPU: 2 steps each of GRPO and L2T with a random-init
 #           Qwen2-0.5B-shaped policy in bf16 (step time per phase, peak memory, the reward's share of the
 #           step), then the tiny-arith preset for 3 steps (metrics sanity), then 3 steps each of GRPO, the
@@ -113,8 +114,8 @@ fi
 
 if want reward; then
   stamp "reward cost benchmark (Qwen2-0.5B shapes, bf16)"
-  with_auto_off timeout "$(limit ${REWARD_TIMEOUT:-120})" $PY "$REPO/benchmarks/bench_reward.py" --device cuda \
-    --json "$OUT/bench_reward_gpu.json" > "$OUT/bench_reward.log" 2>&1
+  with_auto_off timeout "$(limit ${REWARD_TIMEOUT:-150})" $PY "$REPO/benchmarks/bench_reward.py" --device cuda \
+    --json "$OUT/bench_reward_gpu.json" --profile "$OUT/reward_profile.txt" > "$OUT/bench_reward.log" 2>&1
   echo "reward bench exit code $?"
   tail -14 "$OUT/bench_reward.log"
 fi

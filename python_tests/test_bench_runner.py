@@ -94,6 +94,19 @@ def test_reward_bench_parts_agree_on_the_tiny_config():
     assert torch.allclose(chunked, full, rtol=1e-4, atol=1e-6)
 
 
+def test_reward_bench_profile_names_each_part_and_its_ops(tmp_path):
+    """--profile writes one profiler table per part, each with the ops that part runs."""
+    from l2t_ext.bench.reward import profile
+
+    path = tmp_path / "prof.txt"
+    profile("cpu", str(path), parts=("penalty", "jr"), rows=12)
+    text = path.read_text()
+    head_p, head_j = text.index("## penalty (cpu"), text.index("## jr (cpu")
+    assert head_p < head_j and "Self CPU" in text
+    assert "aten::mm" in text[head_p:head_j] or "aten::addmm" in text[head_p:head_j]
+    assert "aten::" in text[head_j:]
+
+
 def test_train_step_bench_runs_l2t_train_on_a_saved_random_model(tmp_path):
     """The GPU check's end-to-end run, at tiny shapes on the CPU: the model directory goes through
     from_pretrained, both methods train, every phase is timed and the regex marker yields several episodes."""

@@ -6,7 +6,9 @@ shapes in bf16. Timed: (a) step = forward + backward of the response log-likelih
 (what every PPO step pays), (b) penalty = FisherTracker.episode_grads + compression_penalty, with the token
 log-probs through the chunked output layer (the default where the model allows it) and (b') penalty_full the
 same through full (B, L, vocab) logits, (c) Jr = AnswerLikelihoodJr probes, (d) the whole DenseProcessReward
-call. Peak memory of each likewise (CPU: peak RSS growth in a fresh process).
+call. Peak memory of each likewise (CPU: peak RSS growth in a fresh process). ``--profile FILE`` also writes a
+torch.profiler table (self time per op, top rows) of one call each of the penalty, the probes and the step: where
+the reward's time goes on the device, not only how much.
 """
 
 from __future__ import annotations
@@ -140,6 +142,26 @@ def run(config: str) -> dict:
     return res
 
 
+def profile(config: str, path: str, parts=("penalty", "jr", "step"), rows: int = 30) -> None:
+    """One warmed-up call of each part under torch.profiler; writes each part's top ops by self device time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    device = _device(config)
+    fns, _ = _fns(config)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    with open(path, "w") as f:
+        for name in parts:
+            fns[name]()  # warm-up: compiles, autotune and allocator growth stay out of the table
+            H.sync(device)
+            with torch_profile(activities=acts) as prof:
+                fns[name]()
+                H.sync(device)
+            f.write(f"## {name} ({config}; sorted by {key})\n")
+            f.write(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60) + "\n\n")
+
+
 def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [f"Reward cost ({res.get('config_name', '?')}) on {m.get('gpu') or m['cpu']} ({m['cpu_cores']} cores), "
@@ -168,6 +190,8 @@ def main(argv=None) -> int:
                    help="model and batch shapes (default: cuda when a GPU is present, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--json", default="bench_reward.json")
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="also write a torch.profiler table of the penalty, the probes and the step to FILE")
     args = p.parse_args(argv)
     if args.device and args.config and _device(args.config) != args.device:
         p.error(f"--config {args.config} runs on {_device(args.config)}, not --device {args.device}")
@@ -178,4 +202,6 @@ def main(argv=None) -> int:
     print(markdown(res))
     with open(args.json, "w") as f:
         json.dump(res, f, indent=1)
+    if args.profile:
+        profile(config, args.profile)
     return 0
