@@ -53,14 +53,18 @@ def broadcast_from_rank0(module: nn.Module) -> None:
 def shard(model: nn.Module, value_head: nn.Module | None = None) -> None:
     """FSDP2 in place: each block of ``model`` is one unit and ``model`` the root unit (embeddings, final norm, LM
     head); the value head, called apart from the model, is a root of its own. The model stays the root because
-    generation, the reward's probes and the loss all call it directly."""
+    generation, the reward's probes and the loss all call it directly. The mesh is built on the model's device
+    type: fully_shard's default mesh takes the accelerator whenever one is present, so CPU ranks on a machine with
+    fewer GPUs than ranks would try cuda:LOCAL_RANK."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
     for block in transformer_blocks(model):
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     if value_head is not None:
-        fully_shard(value_head)
+        fully_shard(value_head, mesh=mesh)
 
 
 def fsdp_units(module: nn.Module) -> list[nn.Module]:
