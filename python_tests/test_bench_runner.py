@@ -80,6 +80,27 @@ def test_bench_json_keeps_the_ops_finished_before_a_run_is_cut_off(tmp_path, mon
     assert rep["results"][0]["pct_of_bandwidth"] == 50.0
 
 
+def test_gpu_timing_asks_for_several_calls_of_a_slow_function(monkeypatch):
+    """do_bench sizes its loop from a time budget; a call slower than the budget must still be timed several times
+    (the reward bench's 130 ms parts once ran a single time), and a fast kernel keeps the short default budget."""
+    import time
+
+    import pytest
+
+    triton_testing = pytest.importorskip("triton.testing")
+    from l2t_ext.bench import _harness as H
+
+    asked = []
+    monkeypatch.setattr(H, "sync", lambda device: None)
+    monkeypatch.setattr(triton_testing, "do_bench", lambda fn, warmup, rep, quantiles: asked.append(rep) or (1, 1, 1))
+    res = H.time_fn(lambda: time.sleep(0.05), "cuda", budget_s=3.0)
+    assert asked[-1] >= H.MIN_CUDA_REPS * 50 and res["reps"] >= H.MIN_CUDA_REPS
+    H.time_fn(lambda: time.sleep(0.4), "cuda", budget_s=3.0)
+    assert 3000 <= asked[-1] < 4 * 1000  # the budget caps it, still several calls
+    H.time_fn(lambda: None, "cuda")
+    assert asked[-1] == 200.0
+
+
 def test_reward_bench_parts_agree_on_the_tiny_config():
     """The reward benchmark's penalty through the chunked output layer and through full logits are the same
     computation (the benchmark compares their cost)."""

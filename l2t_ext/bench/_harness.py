@@ -38,6 +38,9 @@ class Case:
     params: dict  # the suite's floor(params, dtype) gives the fewest bytes any implementation must move
 
 
+MIN_CUDA_REPS = 10  # timed calls per GPU measurement at least, budget allowing
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -48,8 +51,17 @@ def time_fn(fn: Callable[[], object], device: str, budget_s: float = 1.0, max_re
     if device == "cuda":
         import triton.testing
 
-        med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8])
-        return {"ms": med, "p20_ms": p20, "p80_ms": p80, "reps": None}
+        # do_bench sizes its loop from ``rep`` milliseconds: at 200 ms a 130 ms call (the reward bench) ran once,
+        # and its "median" was one sample. Ask for at least MIN_CUDA_REPS calls, within budget_s when that allows.
+        fn()
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        est_ms = (time.perf_counter() - t0) * 1e3
+        rep = max(200.0, min(MIN_CUDA_REPS * est_ms, max(budget_s * 1e3, 3 * est_ms)))
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=rep, quantiles=[0.5, 0.2, 0.8])
+        return {"ms": med, "p20_ms": p20, "p80_ms": p80, "reps": max(1, int(rep / max(est_ms, 1e-3)))}
     t0 = time.perf_counter()
     fn()  # warm-up (first-touch allocation, lazy init)
     first = time.perf_counter() - t0
