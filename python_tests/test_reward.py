@@ -322,11 +322,14 @@ def test_compression_penalty_matches_explicit_formula():
 
 
 # ------------------------------------------------------------------------------------------- Jr
-def test_packed_probes_equal_separate_forwards():
+@pytest.mark.parametrize("cue,left", [([11, 12, 13], True), ([11, 12, 13], False), ([], True)])
+def test_packed_probes_equal_separate_forwards(cue, left):
+    """Every probe of the packed forward (and of the KV-cache path) equals a separate forward of prefix + cue +
+    answer; left or right padding; without a cue the context's last token predicts the first answer token."""
     model = tiny_model("qwen2", dtype=torch.float32)
-    ids, am, resp = rollouts(B=3, seed=2)
+    ids, am, resp = rollouts(B=3, seed=2, left_pad=left)
     ep = segment_episodes(ids, resp, [[M]])
-    cue, answers = [11, 12, 13], [[20, 21], [22], [23, 24, 25]]
+    answers = [[20, 21], [22], [23, 24, 25]]
     jr_est = AnswerLikelihoodJr(model, cue_ids=cue, return_token_logprobs=True)
     r = Rollouts(ids, am, resp, ep, answer_ids=answers)
     jr, valid = jr_est(r)
@@ -361,9 +364,26 @@ def test_packed_probes_equal_separate_forwards():
     with torch.no_grad():
         full = token_logprobs(model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am)).logits,
                               ids)
-    real = am.bool().clone()
-    real[:, -1] = False
+    real = am.bool() & torch.cat([am[:, 1:].bool(), torch.zeros(3, 1, dtype=torch.bool)], 1)  # a real successor
     assert (jr_est.last_token_logprobs[real] - full[real]).abs().max() <= 1e-5
+    assert (jr_est.last_token_logprobs[~real] == 0).all()
+
+
+def test_packed_probes_read_nothing_back_per_row_or_boundary():
+    """The probes are built on the device: a GPU would wait on every host read, so their number must not grow
+    with rows x boundaries (the packing loop it replaced read back ~4 values per boundary and wrote one scalar per
+    answer token)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = tiny_model("qwen2", dtype=torch.float32)
+    ids, am, resp = rollouts(B=6, L=40, seed=3)
+    r = Rollouts(ids, am, resp, segment_episodes(ids, resp, [[M]]), answer_ids=[[20, 21, 22]] * 6)
+    assert r.num_episodes >= 2
+    jr = AnswerLikelihoodJr(model, cue_ids=[11, 12])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        jr(r)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("aten::_local_scalar_dense", 0) <= 3 and counts.get("aten::nonzero", 0) == 0
 
 
 def test_callable_jr_and_dense_reward_end_to_end():

@@ -94,60 +94,11 @@ class AnswerLikelihoodJr:
         self.return_token_logprobs = return_token_logprobs
         self.last_token_logprobs: torch.Tensor | None = None
 
-    def _pack(self, r: Rollouts, K: int):
-        B, dev = r.input_ids.shape[0], r.input_ids.device
-        c = len(self.cue_ids)
-        pos_all, valid = boundary_positions(r.episode_ids, r.response_mask)  # in padded coordinates
-        rows = []
-        for b in range(B):
-            toks, _, _, where = _row_tokens(r, b)
-            ans = [int(t) for t in r.answer_ids[b]]
-            if not ans:
-                raise ValueError(f"AnswerLikelihoodJr: answer_ids[{b}] is empty")
-            # boundary positions in compact (unpadded) coordinates
-            comp = torch.full((K + 1,), -1, dtype=torch.int64)
-            for k in range(K + 1):
-                if valid[b, k]:
-                    comp[k] = int((where == pos_all[b, k]).nonzero()[0, 0])
-            rows.append((toks, ans, comp, where))
-        a_max = max(len(x[1]) for x in rows)
-        blk = c + a_max
-        n_max = max(x[0].numel() for x in rows)
-        P = n_max + (K + 1) * blk
-        ids = torch.full((B, P), self.pad_id, dtype=torch.int64, device=dev)
-        pos = torch.zeros((B, P), dtype=torch.int64, device=dev)
-        mask = torch.zeros((B, P, P), dtype=torch.bool, device=dev)
-        score_at = torch.zeros((B, K + 1, a_max), dtype=torch.int64, device=dev)  # predictor index
-        score_tok = torch.zeros((B, K + 1, a_max), dtype=torch.int64, device=dev)
-        score_ok = torch.zeros((B, K + 1, a_max), dtype=torch.bool, device=dev)
-        causal = torch.ones(n_max, n_max, dtype=torch.bool, device=dev).tril()
-        ar_blk = torch.ones(blk, blk, dtype=torch.bool, device=dev).tril()
-        for b, (toks, ans, comp, _) in enumerate(rows):
-            n, a = toks.numel(), len(ans)
-            ids[b, :n] = toks
-            pos[b, :n] = torch.arange(n, device=dev)
-            mask[b, :n, :n] = causal[:n, :n]
-            mask[b, n:, 0] = True  # unused slots attend somewhere (keeps softmax finite); never read
-            block = torch.tensor(self.cue_ids + ans + [self.pad_id] * (a_max - a), dtype=torch.int64, device=dev)
-            for k in range(K + 1):
-                pk = int(comp[k])
-                if pk < 0:
-                    continue
-                s = n_max + k * blk
-                ids[b, s:s + blk] = block
-                pos[b, s:s + blk] = torch.arange(pk + 1, pk + 1 + blk, device=dev)
-                mask[b, s:s + blk, :] = False
-                mask[b, s:s + blk, :pk + 1] = True
-                mask[b, s:s + blk, s:s + blk] = ar_blk
-                for j in range(a):
-                    score_at[b, k, j] = s + c + j - 1 if c + j >= 1 else pk
-                    score_tok[b, k, j] = ans[j]
-                    score_ok[b, k, j] = True
-        return ids, pos, mask, score_at, score_tok, score_ok, valid, rows
-
-    def _from_cache(self, r: Rollouts, K: int):
-        """Probe blocks only, attending to the rollout's KV cache: (K+1) * (|cue| + |answer|) tokens per row
-        instead of the whole rollout again. Returns (ids, pos, mask (B, Q, L + Q), at, tok, ok, valid)."""
+    def _probes(self, r: Rollouts, K: int):
+        """The probe blocks ``cue + answer`` for every boundary, built on the device without host loops:
+        (ids, pos (B, Q), mask (B, Q, L + Q) over [rollout | blocks], at, tok, ok (B, K+1, a_max), valid, pos_all).
+        Block k sees the rollout's real tokens up to pos_all[k] and itself causally; ``at`` indexes the block part
+        (the predictor of answer token j is cue/answer token c + j - 1 of its block)."""
         B, L = r.input_ids.shape
         dev = r.input_ids.device
         c = len(self.cue_ids)
@@ -176,6 +127,24 @@ class AnswerLikelihoodJr:
         at = (torch.arange(K1, device=dev)[:, None] * blk + c - 1 + j).expand(B, K1, a_max)
         tok = ans[:, None, :].expand(B, K1, a_max)
         ok = (j[None, None, :] < torch.tensor(lens, device=dev)[:, None, None]) & valid[:, :, None]
+        return ids, pos, mask, at, tok, ok, valid, pos_all
+
+    def _pack(self, r: Rollouts, K: int):
+        """The rollout (its own padded layout) followed by the probe blocks, one sequence per row: all K+1 probes
+        in one forward. Returns (ids, pos (B, L + Q), mask (B, L + Q, L + Q), at, tok, ok, valid); ``at`` indexes
+        the packed sequence."""
+        ids_q, pos_q, mask_q, at, tok, ok, valid, pos_all = self._probes(r, K)
+        B, L = r.input_ids.shape
+        dev = r.input_ids.device
+        ar = torch.arange(L, device=dev)
+        ctx = (ar[:, None] >= ar[None, :]) & r.attention_mask.bool()[:, None, :]  # causal over the real tokens
+        ctx |= torch.eye(L, dtype=torch.bool, device=dev)  # padding rows see themselves (finite; never read)
+        mask = torch.cat([torch.cat([ctx, ctx.new_zeros(B, L, ids_q.shape[1])], 2), mask_q], 1)
+        ids = torch.cat([r.input_ids, ids_q], 1)
+        pos = torch.cat([position_ids_from_mask(r.attention_mask), pos_q], 1)
+        # without a cue, answer token 0 is predicted by the context's last token (in the rollout part)
+        first = (len(self.cue_ids) + torch.arange(at.shape[2], device=dev) == 0)[None, None, :]
+        at = torch.where(first, pos_all.clamp(min=0)[:, :, None], at + L)
         return ids, pos, mask, at, tok, ok, valid
 
     @torch.no_grad()
@@ -190,31 +159,26 @@ class AnswerLikelihoodJr:
         split = split_head(self.model)  # (decoder, head) or None
         if cache is not None and self.cue_ids and split is not None:
             dec, head = split
-            ids, pos, mask, at, tok, ok, valid = self._from_cache(r, K)
+            ids, pos, mask, at, tok, ok, valid, _ = self._probes(r, K)
             h = dec(input_ids=ids, attention_mask=mask[:, None], position_ids=pos, use_cache=True,
                     **{_cache_kwarg(dec): cache}).last_hidden_state
             sel = head(h.gather(1, at.reshape(B, -1, 1).expand(-1, -1, h.shape[-1])))
             return _score(sel, at, tok, ok, valid), valid
-        ids, pos, mask, at, tok, ok, valid, rows = self._pack(r, K)
+        ids, pos, mask, at, tok, ok, valid = self._pack(r, K)
         flat_at = at.reshape(B, -1, 1)
         if split is not None and not self.return_token_logprobs:
             dec, head = split
             h = dec(input_ids=ids, attention_mask=mask[:, None], position_ids=pos).last_hidden_state
             sel = head(h.gather(1, flat_at.expand(-1, -1, h.shape[-1])))  # (B, (K+1) * a_max, vocab)
-            logits = None
-        else:
-            logits = self.model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos).logits
-            sel = logits.gather(1, flat_at.expand(-1, -1, logits.shape[-1]))
-        jr = _score(sel, at, tok, ok, valid)
-        if logits is None:
-            return jr, valid
-        # the rollout part of the packed forward is the plain causal forward: keep its token log-probs
-        tl = torch.zeros(r.input_ids.shape, dtype=jr.dtype, device=jr.device)
-        for b, (toks, _, _, where) in enumerate(rows):
-            n = toks.numel()
-            row_lp = token_logprobs(logits[b:b + 1, :n], ids[b:b + 1, :n])[0]
-            tl[b, where] = row_lp
-        self.last_token_logprobs = tl
+            return _score(sel, at, tok, ok, valid), valid
+        logits = self.model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos).logits
+        jr = _score(logits.gather(1, flat_at.expand(-1, -1, logits.shape[-1])), at, tok, ok, valid)
+        if self.return_token_logprobs:
+            # the rollout part of the packed forward is the plain causal forward: keep its token log-probs where
+            # both the token and its successor are real
+            L, am = r.input_ids.shape[1], r.attention_mask.bool()
+            both = am & torch.cat([am[:, 1:], am.new_zeros(B, 1)], 1)
+            self.last_token_logprobs = torch.where(both, token_logprobs(logits[:, :L], r.input_ids), 0.0).to(jr.dtype)
         return jr, valid
 
 
