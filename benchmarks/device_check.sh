@@ -8,7 +8,7 @@
 #           _splitk: the backend's paths, _ksplit: projections split over K, _fused: the single-pass kernels),
 #           the torch baselines;
 #   reward  the reward cost benchmark (Qwen2-0.5B shapes, bf16; a goal with thresholds, so before train) and a
-#           torch.profiler table of the penalty, the probes and the step (reward_profile.txt);
+#           torch.profiler table of the reward, the penalty, the probes and the step (reward_profile.txt);
 #   train   the first training runs on the GPU: 2 steps each of GRPO and L2T with a random-init
 #           Qwen2-0.5B-shaped policy in bf16 (step time per phase, peak memory, the reward's share of the
 #           step), then the tiny-arith preset for 3 steps (metrics sanity), then 3 steps each of GRPO, the

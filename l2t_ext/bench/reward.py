@@ -5,10 +5,11 @@ model with SmolLM2-135M-Instruct's shapes (Llama, 49152-token vocabulary) in flo
 shapes in bf16. Timed: (a) step = forward + backward of the response log-likelihood through all parameters
 (what every PPO step pays), (b) penalty = FisherTracker.episode_grads + compression_penalty, with the token
 log-probs through the chunked output layer (the default where the model allows it) and (b') penalty_full the
-same through full (B, L, vocab) logits, (c) Jr = AnswerLikelihoodJr probes, (d) the whole DenseProcessReward
-call. Peak memory of each likewise (CPU: peak RSS growth in a fresh process). ``--profile FILE`` also writes a
-torch.profiler table (self time per op, top rows) of one call each of the penalty, the probes and the step: where
-the reward's time goes on the device, not only how much.
+same through full (B, L, vocab) logits, (c) Jr = AnswerLikelihoodJr probes in one packed forward of rollout +
+probes (their path without a KV cache), (d) the whole DenseProcessReward call (which runs the probes from the
+penalty forward's KV cache instead). Peak memory of each likewise (CPU: peak RSS growth in a fresh process).
+``--profile FILE`` also writes a torch.profiler table (self time per op, top rows) of one call each of the reward,
+the penalty, the probes and the step: where the reward's time goes on the device, not only how much.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def run(config: str) -> dict:
     return res
 
 
-def profile(config: str, path: str, parts=("penalty", "jr", "step"), rows: int = 30) -> None:
+def profile(config: str, path: str, parts=("reward", "penalty", "jr", "step"), rows: int = 30) -> None:
     """One warmed-up call of each part under torch.profiler; writes each part's top ops by self device time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--json", default="bench_reward.json")
     p.add_argument("--profile", default=None, metavar="FILE",
-                   help="also write a torch.profiler table of the penalty, the probes and the step to FILE")
+                   help="also write a torch.profiler table of the reward, penalty, probes and step to FILE")
     args = p.parse_args(argv)
     if args.device and args.config and _device(args.config) != args.device:
         p.error(f"--config {args.config} runs on {_device(args.config)}, not --device {args.device}")
