@@ -235,10 +235,10 @@ def test_triton_two_pass_split_over_k_matches_bruteforce(dtype, ksplit):
     X0, D0 = X.masked_fill((seg < 0)[:, None], 0), D.masked_fill((seg < 0)[:, None], 0)
     ref = brute_force(X0, D0, seg, S, U, V)
     with ops.poison():
-        out = _triton.segment_grad_outer(X, D, seg, S, U, V, ksplit=ksplit)
+        out = _triton.segment_grad_outer_two_pass(X, D, seg, S, U, V, ksplit=ksplit)
     tol = 2e-5 if dtype == F32 else 2.0 * torch_bf16_error(X0, D0, seg, S, U, V, ref) + 1e-6
     assert rel_err(out, ref) <= tol
-    assert torch.equal(out, _triton.segment_grad_outer(X, D, seg, S, U, V, ksplit=ksplit))
+    assert torch.equal(out, _triton.segment_grad_outer_two_pass(X, D, seg, S, U, V, ksplit=ksplit))
     if ksplit:  # the chunks are really separate programs: 150 columns in 64-wide chunks
         A = _triton.row_project(X0, None, V, ksplit)
         assert rel_err(A, X0.double() @ V.double()) <= (2e-6 if dtype == F32 else 1e-2)
@@ -251,10 +251,34 @@ def test_triton_fused_agrees_with_two_pass_and_handles_empty_input():
     X, D, seg, U, V = make(150, 24, 40, 16, 6, F32, TRITON_DEV, seed=4)
     seg = contiguous_episodes(150, 6, seed=4).to(TRITON_DEV)
     fused = _triton.segment_grad_outer_fused(X, D, seg, 6, U, V)
-    assert rel_err(fused, _triton.segment_grad_outer(X, D, seg, 6, U, V)) <= 1e-6
+    assert rel_err(fused, _triton.segment_grad_outer_two_pass(X, D, seg, 6, U, V)) <= 1e-6
     with ops.poison():
         empty = _triton.segment_grad_outer_fused(X[:0], D[:0], seg[:0], 3, U, V, nsplit=2)
     assert torch.equal(empty.cpu(), torch.zeros(3, 16, 16))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+def test_triton_backend_path_by_dtype_and_size(dtype, monkeypatch):
+    """The backend runs the fused single pass, except float32 inputs over FUSED_F32_MAX_BYTES (two passes, K split);
+    both branches through the op match the float64 reference."""
+    from l2t_ext.ops import _triton
+
+    taken = []
+    for name in ("segment_grad_outer_fused", "segment_grad_outer_two_pass"):
+        real = getattr(_triton, name)
+        monkeypatch.setattr(_triton, name, lambda *a, _f=real, _n=name, **k: taken.append(_n) or _f(*a, **k))
+    X, D, _, U, V = make(97, 40, 24, 16, 5, dtype, TRITON_DEV, seed=11)
+    seg = contiguous_episodes(97, 5, seed=11).to(TRITON_DEV)
+    want = brute_force(X, D, seg, 5, U, V)
+    tol = 2e-5 if dtype == F32 else 2.0 * torch_bf16_error(X, D, seg, 5, U, V, want)
+    for limit, path in ((2**40, "segment_grad_outer_fused"),
+                        (0, "segment_grad_outer_two_pass" if dtype == F32 else "segment_grad_outer_fused")):
+        monkeypatch.setattr(_triton, "FUSED_F32_MAX_BYTES", limit)
+        taken.clear()
+        with ops.poison():
+            out = ops.segment_grad_outer(X, D, seg, 5, U, V, backend="triton")
+        assert taken == [path] and rel_err(out.cpu(), want) <= tol
 
 
 def test_int32_seg_and_auto_backend_agree():

@@ -396,13 +396,28 @@ def _nsplit(T: int, S: int, device) -> int:
     return max(1, min(-(-4 * _sm_count(device) // S), T // (32 * S)))
 
 
+# float32 inputs (X and D) above this many bytes take the two-pass path (see segment_grad_outer below)
+FUSED_F32_MAX_BYTES = 128 * 2**20
+
+
+def segment_grad_outer(X, D, seg, num_segments: int, U, V) -> torch.Tensor:
+    """The backend's path, chosen by the H100's measurements (benchmarks/results/h100_run2, direct calls): the
+    fused single pass (bf16: 3.4x / 1.7x ``torch_best`` at T16384 n=m=4096 r32 / T4096 n=m=1024 r16; float32
+    T4096: 1.8x), except float32 inputs over FUSED_F32_MAX_BYTES, where the fused kernel was 0.97x and the
+    two-pass path with its projections split over K 2.1x (float32 T16384, 537 MB; the threshold sits between the
+    two measured sizes, 34 MB and 537 MB)."""
+    if X.dtype == F32 and (X.numel() + D.numel()) * 4 > FUSED_F32_MAX_BYTES:
+        return segment_grad_outer_two_pass(X, D, seg, num_segments, U, V, ksplit=None)
+    return segment_grad_outer_fused(X, D, seg, num_segments, U, V)
+
+
 def segment_grad_outer_fused(X, D, seg, num_segments: int, U, V, nsplit: int | None = None) -> torch.Tensor:
     """Fused single pass, no host synchronisation: a bounds kernel finds each segment's token span, then one
     program per (segment, piece of its span, r-tile) projects its tokens on the fly and accumulates their outer
     products in token order; with more than one piece, the pieces are summed in a fixed order. Three launches for
     any T (four with pieces), deterministic (no float atomics). ``nsplit`` overrides the pieces (tests).
-    Not the backend's path: on an H100 it measured 0.53-1.13x the two-pass path's speed (``segment_grad_outer``
-    below; benchmarks/results/h100), so it stays an explicit candidate that ``l2t bench`` times beside it."""
+    On an H100 (bf16, called directly) 0.206 ms at T16384 n=m=4096 r32 (1303 GB/s, 44% of copy bandwidth) and
+    0.10-0.15 ms at T4096 n=m=1024 r16, 1.4-2.5x the two-pass path below (benchmarks/results/h100_run2)."""
     T, S = seg.numel(), num_segments
     bf16 = X.dtype == torch.bfloat16 and _BF16_DOT_OK
     wdt = torch.bfloat16 if bf16 else F32
@@ -420,12 +435,12 @@ def segment_grad_outer_fused(X, D, seg, num_segments: int, U, V, nsplit: int | N
     return P[:, 0] if nsplit == 1 else P.sum(1)  # torch's reduction: fixed order for a given shape
 
 
-def segment_grad_outer(X, D, seg, num_segments: int, U, V, ksplit: int | None = 1) -> torch.Tensor:
+def segment_grad_outer_two_pass(X, D, seg, num_segments: int, U, V, ksplit: int | None = 1) -> torch.Tensor:
     """Two passes: project every token (two GEMMs writing (T, r) float32 intermediates, a small share of the bytes
     at r <= 64), then one program per segment reduces the rows of its token range [first, last] in token order.
     No sort, no host synchronisation, fixed tiles (nothing to tune at the first call), deterministic.
-    ``ksplit`` goes to ``row_project`` (None: split K to fill the GPU; a candidate the bench times, not measured
-    yet, so the backend's default stays 1)."""
+    ``ksplit`` goes to ``row_project`` (None: split K to fill the GPU; on an H100 1.1-1.15x the speed of ksplit=1
+    in float32, 0.6-0.9x in bf16). The backend's path for large float32 inputs (``segment_grad_outer``)."""
     T, S = seg.numel(), num_segments
     A = row_project(D, None, U, ksplit)  # (T, r) float32
     B = row_project(X, None, V, ksplit)  # (T, r') float32

@@ -7,9 +7,10 @@ restricted to the tokens of segment s, projected onto the rank-r bases U (m, r),
 
 The compiled backends evaluate the right-hand side: one pass over X and D projects each kept token to two
 r-vectors, then per-chunk outer products are summed per segment in a fixed order (deterministic, no float
-atomics, never a (S, m, n) gradient). The Triton backend projects with two GEMMs and reduces each segment's
-token range [first, last] in one program, with no sort and no host synchronisation. A fused single-pass Triton
-kernel (the projections never reach memory) exists as an explicit candidate: on an H100 it was slower.
+atomics, never a (S, m, n) gradient). The Triton backend does it in one pass with no host synchronisation: each
+program owns a piece of one segment's token range, projects its tokens on the fly (the projections never reach
+memory) and accumulates their outer products; large float32 inputs take a two-pass path (two GEMMs, then a
+per-segment reduction), which measured faster there.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ IMPLEMENTATIONS = {
     "torch": "reference.segment_grad_outer",  # the reference: index_add_ of per-token outer products
     "cpu": "_cpu.segment_grad_outer",  # C++/OpenMP building blocks on the chunked path (_plan.py)
     "cuda": "_cuda.segment_grad_outer",  # CUDA C++ building blocks on the chunked path (_plan.py)
-    "triton": "_triton.segment_grad_outer",  # two passes, no host sync (the fused single pass measured slower)
+    "triton": "_triton.segment_grad_outer",  # single pass (two-pass for large float32 inputs), no host sync
 }
 # the largest (S, r1, r2) output segment_grad_outer allocates; a bigger num_segments is almost surely a bug (an
 # episode count is at most the number of tokens) and used to be found by the OOM killer instead
@@ -33,8 +34,8 @@ MAX_OUTPUT_BYTES = 4 * 2**30
 
 def auto_order(device: torch.device) -> tuple[str, ...]:
     """Fastest first, measured by ``l2t bench`` (benchmarks/README.md): on CPU (2-core AMD EPYC) the C++ kernel
-    beats torch; on an H200 and an H100 Triton's two-pass path beats torch at both measured sizes (bf16 and
-    float32), and the CUDA C++ backend (bf16 GEMMs on tensor cores) measured 0.16-0.38x ``torch_best`` on the H100."""
+    beats torch; on an H100 Triton's single-pass kernel is 3.2-4.5x ``torch_best`` called directly (bf16, both
+    measured sizes), and the CUDA C++ backend (bf16 GEMMs on tensor cores) measured 0.17-0.34x ``torch_best``."""
     return ("cpu", "torch") if device.type == "cpu" else ("triton", "torch", "cuda")
 
 
