@@ -90,6 +90,26 @@ def test_torch_compile_traces_segment_grad_outer():
     assert torch.allclose(compiled(X, D), f(X, D), rtol=1e-5, atol=1e-5)
 
 
+def test_eager_calls_skip_the_custom_op_dispatcher_and_others_keep_it():
+    """A plain eager call runs the op's body directly (the dispatcher's host time showed on GPU timings); inputs
+    that need a gradient still meet the registered op and its missing autograd formula, not a silent gradient."""
+    from torch.profiler import ProfilerActivity, profile
+
+    X, D, seg, S, U, V, _ = _opcheck_args()["segment_grad_outer"]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        eager = ops.segment_grad_outer(X, D, seg, S, U, V, backend="cpu")
+    assert not any("l2t_ext::" in e.key for e in prof.key_averages())
+    Xg = X.clone().requires_grad_()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        G = ops.segment_grad_outer(Xg, D, seg, S, U, V, backend="cpu")
+    assert any("l2t_ext::segment_grad_outer" in e.key for e in prof.key_averages())
+    assert torch.equal(G.detach(), eager)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        G.sum().backward()
+    with torch.no_grad():  # no gradient wanted: the direct path again
+        assert torch.equal(ops.segment_grad_outer(Xg, D, seg, S, U, V, backend="cpu"), eager)
+
+
 def _public_calls(args: dict, backend: str) -> dict:
     """Each public op called on ``_opcheck_args``-style inputs with ``backend``."""
     X, D, seg, S, U, V, _ = args["segment_grad_outer"]

@@ -59,6 +59,33 @@ def autocast_off(body):
     return run
 
 
+def l2t_op(name: str):
+    """Registers the decorated body (autocast off inside) as the custom op ``l2t_ext::name`` and returns a caller
+    of it. torch.compile, export, fake tensors, tensor subclasses and inputs that need a gradient (the op has no
+    autograd formula: torch's error) go through the registered op; a plain eager call runs the body directly,
+    because the custom-op dispatcher costs ~70 us of host time per call (2-core Xeon), more than the kernel of a
+    small call on a GPU. ``caller.register_fake`` registers the op's shape function."""
+    def wrap(body):
+        body = autocast_off(body)
+        op = torch.library.custom_op(f"l2t_ext::{name}", mutates_args=())(body)
+
+        @functools.wraps(body)
+        def caller(*args):
+            return body(*args) if _plain_eager(args) else op(*args)
+
+        caller.register_fake = op.register_fake
+        return caller
+    return wrap
+
+
+def _plain_eager(args) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    return not any(isinstance(a, torch.Tensor) and (type(a) not in (torch.Tensor, torch.nn.Parameter)
+                                                    or (grad and a.requires_grad)) for a in args)
+
+
 @functools.cache
 def implementation(path: str):
     """The function at ``path`` ("module.function" under ``l2t_ext.ops``), imported on first use (a backend's

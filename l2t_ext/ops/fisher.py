@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from l2t_ext.ops._common import autocast_off, check_same_device, check_tensor, implementation, pick
+from l2t_ext.ops._common import check_same_device, check_tensor, implementation, l2t_op, pick
 
 # fisher_quadform / fisher_accumulate per backend ("module.function" under l2t_ext/ops/; cuda uses the split-K
 # driver in _splitk.py, triton the same driver with its own GEMM and finalize kernels); tests:
@@ -59,8 +59,7 @@ def accumulate_auto_order(device: torch.device) -> tuple[str, ...]:
     return ("cpu", "torch") if device.type == "cpu" else ("triton", "torch", "cuda")
 
 
-@torch.library.custom_op("l2t_ext::fisher_quadform", mutates_args=())
-@autocast_off
+@l2t_op("fisher_quadform")
 def _fisher_quadform_op(delta: torch.Tensor, grads: torch.Tensor | None, fisher: torch.Tensor | None,
                         damping: float, backend: str) -> torch.Tensor:
     if grads is not None:
@@ -115,8 +114,7 @@ def fisher_quadform(delta: torch.Tensor, grads: torch.Tensor | None = None, fish
     return _fisher_quadform_op(delta, grads, fisher, float(damping), name)
 
 
-@torch.library.custom_op("l2t_ext::fisher_accumulate", mutates_args=())
-@autocast_off
+@l2t_op("fisher_accumulate")
 def _fisher_accumulate_op(G: torch.Tensor, F: torch.Tensor | None, decay: float, backend: str) -> torch.Tensor:
     return implementation(FISHER_ACCUMULATE[backend])(G, F, decay if F is not None else None)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from l2t_ext.ops._common import autocast_off, check_same_device, check_tensor, implementation, out_dtype, pick
+from l2t_ext.ops._common import check_same_device, check_tensor, implementation, l2t_op, out_dtype, pick
 
 # The sketch Y = W Omega of rsvd, and project, per backend ("module.function" under l2t_ext/ops/); tests:
 # python_tests/test_rsvd.py, benchmark: l2t_ext/bench/rsvd.py
@@ -71,8 +71,7 @@ def _tmatmul(W: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     return (Q.mT @ W).mT if W.device.type == "cpu" else W.mT @ Q
 
 
-@torch.library.custom_op("l2t_ext::rsvd", mutates_args=())
-@autocast_off
+@l2t_op("rsvd")
 def _rsvd_op(W: torch.Tensor, rank: int, oversample: int, n_iter: int, seed: int,
              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lead, (m, n) = W.shape[:-2], W.shape[-2:]
@@ -141,8 +140,7 @@ def rsvd(W: torch.Tensor, rank: int, oversample: int = 8, n_iter: int = 2, seed:
     return _rsvd_op(W, rank, oversample, n_iter, seed - 2**64 if seed >= 2**63 else seed, name)
 
 
-@torch.library.custom_op("l2t_ext::project", mutates_args=())
-@autocast_off
+@l2t_op("project")
 def _project_op(M: torch.Tensor, U: torch.Tensor, V: torch.Tensor, backend: str) -> torch.Tensor:
     return implementation(PROJECT[backend])(M, U, V)
 

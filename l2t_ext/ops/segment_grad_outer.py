@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from l2t_ext.ops._common import autocast_off, check_same_device, check_tensor, implementation, out_dtype, pick
+from l2t_ext.ops._common import check_same_device, check_tensor, implementation, l2t_op, out_dtype, pick
 
 # segment_grad_outer per backend ("module.function" under l2t_ext/ops/); tests: python_tests/test_segment_grad_outer.py,
 # benchmark: l2t_ext/bench/segment_grad_outer.py (benchmarks/bench_segment_grad_outer.py)
@@ -39,8 +39,7 @@ def auto_order(device: torch.device) -> tuple[str, ...]:
     return ("cpu", "torch") if device.type == "cpu" else ("triton", "torch", "cuda")
 
 
-@torch.library.custom_op("l2t_ext::segment_grad_outer", mutates_args=())
-@autocast_off
+@l2t_op("segment_grad_outer")
 def _segment_grad_outer_op(X: torch.Tensor, D: torch.Tensor, seg: torch.Tensor, num_segments: int,
                            U: torch.Tensor, V: torch.Tensor, backend: str, check_ids: bool = True) -> torch.Tensor:
     # The segment-id check. On the CPU it runs before any kernel. On a GPU, reading seg.max() first would leave
