@@ -229,3 +229,19 @@ def test_rsvd_accuracy_bench_compares_each_sketch_with_the_baseline_and_its_twin
                                               "l2t:cpu o=12 / svd_lowrank o=12"}
     for r in res["results"].values():
         assert r["ms"] > 0 and 0 <= r["sv_rel_error"]["median"] <= r["sv_rel_error"]["max"] < 1e-2
+
+
+def test_op_overhead_bench_times_every_op_against_its_reference(tmp_path):
+    """benchmarks/bench_op_overhead.py: one row per public op, op and reference timed, JSON written."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_op_overhead.py"
+    spec = importlib.util.spec_from_file_location("bench_op_overhead", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "oo.json"
+    assert mod.main(["--calls", "20", "--rounds", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]
+    assert {"segment_grad_outer", "project", "fisher_quadform", "fisher_accumulate"} <= set(res)
+    assert all(r["op_us"] > 0 and r["reference_us"] > 0 for r in res.values())
