@@ -6,8 +6,10 @@ shapes in bf16. Timed: (a) step = forward + backward of the response log-likelih
 (what every PPO step pays), (b) penalty = FisherTracker.episode_grads + compression_penalty, with the token
 log-probs through the chunked output layer (the default where the model allows it) and (b') penalty_full the
 same through full (B, L, vocab) logits, (c) Jr = AnswerLikelihoodJr probes in one packed forward of rollout +
-probes (their path without a KV cache), (d) the whole DenseProcessReward call (which runs the probes from the
-penalty forward's KV cache instead). Peak memory of each likewise (CPU: peak RSS growth in a fresh process).
+probes (their path without a KV cache) and (c') jr_cached = the probes from a KV cache, after rollout_cache =
+the no-grad decoder forward that leaves it (the reward's path: their difference), (d) the whole
+DenseProcessReward call. Peak memory of each likewise (CPU: peak RSS growth in a fresh process), and the host
+time until each call returns (close to its wall time where the host sets the pace).
 ``--profile FILE`` also writes a torch.profiler table (self time per op, top rows) of one call each of the reward,
 the penalty, the probes and the step: where the reward's time goes on the device, not only how much.
 """
@@ -16,9 +18,11 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -75,10 +79,12 @@ def _device(config: str) -> str:
 
 
 def _fns(config):
+    from l2t_ext.lm import split_head
     from l2t_ext.reward import FisherTracker, compression_penalty
     from l2t_ext.reward.fisher import position_ids_from_mask, token_logprobs
 
     model, r, tracker, jr, reward = build(config)
+    dec = split_head(model)[0]
     tracker_full = FisherTracker(model, rank=16, logprobs="full")
     pos = position_ids_from_mask(r.attention_mask)
     mask = r.response_mask.clone()
@@ -105,8 +111,27 @@ def _fns(config):
         out = model(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=pos)
         return token_logprobs(out.logits, r.input_ids)
 
+    @torch.no_grad()
+    def rollout_cache():  # the decoder forward that leaves the KV cache the reward's probes continue from
+        out = dec(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=pos, use_cache=True)
+        return getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+
     return {"step": step, "forward": forward, "penalty": penalty, "penalty_full": lambda: penalty(tracker_full),
-            "jr": lambda: jr(r)[0], "reward": lambda: reward(r).r_prg}, r
+            "jr": lambda: jr(r)[0], "rollout_cache": rollout_cache,
+            "jr_cached": lambda: jr(r, cache=rollout_cache())[0], "reward": lambda: reward(r).r_prg}, r
+
+
+def _host_ms(fn, device: str, calls: int = 3) -> float:
+    """Median host time until fn() returns, the device idle at the start and not waited for at the end: close to
+    the wall time (``ms``) when the host, not the device, sets the pace (or when fn synchronises itself)."""
+    samples = []
+    for _ in range(calls):
+        H.sync(device)
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    H.sync(device)
+    return statistics.median(samples)
 
 
 def _child(config: str, name: str) -> float:
@@ -130,13 +155,16 @@ def run(config: str) -> dict:
             out = subprocess.run([sys.executable, "-c", code, config, name], capture_output=True, text=True, env=env,
                                  cwd=tempfile.gettempdir())
             mem = float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
-        res["results"][name] = dict(ms=t["ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"], peak_mem_mb=mem)
+        res["results"][name] = dict(ms=t["ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"], peak_mem_mb=mem,
+                                    host_ms=_host_ms(fn, device))
     R = res["results"]
     step = R["step"]["ms"]
     res["ratios"] = {k: R[k]["ms"] / step for k in ("penalty", "penalty_full", "jr", "reward")}
     # the reward's forward replaces the old-log-prob forward the loop needs anyway
     res["ratios"]["reward_net_of_old_logprob_forward"] = (R["reward"]["ms"] - R["forward"]["ms"]) / step
     res["ratios"]["penalty_net_of_old_logprob_forward"] = (R["penalty"]["ms"] - R["forward"]["ms"]) / step
+    # the probes as the reward runs them: from the rollout forward's KV cache
+    res["ratios"]["probes_from_cache"] = (R["jr_cached"]["ms"] - R["rollout_cache"]["ms"]) / step
     if R["step"]["peak_mem_mb"] and R["reward"]["peak_mem_mb"] is not None:
         res["extra_peak_mem_frac"] = max(0.0, R["reward"]["peak_mem_mb"] - R["step"]["peak_mem_mb"]) / \
             R["step"]["peak_mem_mb"]
@@ -168,15 +196,20 @@ def markdown(res: dict) -> str:
     lines = [f"Reward cost ({res.get('config_name', '?')}) on {m.get('gpu') or m['cpu']} ({m['cpu_cores']} cores), "
              f"torch {m['torch']}; "
              f"{res['config']['dtype']}, batch {res['config']['batch']}, {res['episodes_per_row']} episodes/row", "",
-             "| part | ms (p20-p80) | peak MB | x of step |", "|---|---|---|---|"]
+             "| part | ms (p20-p80) | host ms | peak MB | x of step |", "|---|---|---|---|---|"]
     step = res["results"]["step"]["ms"]
     for k, v in res["results"].items():
         mem = "-" if v["peak_mem_mb"] is None else f"{v['peak_mem_mb']:.0f}"
-        lines.append(f"| {k} | {v['ms']:.2f} ({v['p20_ms']:.2f}-{v['p80_ms']:.2f}) | {mem} | {v['ms'] / step:.2f} |")
+        host = f"{v['host_ms']:.2f}" if "host_ms" in v else "-"
+        lines.append(f"| {k} | {v['ms']:.2f} ({v['p20_ms']:.2f}-{v['p80_ms']:.2f}) | {host} | {mem} | "
+                     f"{v['ms'] / step:.2f} |")
     rt = res["ratios"]
     lines.append(f"\nNet of the old-log-prob forward the reward replaces: reward "
                  f"{rt['reward_net_of_old_logprob_forward']:.2f}x, penalty "
                  f"{rt['penalty_net_of_old_logprob_forward']:.2f}x of the step")
+    if "probes_from_cache" in rt:
+        lines.append(f"\nThe probes from the KV cache, as the reward runs them (jr_cached - rollout_cache): "
+                     f"{rt['probes_from_cache']:.2f}x of the step")
     if "extra_peak_mem_frac" in res:
         lines.append(f"\nExtra peak memory of the reward over the step: {100 * res['extra_peak_mem_frac']:.1f}%")
     return "\n".join(lines)
