@@ -6,7 +6,7 @@
 #   bench   the GPU kernel benchmarks, bf16 and fp32: each backend through the public op, the reward's
 #           unchecked call (l2t:triton_nocheck), Triton candidates called directly (l2t:triton_2pass /
 #           _splitk: the backend's paths, _ksplit: projections split over K, _fused: the single-pass kernels),
-#           the torch baselines;
+#           the torch baselines; then the op layer's host time per call on GPU tensors (bench_op_overhead.py);
 #   reward  the reward cost benchmark (Qwen2-0.5B shapes, bf16; a goal with thresholds, so before train) and a
 #           torch.profiler table of the reward, the penalty, the probes and the step (reward_profile.txt);
 #   train   the first training runs on the GPU: 2 steps each of GRPO and L2T with a random-init
@@ -111,6 +111,9 @@ if want bench; then
   echo "bench exit code $?"
   grep -vE "^\|" "$OUT/bench.log" | grep -E "skipped|failed|above tolerance" | head -20
   cat "$OUT/bench_gpu.md" 2>/dev/null || tail -30 "$OUT/bench.log"
+  # the op layer's host time per call on this machine's CPU, GPU tensors (tiny: launch-bound)
+  timeout "$(limit 60)" $PY "$REPO/benchmarks/bench_op_overhead.py" --device cuda --calls 1000 --rounds 3 \
+    --json "$OUT/op_overhead_gpu.json" 2>&1 | tee "$OUT/op_overhead.log"
 fi
 
 if want reward; then
