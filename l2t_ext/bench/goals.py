@@ -22,7 +22,8 @@ QF_CASES = ("p16384_N512_M64", "p65536_N512_M64")
 # reported beside the sgo goals' ratios (the goal is judged on l2t:triton, the op's default, checked call)
 SGO_CANDIDATES = (("l2t:triton_nocheck", "without the id check (the reward's call)"),
                   ("l2t:triton_2pass", "two-pass, direct call"), ("l2t:triton_ksplit", "two-pass split over K"),
-                  ("l2t:triton_fused", "fused single pass"))
+                  ("l2t:triton_fused", "fused single pass"), ("l2t:triton_fused_x0.5", "fused, half the pieces"),
+                  ("l2t:triton_fused_x2", "fused, twice the pieces"))
 
 
 def _load(folder: str, name: str) -> dict | None:

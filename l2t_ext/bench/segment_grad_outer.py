@@ -107,9 +107,19 @@ def impls(device: str, l2t_backends: list[str]) -> list[Impl]:
         def direct(fn, **kw):
             return lambda inp: fn(inp["X"], inp["D"], inp["seg"].to(torch.int64), inp["S"], inp["U"], inp["V"], **kw)
 
+        def fused_pieces(scale):  # the fused kernel with scale x its default pieces per segment
+            def run(inp):
+                seg = inp["seg"].to(torch.int64)
+                nsplit = max(1, round(scale * _triton._nsplit(seg.numel(), inp["S"], seg.device)))
+                return _triton.segment_grad_outer_fused(inp["X"], inp["D"], seg, inp["S"], inp["U"], inp["V"], nsplit)
+            return run
+
         out += [Impl("l2t:triton_2pass", "l2t", direct(_triton.segment_grad_outer_two_pass)),
                 Impl("l2t:triton_ksplit", "l2t", direct(_triton.segment_grad_outer_two_pass, ksplit=None)),
-                Impl("l2t:triton_fused", "l2t", direct(_triton.segment_grad_outer_fused))]
+                Impl("l2t:triton_fused", "l2t", direct(_triton.segment_grad_outer_fused)),
+                # pieces twice as long (U and V re-read half as often, half the programs) and half as long
+                Impl("l2t:triton_fused_x0.5", "l2t", fused_pieces(0.5)),
+                Impl("l2t:triton_fused_x2", "l2t", fused_pieces(2.0))]
     out += [Impl("torch_func", "baseline", _torch_func), Impl("torch_naive", "baseline", _torch_naive),
             Impl("torch_best", "baseline", _torch_best)]
     return out
