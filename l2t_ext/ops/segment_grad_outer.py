@@ -47,15 +47,34 @@ def _segment_grad_outer_op(X: torch.Tensor, D: torch.Tensor, seg: torch.Tensor, 
     # kernels see out-of-range ids masked, and a failed check discards the result (nothing the caller owns is
     # written). check_ids=False: no check, no synchronisation, out-of-range ids dropped like masked tokens.
     late = check_after_launch(seg.device)
-    top = seg.max() if check_ids and seg.numel() else None
-    if top is not None and not late:
-        _check_top(int(top), num_segments)
+    top = ready = None
+    if check_ids and seg.numel():
+        if late:
+            top, ready = _queue_max(seg)
+        else:
+            _check_top(int(seg.max()), num_segments)
     if late or not check_ids:
         seg = torch.where(seg < num_segments, seg, -1)
     G = implementation(IMPLEMENTATIONS[backend])(X, D, seg, num_segments, U, V)
-    if top is not None and late:
+    if top is not None:
+        if ready is not None:
+            ready.synchronize()  # waits for the maximum and its copy only, not for the kernels queued after them
         _check_top(int(top), num_segments)
     return G
+
+
+def _queue_max(seg: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """seg's maximum queued now; on CUDA copied into pinned host memory behind an event, so that the later read
+    waits for this reduction only and the host is free again while the kernels run (``int()`` of the device
+    value would wait for everything queued before it). Returns (value, event or None)."""
+    top = seg.max()
+    if seg.device.type != "cuda":
+        return top, None
+    host = torch.empty((), dtype=top.dtype, pin_memory=True)
+    host.copy_(top, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 def check_after_launch(device: torch.device) -> bool:
@@ -85,9 +104,10 @@ def segment_grad_outer(X: torch.Tensor, D: torch.Tensor, seg: torch.Tensor, num_
         num_segments: S >= 1; every id must be < S; the (S, r1, r2) output may take at most MAX_OUTPUT_BYTES (4 GiB).
         U: (m, r) left basis; V: (n, r') right basis (used in the accumulation dtype, made contiguous).
         backend: "auto" | "cuda" | "triton" | "cpu" | "torch".
-        check_ids: raise if an id is >= num_segments (default; on a GPU the check reads the ids' maximum back
-            after the kernels are queued, one host synchronisation). False: no check and no synchronisation, ids
-            >= num_segments are dropped like negative ones (the reward: its ids are valid by construction).
+        check_ids: raise if an id is >= num_segments (default; on a GPU the ids' maximum is queued before the
+            kernels and read after they are queued: the host waits for that reduction only, not for the kernels).
+            False: no check and no synchronisation, ids >= num_segments are dropped like negative ones (the
+            reward: its ids are valid by construction).
 
     Returns:
         G (S, r, r') in float32 (float64 for float64 inputs); empty segments are exact zeros.
