@@ -79,7 +79,7 @@ def _device(config: str) -> str:
 
 
 def _fns(config):
-    from l2t_ext.lm import split_head
+    from l2t_ext.lm import output_cache, split_head
     from l2t_ext.reward import FisherTracker, compression_penalty
     from l2t_ext.reward.fisher import position_ids_from_mask, token_logprobs
 
@@ -114,7 +114,7 @@ def _fns(config):
     @torch.no_grad()
     def rollout_cache():  # the decoder forward that leaves the KV cache the reward's probes continue from
         out = dec(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=pos, use_cache=True)
-        return getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        return output_cache(out)
 
     return {"step": step, "forward": forward, "penalty": penalty, "penalty_full": lambda: penalty(tracker_full),
             "jr": lambda: jr(r)[0], "rollout_cache": rollout_cache,

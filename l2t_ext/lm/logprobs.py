@@ -36,6 +36,12 @@ def split_head(model) -> tuple | None:
     return dec, head
 
 
+def output_cache(out):
+    """The KV cache a Hugging Face forward with ``use_cache=True`` returned (``cache`` in transformers >= 5.2x,
+    ``past_key_values`` before), or None."""
+    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+
 class _HeadLogprobs(torch.autograd.Function):
     """log softmax(h W^T + b)[target] row by row, ``chunk`` rows at a time; the (rows, vocab) logits exist one chunk
     at a time. Two ways to the gradient:

@@ -30,7 +30,14 @@ import torch
 from torch import nn
 
 from l2t_ext import ops
-from l2t_ext.lm import PLAIN_HEAD_MODEL_TYPES, head_token_logprobs, position_ids_from_mask, split_head, token_logprobs
+from l2t_ext.lm import (
+    PLAIN_HEAD_MODEL_TYPES,
+    head_token_logprobs,
+    output_cache,
+    position_ids_from_mask,
+    split_head,
+    token_logprobs,
+)
 
 DEFAULT_SUFFIXES = ("o_proj", "gate_proj", "up_proj", "down_proj")
 _BLOCK_RE = re.compile(r"^(.*\.)?(layers|h|blocks)\.(\d+)\.")
@@ -226,7 +233,7 @@ class FisherTracker:
             else:
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
                 lp = token_logprobs(out.logits if hasattr(out, "logits") else out[0], input_ids)
-            cache = (getattr(out, "cache", None) or getattr(out, "past_key_values", None)) if use_cache else None
+            cache = output_cache(out) if use_cache else None
         finally:
             torch.set_grad_enabled(prev)
             for h in handles:
