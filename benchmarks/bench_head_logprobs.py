@@ -18,7 +18,6 @@ import importlib.util
 import inspect
 import json
 import statistics
-import time
 
 import torch
 
@@ -47,14 +46,7 @@ def _load(path: str):
 
 def _timed(fns: dict, reps: int, device: str) -> dict:
     """name -> (median s, all s, last output), the calls interleaved so that drift hits every one alike."""
-    times, outs = {k: [] for k in fns}, {}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            H.sync(device)
-            t0 = time.perf_counter()
-            outs[name] = fn()
-            H.sync(device)
-            times[name].append(time.perf_counter() - t0)
+    times, outs = H.time_interleaved(fns, device, reps)
     return {k: (statistics.median(v), v, outs[k]) for k, v in times.items()}
 
 

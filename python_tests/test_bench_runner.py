@@ -115,6 +115,8 @@ def test_reward_bench_parts_agree_on_the_tiny_config():
     assert torch.allclose(chunked, full, rtol=1e-4, atol=1e-6)
     # the probes from a KV cache (the reward's path) give the packed forward's values
     assert torch.allclose(fns["jr_cached"](), fns["jr"](), rtol=1e-4, atol=1e-6)
+    # and so do the reward's two probe paths
+    assert torch.allclose(fns["reward_packed"](), fns["reward_cache"](), rtol=1e-4, atol=1e-6)
 
 
 def test_reward_bench_profile_names_each_part_and_its_ops(tmp_path):

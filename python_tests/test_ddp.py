@@ -147,6 +147,8 @@ def test_torchrun_train_and_resume_matches_uninterrupted(tmp_path, parallel):
               "--sft_steps", "5", "--eval_problems", "0", "--save_every", "1", "--hidden_size", "32",
               "--num_layers", "2", "--max_new_tokens", "24", "--prompts_per_step", "2", "--group_size", "4",
               "--rank", "4", "--parallel", parallel, "--refresh_every", "2"]
+    if parallel == "fsdp":  # the probe path a GPU takes by default, here with sharded weights
+        common += ["--reward_probes", "packed"]
     a, b = tmp_path / "a", tmp_path / "b"
     # a's last step evaluates (fsdp: rank 0 on the gathered weights, then after the group is gone)
     _torchrun(common + ["--out", str(a), "--eval_every", "3", "--eval_problems", "2", "--eval_samples", "1"],

@@ -369,6 +369,87 @@ def test_packed_probes_equal_separate_forwards(cue, left):
     assert (jr_est.last_token_logprobs[~real] == 0).all()
 
 
+@pytest.mark.parametrize("kind,cue,left,exact", [("qwen2", [11, 12], True, False), ("llama", [], False, False),
+                                                  ("qwen2", [11], False, True)])
+def test_tracker_packed_forward_equals_rollout_forward_plus_probes(kind, cue, left, exact):
+    """The probes packed behind the rollout in the tracker's own forward (what DenseProcessReward runs): the
+    gradients and token log-probs are the rollout forward's, and the hidden states score the probes as the
+    estimator's own forward does (float64)."""
+    model = tiny_model(kind)
+    ids, am, resp = rollouts(B=3, seed=5, left_pad=left)
+    ep = segment_episodes(ids, resp, [[M]])
+    r = Rollouts(ids, am, resp, ep, answer_ids=[[20, 21], [22], [23, 24, 25]])
+    est, tracker = AnswerLikelihoodJr(model, cue_ids=cue), FisherTracker(model, rank=4)
+    g, lp = tracker.episode_grads(ids, am, ep, exact=exact, return_logprobs=True)
+    pack = est.pack(r)
+    assert pack.ids.shape[1] > ids.shape[1]
+    g2, lp2, hidden = tracker.episode_grads(ids, am, ep, exact=exact, return_logprobs=True,
+                                            packed=(pack.ids, pack.position_ids, pack.mask))
+    assert g.abs().max() > 0 and (g2 - g).abs().max() <= 1e-10 * g.abs().max()
+    real = am.bool() & torch.cat([am[:, 1:].bool(), torch.zeros(3, 1, dtype=torch.bool)], 1)  # a real successor
+    assert (lp2 - lp)[real].abs().max() <= 1e-10 and not hidden.requires_grad  # padding rows: never read
+    jr, valid = est.score(hidden, pack)
+    jr_ref, valid_ref = est(r)
+    assert torch.equal(valid, valid_ref) and valid.any() and (jr - jr_ref).abs().max() <= 1e-12
+
+
+def test_tracker_packed_bad_input():
+    model = tiny_model()
+    ids, am, resp = rollouts(B=2, seed=6)
+    ep = segment_episodes(ids, resp, [[M]])
+    pack = AnswerLikelihoodJr(model, cue_ids=[11]).pack(Rollouts(ids, am, resp, ep, answer_ids=[[20], [21]]))
+    packed = (pack.ids, pack.position_ids, pack.mask)
+    tracker = FisherTracker(model, rank=4)
+    with pytest.raises(ValueError, match="return_cache"):
+        tracker.episode_grads(ids, am, ep, packed=packed, return_cache=True)
+    with pytest.raises(ValueError, match="packed must be ids"):
+        tracker.episode_grads(ids, am, ep, packed=(pack.ids, pack.position_ids, pack.mask.long()))
+    with pytest.raises(ValueError, match="packed must be ids"):
+        tracker.episode_grads(ids, am, ep, packed=(pack.ids[:, :5], pack.position_ids[:, :5], pack.mask[:, :5, :5]))
+    with pytest.raises(ValueError, match="start with input_ids"):
+        tracker.episode_grads(ids, am, ep, packed=(pack.ids.flip(0), *packed[1:]))
+    with pytest.raises(ValueError, match="chunked log-prob path"):
+        FisherTracker(model, rank=4, logprobs="full").episode_grads(ids, am, ep, packed=packed)
+    with pytest.raises(ValueError, match="hidden must be"):
+        AnswerLikelihoodJr(model, cue_ids=[11]).score(torch.zeros(2, 3, 32, dtype=torch.float64), pack)
+
+
+def test_reward_probe_paths_packed_and_cache():
+    """probes="packed" runs one decoder forward (the probes ride behind the rollout), "cache" two (the rollout, then
+    the probes from its KV cache), "auto" the cache path on the CPU; all give the same reward. A Jr on another
+    model is never packed into (or cached from) the tracked one."""
+    model = tiny_model()
+    ids, am, resp = rollouts(B=3, seed=7)
+    r = Rollouts(ids, am, resp, segment_episodes(ids, resp, [[M]]), answer_ids=[[20, 21], [22], [23]])
+    calls = []
+    hook = model.get_decoder().register_forward_pre_hook(lambda *a: calls.append(1))
+    outs = {}
+    for probes in ("packed", "cache", "auto"):
+        calls.clear()
+        outs[probes] = DenseProcessReward(AnswerLikelihoodJr(model, cue_ids=[11]), FisherTracker(model, rank=4),
+                                          probes=probes)(r)
+        outs[probes].decoder_calls = len(calls)
+    hook.remove()
+    assert [outs[p].decoder_calls for p in ("packed", "cache", "auto")] == [1, 2, 2]
+    real = am.bool() & torch.cat([am[:, 1:].bool(), torch.zeros(3, 1, dtype=torch.bool)], 1)  # a real successor
+    out, ref = outs["packed"], outs["cache"]
+    for name in ("r_prg", "jr_before", "jr_after", "penalty", "token_logprobs"):
+        a, b = getattr(out, name), getattr(ref, name)
+        a, b = (a[real], b[real]) if name == "token_logprobs" else (a, b)  # padding positions: never read
+        assert out.valid.any() and (a - b).abs().max() <= 1e-9 * max(1.0, b.abs().max()), name
+    other = tiny_model(seed=3)
+    sep = DenseProcessReward(AnswerLikelihoodJr(other, cue_ids=[11]), FisherTracker(model, rank=4))(r)
+    want, _ = AnswerLikelihoodJr(other, cue_ids=[11])(r)
+    assert (sep.jr_before - torch.where(sep.valid, want[:, :-1], 0)).abs().max() <= 1e-12
+    assert (sep.jr_before - out.jr_before).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="probes must be one of"):
+        DenseProcessReward(AnswerLikelihoodJr(model, cue_ids=[11]), FisherTracker(model, rank=4), probes="fast")
+    for jr, tracker in [(AnswerLikelihoodJr(other, cue_ids=[11]), FisherTracker(model, rank=4)),
+                        (AnswerLikelihoodJr(model, cue_ids=[11]), FisherTracker(model, rank=4, logprobs="full"))]:
+        with pytest.raises(ValueError, match="probes='packed' needs"):
+            DenseProcessReward(jr, tracker, probes="packed")
+
+
 def test_packed_probes_read_nothing_back_per_row_or_boundary():
     """The probes are built on the device: a GPU would wait on every host read, so their number must not grow
     with rows x boundaries (the packing loop it replaced read back ~4 values per boundary and wrote one scalar per
@@ -592,8 +673,8 @@ def test_episode_anatomy_rows_match_the_reward_and_a_bruteforce_surprise():
         episode_anatomy(out, ep[:2], ids)
 
 
-@pytest.mark.parametrize("micro_batch", [1, 2, 4])
-def test_reward_micro_batches_equal_the_whole_batch(micro_batch):
+@pytest.mark.parametrize("micro_batch,probes", [(1, "cache"), (2, "packed"), (4, "cache")])
+def test_reward_micro_batches_equal_the_whole_batch(micro_batch, probes):
     """Scoring the rollouts ``micro_batch`` rows at a time (bounded logits memory) gives the whole-batch reward:
     the penalty still sees every episode, and micro-batches with fewer episodes than the batch pad Jr correctly.
     Row 3 has no marker (one episode) so some micro-batches have fewer episodes than the batch."""
@@ -606,7 +687,7 @@ def test_reward_micro_batches_equal_the_whole_batch(micro_batch):
 
     def score(mb):
         return DenseProcessReward(AnswerLikelihoodJr(model, cue_ids=[11]), FisherTracker(model, rank=4, seed=1),
-                                  micro_batch=mb)(r)
+                                  micro_batch=mb, probes=probes)(r)
 
     whole, parts = score(None), score(micro_batch)
     assert torch.equal(whole.valid, parts.valid) and int(whole.valid.sum()) > 8

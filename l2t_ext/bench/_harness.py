@@ -77,6 +77,21 @@ def time_fn(fn: Callable[[], object], device: str, budget_s: float = 1.0, max_re
     return {"ms": statistics.median(samples), "p20_ms": q[1], "p80_ms": q[7], "reps": reps}
 
 
+def time_interleaved(fns: dict, device: str, reps: int) -> tuple[dict, dict]:
+    """(name -> wall seconds of each call, name -> its last output) of ``reps`` rounds calling every fns[name]() in
+    turn, synchronised on both sides: a shared machine's drift hits every candidate alike, so their ratio holds
+    where separately timed medians may not."""
+    times, outs = {k: [] for k in fns}, {}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times, outs
+
+
 def cuda_peak_mb(fn: Callable[[], object]) -> float:
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()

@@ -90,7 +90,9 @@ def reward_goals(res: dict | None) -> list[dict]:
     rt, mem = res["ratios"], res.get("extra_peak_mem_frac")
     net, pen = rt["reward_net_of_old_logprob_forward"], rt["penalty_net_of_old_logprob_forward"]
     measured = f"{net:.2f}x, penalty {pen:.2f}x (gross {rt['reward']:.2f}x / {rt['penalty']:.2f}x)" + \
-        (f", memory +{100 * mem:.1f}%" if mem is not None else ", memory not measured")
+        (f", memory +{100 * mem:.1f}%" if mem is not None else ", memory not measured") + \
+        (f"; packed probes {rt['packed_speedup_over_cache']:.2f}x the KV-cache path's speed"
+         if "packed_speedup_over_cache" in rt else "")
     return [_row(goal, measured, net <= 0.25 and pen <= 0.10 and mem is not None and mem <= 0.10)]
 
 

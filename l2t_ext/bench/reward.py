@@ -1,17 +1,21 @@
 """Cost of the L2T reward against one PPO training step's forward+backward on the same batch.
 
 Configs (``--config``): ``cpu``: a tiny Qwen2 (the demo's size class); ``cpu-smollm2``: a randomly initialised
-model with SmolLM2-135M-Instruct's shapes (Llama, 49152-token vocabulary) in float32; ``cuda``: Qwen2-0.5B
-shapes in bf16. Timed: (a) step = forward + backward of the response log-likelihood through all parameters
+model with SmolLM2-135M-Instruct's shapes (Llama, 49152-token vocabulary) in float32; ``cpu-host``: Qwen2-0.5B's
+24 blocks at tiny widths and 2 x 48 tokens (the host's per-operator cost alone); ``cuda``: Qwen2-0.5B shapes in
+bf16. Timed: (a) step = forward + backward of the response log-likelihood through all parameters
 (what every PPO step pays), (b) penalty = FisherTracker.episode_grads + compression_penalty, with the token
 log-probs through the chunked output layer (the default where the model allows it) and (b') penalty_full the
 same through full (B, L, vocab) logits, (c) Jr = AnswerLikelihoodJr probes in one packed forward of rollout +
 probes (their path without a KV cache) and (c') jr_cached = the probes from a KV cache, after rollout_cache =
-the no-grad decoder forward that leaves it (the reward's path: their difference), (d) the whole
-DenseProcessReward call. Peak memory of each likewise (CPU: peak RSS growth in a fresh process), and the host
-time until each call returns (close to its wall time where the host sets the pace).
-``--profile FILE`` also writes a torch.profiler table (self time per op, top rows) of one call each of the reward,
-the penalty, the probes and the step: where the reward's time goes on the device, not only how much.
+the no-grad decoder forward that leaves it (their difference: the probes of the reward's cache path), (d) the
+whole DenseProcessReward call (its default probe path: packed on CUDA, the KV cache elsewhere), and (d') each
+path explicitly: reward_packed (the probes ride behind the rollout in the tracker's forward) and reward_cache.
+Peak memory of each likewise (CPU: peak RSS growth in a fresh process), and the host time until each call
+returns (close to its wall time where the host sets the pace).
+``--profile FILE`` also writes a torch.profiler table (self time per op, top rows) of one call each of the reward
+(and of its cache path), the penalty, the probes and the step: where the reward's time goes on the device, not
+only how much.
 """
 
 from __future__ import annotations
@@ -38,6 +42,12 @@ CONFIGS = {
                                                  num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                                                  tie_word_embeddings=True),
                         batch=dict(B=8, prompt=64, L=256, episode=24, answer=4, cue=3), dtype="float32"),
+    # Qwen2-0.5B's 24 blocks at tiny widths and few tokens: next to no arithmetic, so the time is the host's
+    # per-operator cost, which a GPU run pays in full wherever the host, not the device, sets the pace
+    "cpu-host": dict(arch="qwen2", model=dict(vocab_size=1000, hidden_size=64, intermediate_size=128,
+                                              num_hidden_layers=24, num_attention_heads=4, num_key_value_heads=2,
+                                              tie_word_embeddings=True),
+                     batch=dict(B=2, prompt=8, L=48, episode=6, answer=8, cue=4), dtype="float32"),
     "cuda": dict(arch="qwen2", model=dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
                                           num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                                           tie_word_embeddings=True),
@@ -80,7 +90,7 @@ def _device(config: str) -> str:
 
 def _fns(config):
     from l2t_ext.lm import output_cache, split_head
-    from l2t_ext.reward import FisherTracker, compression_penalty
+    from l2t_ext.reward import DenseProcessReward, FisherTracker, compression_penalty
     from l2t_ext.reward.fisher import position_ids_from_mask, token_logprobs
 
     model, r, tracker, jr, reward = build(config)
@@ -116,9 +126,11 @@ def _fns(config):
         out = dec(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=pos, use_cache=True)
         return output_cache(out)
 
+    paths = {p: DenseProcessReward(jr, tracker, probes=p) for p in ("packed", "cache")}
     return {"step": step, "forward": forward, "penalty": penalty, "penalty_full": lambda: penalty(tracker_full),
             "jr": lambda: jr(r)[0], "rollout_cache": rollout_cache,
-            "jr_cached": lambda: jr(r, cache=rollout_cache())[0], "reward": lambda: reward(r).r_prg}, r
+            "jr_cached": lambda: jr(r, cache=rollout_cache())[0], "reward": lambda: reward(r).r_prg,
+            "reward_packed": lambda: paths["packed"](r).r_prg, "reward_cache": lambda: paths["cache"](r).r_prg}, r
 
 
 def _host_ms(fn, device: str, calls: int = 3) -> float:
@@ -165,13 +177,19 @@ def run(config: str) -> dict:
     res["ratios"]["penalty_net_of_old_logprob_forward"] = (R["penalty"]["ms"] - R["forward"]["ms"]) / step
     # the probes as the reward runs them: from the rollout forward's KV cache
     res["ratios"]["probes_from_cache"] = (R["jr_cached"]["ms"] - R["rollout_cache"]["ms"]) / step
+    # the two probe paths once more, their calls interleaved: their ratio is the question, not each one's time
+    samples, _ = H.time_interleaved({k: fns[k] for k in ("reward_packed", "reward_cache")}, device,
+                                    reps=10 if device == "cuda" else 5)
+    res["interleaved_ms"] = {k: 1e3 * statistics.median(v) for k, v in samples.items()}
+    res["ratios"]["packed_speedup_over_cache"] = res["interleaved_ms"]["reward_cache"] / \
+        res["interleaved_ms"]["reward_packed"]
     if R["step"]["peak_mem_mb"] and R["reward"]["peak_mem_mb"] is not None:
         res["extra_peak_mem_frac"] = max(0.0, R["reward"]["peak_mem_mb"] - R["step"]["peak_mem_mb"]) / \
             R["step"]["peak_mem_mb"]
     return res
 
 
-def profile(config: str, path: str, parts=("reward", "penalty", "jr", "step"), rows: int = 30) -> None:
+def profile(config: str, path: str, parts=("reward", "reward_cache", "penalty", "jr", "step"), rows: int = 30) -> None:
     """One warmed-up call of each part under torch.profiler; writes each part's top ops by self device time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -210,6 +228,11 @@ def markdown(res: dict) -> str:
     if "probes_from_cache" in rt:
         lines.append(f"\nThe probes from the KV cache, as the reward runs them (jr_cached - rollout_cache): "
                      f"{rt['probes_from_cache']:.2f}x of the step")
+    if "packed_speedup_over_cache" in rt:
+        im = res["interleaved_ms"]
+        lines.append(f"\nThe reward with its probes packed into the tracker's forward: "
+                     f"{rt['packed_speedup_over_cache']:.2f}x the speed of the KV-cache path "
+                     f"({im['reward_packed']:.2f} vs {im['reward_cache']:.2f} ms, medians of interleaved calls)")
     if "extra_peak_mem_frac" in res:
         lines.append(f"\nExtra peak memory of the reward over the step: {100 * res['extra_peak_mem_frac']:.1f}%")
     return "\n".join(lines)

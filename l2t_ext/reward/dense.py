@@ -33,6 +33,13 @@ class RewardOutput:
 
 PENALTY_KINDS = ("fisher", "count", "tokens", "none")
 PENALTY_NORMS = ("batch", "initial", "none")
+PROBE_PATHS = ("auto", "packed", "cache")
+
+
+def _own_probes(jr, tracker: FisherTracker) -> bool:
+    """Answer-likelihood probes of the tracked model: they can reuse the tracker's forward (its KV cache, or a ride
+    behind the rollout where the tracker keeps the decoder's hidden states: ``tracker.split``)."""
+    return isinstance(jr, AnswerLikelihoodJr) and jr.model is tracker.model
 
 
 def _rows(r: Rollouts, rows: slice) -> Rollouts:
@@ -71,6 +78,12 @@ class DenseProcessReward:
         gather: data parallelism. A function concatenating a (n, ...) tensor over the ranks (in rank order),
             called collectively on every rank; with it the batch Fisher, its EMA and the penalty's normalisation
             cover the global batch, so an episode's reward does not depend on how the batch was split.
+        probes: how an ``AnswerLikelihoodJr`` on the tracked model runs its probes. "packed": behind the rollout in
+            the tracker's forward (one decoder pass; the rollout's attention then takes a dense mask instead of the
+            causal kernel); "cache": a second, short forward of the probe tokens from the tracker forward's KV
+            cache; "auto" (default): packed on CUDA, where the reward's many small launches leave the GPU waiting
+            on the host and one forward fewer saves a forward's launch overhead, cache elsewhere (on the CPU the
+            dense mask costs more than the launches it saves). Same values either way.
 
     State: the EMA Fisher (``fisher_decay``) and the tracker's bases travel through ``state_dict()`` /
     ``load_state_dict()``.
@@ -79,7 +92,14 @@ class DenseProcessReward:
     def __init__(self, jr, tracker: FisherTracker, alpha: float = 0.8, beta: float = 0.6,
                  penalty_mode: str = "batch", damping: float = 1e-5, normalize: bool | str = "batch",
                  fisher_decay: float | None = None, backend: str | None = None, penalty_kind: str = "fisher",
-                 gather=None, micro_batch: int | None = None):
+                 gather=None, micro_batch: int | None = None, probes: str = "auto"):
+        if probes not in PROBE_PATHS:
+            raise ValueError(f"DenseProcessReward: probes must be one of {PROBE_PATHS}, got {probes!r}")
+        if probes == "packed" and not (_own_probes(jr, tracker) and tracker.split is not None):
+            raise ValueError("DenseProcessReward: probes='packed' needs an AnswerLikelihoodJr on the tracker's own "
+                             "model and a tracker on the chunked log-prob path (FisherTracker(logprobs='auto' or "
+                             "'chunked'))")
+        self.probes = probes
         if penalty_kind not in PENALTY_KINDS:
             raise ValueError(f"DenseProcessReward: penalty_kind must be one of {PENALTY_KINDS}, got {penalty_kind!r}")
         self.penalty_kind, self.gather = penalty_kind, gather
@@ -142,12 +162,22 @@ class DenseProcessReward:
 
     def _scored_rows(self, r: Rollouts, K: int):
         """(g (b, K, p), token log-probs (b, L), Jr (b, K+1), Jr valid (b, K+1)) of one micro-batch: one forward
-        gives the per-episode gradients, the log-probs and the KV cache the Jr probes continue from."""
-        g, token_lp, cache = self.tracker.episode_grads(r.input_ids, r.attention_mask, r.episode_ids, num_episodes=K,
-                                                        return_logprobs=True, return_cache=True)
-        jr_all, jr_valid = self.jr(r, cache=cache) if isinstance(self.jr, AnswerLikelihoodJr) else self.jr(r)
-        del cache
-        k = r.num_episodes
+        gives the per-episode gradients, the log-probs and, for ``AnswerLikelihoodJr`` on the tracked model, Jr:
+        its probes ride packed behind the rollout or continue from the forward's KV cache (``probes``)."""
+        t, own = self.tracker, _own_probes(self.jr, self.tracker)
+        kw, k = dict(num_episodes=K, return_logprobs=True), r.num_episodes
+        if own and t.split is not None and (self.probes == "packed" or (self.probes == "auto" and r.input_ids.is_cuda)):
+            pack = self.jr.pack(r, k)
+            g, token_lp, hidden = t.episode_grads(r.input_ids, r.attention_mask, r.episode_ids, **kw,
+                                                  packed=(pack.ids, pack.position_ids, pack.mask))
+            jr_all, jr_valid = self.jr.score(hidden, pack)
+        elif own:
+            g, token_lp, cache = t.episode_grads(r.input_ids, r.attention_mask, r.episode_ids, **kw, return_cache=True)
+            jr_all, jr_valid = self.jr(r, cache=cache)
+            del cache
+        else:
+            g, token_lp = t.episode_grads(r.input_ids, r.attention_mask, r.episode_ids, **kw)
+            jr_all, jr_valid = self.jr(r)
         if jr_all.shape[1] != k + 1:
             raise ValueError(f"DenseProcessReward: Jr returned {jr_all.shape[1]} columns for K={k} episodes")
         if k < K:  # a micro-batch with fewer episodes than the batch: its missing boundaries are invalid

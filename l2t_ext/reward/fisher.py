@@ -197,9 +197,11 @@ class FisherTracker:
                           for n, m in zip(self.layer_names, self.modules)])
 
     # ----------------------------------------------------------------------------------------- gradients
-    def _capture_forward(self, input_ids, attention_mask, position_ids, use_cache=False, grad_rows=None):
+    def _capture_forward(self, input_ids, attention_mask, position_ids, use_cache=False, grad_rows=None,
+                         packed=None):
         """Forward with autograd only from the first tracked layer on. Returns (token log-probs (B, L), X list,
-        out list, KV cache or None). ``grad_rows``: (B, L) the positions whose log-prob gets a gradient."""
+        out list, KV cache or None, last hidden states or None). ``grad_rows``: (B, L) the positions whose log-prob
+        gets a gradient; ``packed``: see ``episode_grads`` (the X and out tensors then cover its P positions)."""
         xs: list[torch.Tensor] = [None] * len(self.modules)
         outs: list[torch.Tensor] = [None] * len(self.modules)
         first = self.modules[0]
@@ -223,15 +225,20 @@ class FisherTracker:
         prev = torch.is_grad_enabled()
         try:
             torch.set_grad_enabled(False)
-            kw = {"use_cache": True} if use_cache else {}
+            kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids) if packed is None \
+                else dict(input_ids=packed[0], attention_mask=packed[2][:, None], position_ids=packed[1])
+            if use_cache:
+                kw["use_cache"] = True
+            hidden = None
             if self.split is not None:  # the (B, L, vocab) logits are never formed
                 dec, head = self.split
-                out = dec(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
+                out = dec(**kw)
+                hidden = out.last_hidden_state
                 # only d lp / d hidden is needed (it flows back to the tracked layers), not the head's gradient
-                lp = head_token_logprobs(out.last_hidden_state, head, input_ids, self.logprob_chunk, head_grads=False,
-                                         grad_rows=grad_rows)
+                lp = head_token_logprobs(hidden[:, :input_ids.shape[1]], head, input_ids, self.logprob_chunk,
+                                         head_grads=False, grad_rows=grad_rows)
             else:
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
+                out = self.model(**kw)
                 lp = token_logprobs(out.logits if hasattr(out, "logits") else out[0], input_ids)
             cache = output_cache(out) if use_cache else None
         finally:
@@ -241,11 +248,11 @@ class FisherTracker:
         if any(o is None for o in outs):
             missing = [n for n, o in zip(self.layer_names, outs) if o is None]
             raise RuntimeError(f"FisherTracker: tracked layers {missing} did not run in the forward pass")
-        return lp, xs, outs, cache
+        return lp, xs, outs, cache, None if packed is None else hidden.detach()
 
     def episode_grads(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, episode_ids: torch.Tensor,
                       num_episodes: int | None = None, exact: bool = False, return_logprobs: bool = False,
-                      return_cache: bool = False):
+                      return_cache: bool = False, packed=None):
         """Per-episode proxy gradients g (B, K, p).
 
         Args:
@@ -256,15 +263,22 @@ class FisherTracker:
             return_logprobs: also return the (B, L) token log-probs log pi(x_{t+1} | x_<=t) at position t
                 (detached), reusable as the rollout's old log-probs.
             return_cache: also return the forward's KV cache (reused by ``AnswerLikelihoodJr`` probes).
+            packed: ``(ids (B, P), position_ids (B, P), mask (B, P, P) bool)``, P >= L: forward this sequence
+                instead, whose first L tokens are ``input_ids`` and see what the rollout's own forward would show
+                them (``AnswerLikelihoodJr.pack``: the Jr probes ride behind the rollout in this one forward).
+                The gradients and log-probs are the rollout's; its last hidden states (B, P, d) (detached) are
+                returned last. Needs the chunked log-prob path (``split``); not with ``return_cache``.
 
         Returns:
             g (B, K, p) float32 (float64 for a float64 model), p = len(layer_names) * rank**2, blocks in
             ``layer_names`` order, each the row-major flattened r x r matrix U^T dW V; followed by the token
-            log-probs and the KV cache when asked for.
+            log-probs, the KV cache and the packed sequence's hidden states when asked for.
         """
         if input_ids.shape != episode_ids.shape or input_ids.shape != attention_mask.shape:
             raise ValueError(f"episode_grads: input_ids {tuple(input_ids.shape)}, attention_mask "
                              f"{tuple(attention_mask.shape)} and episode_ids {tuple(episode_ids.shape)} must match")
+        if packed is not None:
+            self._check_packed(packed, input_ids, return_cache)
         B = input_ids.shape[0]
         K = max(int(episode_ids.max()) + 1 if num_episodes is None else int(num_episodes), 0)
         # the token at t+1 is produced at position t: its episode is charged to position t
@@ -272,45 +286,67 @@ class FisherTracker:
         seg[:, :-1] = episode_ids[:, 1:]
         seg = torch.where(seg >= K, torch.full_like(seg, -1), seg)
         keep = seg >= 0  # only episode positions seed the backward: the output layer forms no gradient for others
-        lp, xs, outs, cache = self._capture_forward(input_ids, attention_mask, position_ids_from_mask(attention_mask),
-                                                    return_cache, grad_rows=keep)
-        acc = lp.dtype
-        g = torch.zeros(B, K, self.p, dtype=acc, device=input_ids.device)
+        lp, xs, outs, cache, hidden = self._capture_forward(input_ids, attention_mask,
+                                                            position_ids_from_mask(attention_mask), return_cache,
+                                                            grad_rows=keep, packed=packed)
+        g = torch.zeros(B, K, self.p, dtype=lp.dtype, device=input_ids.device)
         if K > 0 and bool(keep.any()):
             (self._exact_grads if exact else self._batched_grads)(g, lp, seg, xs, outs)
-        extra = ((lp.detach(),) if return_logprobs else ()) + ((cache,) if return_cache else ())
+        extra = ((lp.detach(),) if return_logprobs else ()) + ((cache,) if return_cache else ()) + \
+            ((hidden,) if packed is not None else ())
         return (g, *extra) if extra else g
+
+    def _check_packed(self, packed, input_ids: torch.Tensor, return_cache: bool) -> None:
+        """``episode_grads``' ``packed`` argument, checked before any work (one host read: its rollout prefix)."""
+        if self.split is None:
+            raise ValueError("episode_grads: packed= needs the chunked log-prob path (a plain output layer that is "
+                             "not tracked, logprobs != 'full')")
+        if return_cache:
+            raise ValueError("episode_grads: packed= and return_cache=True do not combine")
+        if not isinstance(packed, (tuple, list)) or len(packed) != 3 or not all(map(torch.is_tensor, packed)):
+            raise ValueError("episode_grads: packed must be (ids (B, P), position_ids (B, P), mask (B, P, P))")
+        ids, pos, mask = packed
+        (B, L), P = input_ids.shape, ids.shape[-1]
+        if ids.shape != (B, P) or pos.shape != (B, P) or mask.shape != (B, P, P) or mask.dtype != torch.bool \
+                or P < L:
+            raise ValueError(f"episode_grads: packed must be ids (B, P), position_ids (B, P) and a bool mask "
+                             f"(B, P, P) with B={B}, P >= L={L}; got {tuple(ids.shape)}, {tuple(pos.shape)}, "
+                             f"{tuple(mask.shape)} {mask.dtype}")
+        if not torch.equal(ids[:, :L], input_ids):
+            raise ValueError("episode_grads: packed ids must start with input_ids (the rollout, then the extra tokens)")
 
     def _batched_grads(self, g, lp, seg, xs, outs) -> None:
         """One backward of the response log-likelihood, then segment_grad_outer per layer (fills g in place)."""
         B, K, _ = g.shape
-        L, rr = seg.shape[1], self.rank * self.rank
+        (L, T), rr = (seg.shape[1], xs[0].shape[1]), self.rank * self.rank
         # only the tracked outputs: param.grad untouched; where, not lp[seg >= 0]: no host synchronisation
         Ds = torch.autograd.grad(torch.where(seg >= 0, lp, 0).sum(), outs)
-        # ids < B * K by construction (episode_grads dropped ids >= K): the op need not check them
-        flat_seg = torch.where(seg >= 0, seg + K * torch.arange(B, device=seg.device)[:, None], -1).reshape(-1)
+        # ids < B * K by construction (episode_grads dropped ids >= K): the op need not check them; positions past
+        # the rollout (a packed forward's extra tokens, T > L) belong to no episode
+        flat_seg = torch.where(seg >= 0, seg + K * torch.arange(B, device=seg.device)[:, None], -1)
+        flat_seg = torch.nn.functional.pad(flat_seg, (0, T - L), value=-1).reshape(-1)
         for i, n in enumerate(self.layer_names):
             U, V = self.bases[n]
-            G = ops.segment_grad_outer(_as_out(xs[i], Ds[i]).reshape(B * L, -1), Ds[i].reshape(B * L, -1), flat_seg,
+            G = ops.segment_grad_outer(_as_out(xs[i], Ds[i]).reshape(B * T, -1), Ds[i].reshape(B * T, -1), flat_seg,
                                        B * K, U, V, backend=self.backend, check_ids=False)  # (B*K, r, r)
             g[:, :, i * rr:(i + 1) * rr] = G.reshape(B, K, rr).to(g.dtype)
 
     def _exact_grads(self, g, lp, seg, xs, outs) -> None:
         """One backward per episode index k (all rows at once; each row has at most one episode k)."""
         B, K, _ = g.shape
-        L, rr = seg.shape[1], self.rank * self.rank
+        (L, T), rr = (seg.shape[1], xs[0].shape[1]), self.rank * self.rank
         for k in range(K):
             sel = seg == k
             if not bool(sel.any()):
                 continue
             Ds = torch.autograd.grad(lp[sel].sum(), outs, retain_graph=True, allow_unused=True)
             rows = torch.where(sel.any(1), torch.arange(B, device=seg.device), -1)  # one segment per row
-            rowseg = rows[:, None].expand(B, L).reshape(-1)
+            rowseg = torch.nn.functional.pad(rows[:, None].expand(B, L), (0, T - L), value=-1).reshape(-1)
             for i, n in enumerate(self.layer_names):
                 if Ds[i] is None:
                     continue
                 U, V = self.bases[n]
-                G = ops.segment_grad_outer(_as_out(xs[i], Ds[i]).reshape(B * L, -1), Ds[i].reshape(B * L, -1),
+                G = ops.segment_grad_outer(_as_out(xs[i], Ds[i]).reshape(B * T, -1), Ds[i].reshape(B * T, -1),
                                            rowseg, B, U, V, backend=self.backend, check_ids=False)
                 g[:, k, i * rr:(i + 1) * rr] = G.reshape(B, rr).to(g.dtype) * sel.any(1, keepdim=True)
 

@@ -47,6 +47,24 @@ class Rollouts:
         return int(episode_counts(self.episode_ids).max()) if self.input_ids.shape[0] else 0
 
 
+@dataclasses.dataclass
+class ProbePack:
+    """A rollout batch with its Jr probe blocks packed behind it (``AnswerLikelihoodJr.pack``), P = L + Q."""
+
+    ids: torch.Tensor  # (B, P) the rollout's L tokens (its own padded layout), then the probe blocks
+    position_ids: torch.Tensor  # (B, P)
+    mask: torch.Tensor  # (B, P, P) bool: the rollout causally over its real tokens; block k its prefix and itself
+    at: torch.Tensor  # (B, K+1, a_max) position whose output predicts answer token j of probe k
+    tok: torch.Tensor  # (B, K+1, a_max) the answer tokens
+    ok: torch.Tensor  # (B, K+1, a_max) a real answer token of a valid probe
+    valid: torch.Tensor  # (B, K+1) the boundary exists
+
+
+def _gather_at(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """The rows ``at`` (B, ...) of ``x`` (B, P, n): (B, at.numel() / B, n)."""
+    return x.gather(1, at.reshape(at.shape[0], -1, 1).expand(-1, -1, x.shape[-1]))
+
+
 def _cache_kwarg(module) -> str:
     """Name of the KV-cache argument (transformers >= 5.2x renamed past_key_values to cache)."""
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
@@ -80,6 +98,10 @@ class AnswerLikelihoodJr:
     lm_head(last hidden state) with nothing after it (Qwen2/Llama/Mistral...): the (B, P, vocab) logits of the
     packed sequence are never formed. Other models (e.g. logit soft-capping) go through ``model(...).logits``.
 
+    The packed sequence can come from another forward: ``pack(r)`` builds it and ``score(hidden, pack)`` reads Jr
+    off its last hidden states, so ``FisherTracker.episode_grads(..., packed=...)`` runs the probes inside the
+    reward's own forward of the rollout.
+
     Args:
         model: causal LM. cue_ids: token ids of the answer cue (e.g. "\\nFinal answer: "), may be empty.
         pad_id: token id used for padding the packed batch (never attended to).
@@ -99,6 +121,8 @@ class AnswerLikelihoodJr:
         (ids, pos (B, Q), mask (B, Q, L + Q) over [rollout | blocks], at, tok, ok (B, K+1, a_max), valid, pos_all).
         Block k sees the rollout's real tokens up to pos_all[k] and itself causally; ``at`` indexes the block part
         (the predictor of answer token j is cue/answer token c + j - 1 of its block)."""
+        if r.answer_ids is None:
+            raise ValueError("AnswerLikelihoodJr needs Rollouts.answer_ids (reference answers as token ids)")
         B, L = r.input_ids.shape
         dev = r.input_ids.device
         c = len(self.cue_ids)
@@ -129,10 +153,11 @@ class AnswerLikelihoodJr:
         ok = (j[None, None, :] < torch.tensor(lens, device=dev)[:, None, None]) & valid[:, :, None]
         return ids, pos, mask, at, tok, ok, valid, pos_all
 
-    def _pack(self, r: Rollouts, K: int):
-        """The rollout (its own padded layout) followed by the probe blocks, one sequence per row: all K+1 probes
-        in one forward. Returns (ids, pos (B, L + Q), mask (B, L + Q, L + Q), at, tok, ok, valid); ``at`` indexes
-        the packed sequence."""
+    def pack(self, r: Rollouts, K: int | None = None) -> ProbePack:
+        """The rollout (its own padded layout) followed by the probe blocks, one sequence per row: a forward of
+        ``ids`` under ``mask`` gives every probe (and the rollout itself, unchanged) in one pass. ``K``: episodes
+        (default ``r.num_episodes``)."""
+        K = r.num_episodes if K is None else K
         ids_q, pos_q, mask_q, at, tok, ok, valid, pos_all = self._probes(r, K)
         B, L = r.input_ids.shape
         dev = r.input_ids.device
@@ -145,41 +170,50 @@ class AnswerLikelihoodJr:
         # without a cue, answer token 0 is predicted by the context's last token (in the rollout part)
         first = (len(self.cue_ids) + torch.arange(at.shape[2], device=dev) == 0)[None, None, :]
         at = torch.where(first, pos_all.clamp(min=0)[:, :, None], at + L)
-        return ids, pos, mask, at, tok, ok, valid
+        return ProbePack(ids, pos, mask, at, tok, ok, valid)
+
+    @torch.no_grad()
+    def score(self, hidden: torch.Tensor, pack: ProbePack) -> tuple[torch.Tensor, torch.Tensor]:
+        """(jr (B, K+1), valid (B, K+1)) from the decoder's last hidden states (B, P, d) over ``pack.ids``, e.g.
+        the ones ``FisherTracker.episode_grads(..., packed=...)`` returns: the output layer runs at the
+        answer-predicting positions only. Needs ``split_head(model)``."""
+        split = split_head(self.model)
+        if split is None:
+            raise ValueError("AnswerLikelihoodJr.score: the model's logits are not its output layer applied to the "
+                             "decoder's hidden state (split_head is None); call the estimator instead")
+        if hidden.dim() != 3 or hidden.shape[:2] != pack.ids.shape:
+            raise ValueError(f"AnswerLikelihoodJr.score: hidden must be (B, P, d) with (B, P) = pack.ids' shape "
+                             f"{tuple(pack.ids.shape)}, got {tuple(hidden.shape)}")
+        return _score(split[1](_gather_at(hidden, pack.at)), pack.at, pack.tok, pack.ok, pack.valid), pack.valid
 
     @torch.no_grad()
     def __call__(self, r: Rollouts, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Jr for every boundary. ``cache``: the rollout forward's KV cache (e.g. from
         ``FisherTracker.episode_grads(..., return_cache=True)``); the probes then only run their own tokens.
         The cache is extended in place and must not be reused afterwards."""
-        if r.answer_ids is None:
-            raise ValueError("AnswerLikelihoodJr needs Rollouts.answer_ids (reference answers as token ids)")
         K = r.num_episodes
-        B = r.input_ids.shape[0]
         split = split_head(self.model)  # (decoder, head) or None
         if cache is not None and self.cue_ids and split is not None:
             dec, head = split
             ids, pos, mask, at, tok, ok, valid, _ = self._probes(r, K)
             h = dec(input_ids=ids, attention_mask=mask[:, None], position_ids=pos, use_cache=True,
                     **{_cache_kwarg(dec): cache}).last_hidden_state
-            sel = head(h.gather(1, at.reshape(B, -1, 1).expand(-1, -1, h.shape[-1])))
-            return _score(sel, at, tok, ok, valid), valid
-        ids, pos, mask, at, tok, ok, valid = self._pack(r, K)
-        flat_at = at.reshape(B, -1, 1)
+            return _score(head(_gather_at(h, at)), at, tok, ok, valid), valid
+        pack = self.pack(r, K)
         if split is not None and not self.return_token_logprobs:
-            dec, head = split
-            h = dec(input_ids=ids, attention_mask=mask[:, None], position_ids=pos).last_hidden_state
-            sel = head(h.gather(1, flat_at.expand(-1, -1, h.shape[-1])))  # (B, (K+1) * a_max, vocab)
-            return _score(sel, at, tok, ok, valid), valid
-        logits = self.model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos).logits
-        jr = _score(logits.gather(1, flat_at.expand(-1, -1, logits.shape[-1])), at, tok, ok, valid)
+            h = split[0](input_ids=pack.ids, attention_mask=pack.mask[:, None],
+                         position_ids=pack.position_ids).last_hidden_state
+            return self.score(h, pack)
+        logits = self.model(input_ids=pack.ids, attention_mask=pack.mask[:, None],
+                            position_ids=pack.position_ids).logits
+        jr = _score(_gather_at(logits, pack.at), pack.at, pack.tok, pack.ok, pack.valid)
         if self.return_token_logprobs:
             # the rollout part of the packed forward is the plain causal forward: keep its token log-probs where
             # both the token and its successor are real
-            L, am = r.input_ids.shape[1], r.attention_mask.bool()
+            (B, L), am = r.input_ids.shape, r.attention_mask.bool()
             both = am & torch.cat([am[:, 1:], am.new_zeros(B, 1)], 1)
             self.last_token_logprobs = torch.where(both, token_logprobs(logits[:, :L], r.input_ids), 0.0).to(jr.dtype)
-        return jr, valid
+        return jr, pack.valid
 
 
 class _TextJr:

@@ -113,7 +113,7 @@ def build_reward(cfg: TrainConfig, model, tokenizer, gather=None) -> DenseProces
     return DenseProcessReward(jr, tracker, alpha=cfg.alpha, beta=cfg.beta, penalty_mode=cfg.penalty_mode,
                               damping=cfg.damping, fisher_decay=cfg.fisher_decay, normalize=cfg.penalty_norm,
                               penalty_kind=PENALTY_KIND[cfg.method], micro_batch=cfg.reward_micro_batch or None,
-                              gather=gather)
+                              gather=gather, probes=cfg.reward_probes)
 
 
 def episode_markers(cfg: TrainConfig, tokenizer) -> list[str]:

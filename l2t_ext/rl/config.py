@@ -80,6 +80,9 @@ class TrainConfig:
     max_episodes: int = _f(30, "cap on episodes per response")
     reward_micro_batch: int = _f(0, "rollouts per forward/backward of the l2t reward (0: the rank's whole batch at "
                                  "once; its (rows, length, vocab) logits bound the reward's memory)")
+    reward_probes: str = _f("auto", "how the l2t reward runs its Jr probes: packed (behind the rollout in its "
+                            "forward) | cache (a short second forward from its KV cache) | auto (packed on CUDA, "
+                            "else cache)")
     process_norm: str = _f("std", "l2t episode-reward normalisation: std | mean_std (advantages.py says why)")
     length_coef: float = _f(0.5, "length_penalty: weight of the group-normalised length term")
     gamma: float = _f(1.0, "GAE discount (ppo)")
@@ -119,6 +122,8 @@ class TrainConfig:
             raise InputError(f"penalty_norm must be 'batch', 'initial' or 'none', got {self.penalty_norm!r}")
         if self.penalty_mode not in ("batch", "self"):
             raise InputError(f"penalty_mode must be 'batch' or 'self', got {self.penalty_mode!r}")
+        if self.reward_probes not in ("auto", "packed", "cache"):
+            raise InputError(f"reward_probes must be 'auto', 'packed' or 'cache', got {self.reward_probes!r}")
         if self.rollout_backend not in ("auto", "hf", "vllm"):
             raise InputError(f"rollout_backend must be 'auto', 'hf' or 'vllm', got {self.rollout_backend!r}")
         if not 0.0 < self.vllm_gpu_memory_utilization < 1.0:
