@@ -125,7 +125,7 @@ rows = [{"prompt": p.prompt, "answer": p.answer} for p in arith.dataset(16, seed
 args = L2TConfig(output_dir=out, per_device_train_batch_size=4, num_generations=4, max_steps=1,
                  max_completion_length=16, learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no",
                  use_cpu=True, bf16=False, seed=0, l2t_markers=["</think>"], l2t_answer_cue="A:",
-                 l2t_answer_prefix="", l2t_rank=4, beta=0.0)
+                 l2t_answer_prefix="", l2t_rank=4, beta=0.0, l2t_probes="packed")
 t = L2TGRPOTrainer(model=model, reward_funcs=outcome, args=args, train_dataset=datasets.Dataset.from_list(rows),
                    processing_class=tok)
 t.train()

@@ -70,6 +70,8 @@ class L2TConfig(GRPOConfig):
     l2t_process_norm: str = dataclasses.field(default="std", metadata={"help": "std | mean_std"})
     l2t_penalty_kind: str = dataclasses.field(default="fisher", metadata={"help": "fisher | count | tokens | none"})
     l2t_micro_batch: int = dataclasses.field(default=0, metadata={"help": "completions per reward forward (0: all)"})
+    l2t_probes: str = dataclasses.field(default="auto", metadata={
+        "help": "Jr probes: packed (in the reward's forward) | cache (from its KV cache) | auto (packed on CUDA)"})
 
 
 class _RefreshBases(TrainerCallback):
@@ -103,6 +105,7 @@ class L2TGRPOTrainer(GRPOTrainer):
         jr = AnswerLikelihoodJr(policy, tok.encode(a.l2t_answer_cue, add_special_tokens=False), tok.pad_token_id)
         return DenseProcessReward(jr, tracker, alpha=a.l2t_alpha, beta=a.l2t_beta, damping=a.l2t_damping,
                                   penalty_kind=a.l2t_penalty_kind, micro_batch=a.l2t_micro_batch or None,
+                                  probes=a.l2t_probes,
                                   gather=gather_rows if self.accelerator.num_processes > 1 else None)
 
     def _generate_and_score_completions(self, inputs):

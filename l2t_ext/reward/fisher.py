@@ -286,11 +286,12 @@ class FisherTracker:
         seg[:, :-1] = episode_ids[:, 1:]
         seg = torch.where(seg >= K, torch.full_like(seg, -1), seg)
         keep = seg >= 0  # only episode positions seed the backward: the output layer forms no gradient for others
+        any_kept = K > 0 and bool(keep.any())  # read before the forward is queued: on a GPU it waits for no kernel
         lp, xs, outs, cache, hidden = self._capture_forward(input_ids, attention_mask,
                                                             position_ids_from_mask(attention_mask), return_cache,
                                                             grad_rows=keep, packed=packed)
         g = torch.zeros(B, K, self.p, dtype=lp.dtype, device=input_ids.device)
-        if K > 0 and bool(keep.any()):
+        if any_kept:
             (self._exact_grads if exact else self._batched_grads)(g, lp, seg, xs, outs)
         extra = ((lp.detach(),) if return_logprobs else ()) + ((cache,) if return_cache else ()) + \
             ((hidden,) if packed is not None else ())
