@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from l2t_ext.lm import head_token_logprobs, token_logprobs
+from l2t_ext.lm import GradRows, head_token_logprobs, token_logprobs
 
 
 def _reference(h, head, ids, w):
@@ -104,10 +104,12 @@ def test_head_grads_false_differentiates_the_hidden_state_only(monkeypatch):
     assert calls == [(4, 13), (4, 13), (2, 13)] * 2  # no gradient wanted: nothing formed for it
 
 
+@pytest.mark.parametrize("ahead", [False, True], ids=["mask", "GradRows"])
 @pytest.mark.parametrize("head_grads", [True, False], ids=["recomputed", "jacobian_in_forward"])
-def test_grad_rows_make_the_other_positions_constants(head_grads, monkeypatch):
+def test_grad_rows_make_the_other_positions_constants(head_grads, ahead, monkeypatch):
     """Positions outside grad_rows keep their log-prob values but pass no gradient, whatever the upstream
-    gradient there; with the head constant, no per-row gradient is formed for them (one GEMM for those rows)."""
+    gradient there; with the head constant, no per-row gradient is formed for them (one GEMM for those rows).
+    Given as ``GradRows`` (indices read back ahead), the output layer reads nothing back in its forward."""
     g = torch.Generator().manual_seed(7)
     B, L, d, V = 2, 7, 8, 13
     head = torch.nn.Linear(d, V).double()
@@ -117,10 +119,14 @@ def test_grad_rows_make_the_other_positions_constants(head_grads, monkeypatch):
     rows[0, 2:5], rows[1, 5] = True, True  # 4 of the 12 predicting positions
     w = torch.randn(B, L, generator=g, dtype=torch.float64)  # nonzero everywhere
     want_lp, *want = _reference(h, head, ids, w * rows)
-    calls = []
+    calls, reads = [], []
     real = torch.Tensor.__matmul__
     monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: calls.append(a.shape) or real(a, b))
-    lp = head_token_logprobs(h, head, ids, chunk_tokens=3, head_grads=head_grads, grad_rows=rows)
+    arg = GradRows.of(rows) if ahead else rows
+    nonzero = torch.Tensor.nonzero
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda t, *a, **k: reads.append(1) or nonzero(t, *a, **k))
+    lp = head_token_logprobs(h, head, ids, chunk_tokens=3, head_grads=head_grads, grad_rows=arg)
+    assert len(reads) == (0 if ahead or head_grads else 2)
     wrt = [h, head.weight, head.bias] if head_grads else [h]
     got = torch.autograd.grad((lp * w).sum(), wrt)
     assert (lp - want_lp).abs().max() <= 1e-12
@@ -136,9 +142,10 @@ def test_bad_input():
         head_token_logprobs(torch.randn(2, 6, 8), head, torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="chunk_tokens"):
         head_token_logprobs(torch.randn(2, 6, 8), head, torch.zeros(2, 6, dtype=torch.long), chunk_tokens=0)
-    with pytest.raises(ValueError, match="grad_rows must be a bool tensor"):
-        head_token_logprobs(torch.randn(2, 6, 8), head, torch.zeros(2, 6, dtype=torch.long),
-                            grad_rows=torch.ones(2, 5, dtype=torch.bool))
+    for bad in (torch.ones(2, 5, dtype=torch.bool), GradRows.of(torch.ones(2, 5, dtype=torch.bool)),
+                torch.ones(2, 6)):
+        with pytest.raises(ValueError, match="grad_rows must be a bool tensor"):
+            head_token_logprobs(torch.randn(2, 6, 8), head, torch.zeros(2, 6, dtype=torch.long), grad_rows=bad)
 
 
 def test_split_head_only_where_logits_are_the_head_of_the_hidden_state():

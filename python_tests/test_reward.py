@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -448,6 +450,33 @@ def test_reward_probe_paths_packed_and_cache():
                         (AnswerLikelihoodJr(model, cue_ids=[11]), FisherTracker(model, rank=4, logprobs="full"))]:
         with pytest.raises(ValueError, match="probes='packed' needs"):
             DenseProcessReward(jr, tracker, probes="packed")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_tracker_reads_nothing_back_while_its_forward_runs(packed, monkeypatch):
+    """A host read waits for every kernel queued before it: the tracker reads back what it needs (which positions
+    seed the backward) before it queues the decoder, and nothing from there until the backward is queued, so on a
+    GPU the host keeps launching while the forward runs. (Reads in transformers' own code are not ours: its mask
+    builder checks a 2-D mask at the top of the decoder, before any layer is queued.)"""
+    model = tiny_model()
+    ids, am, resp = rollouts(B=3, seed=8)
+    ep = segment_episodes(ids, resp, [[M]])
+    pack = AnswerLikelihoodJr(model, cue_ids=[11]).pack(Rollouts(ids, am, resp, ep, answer_ids=[[20], [21], [22]]))
+    tracker = FisherTracker(model, rank=4)
+    state, reads = {"on": False}, []
+    hook = model.get_decoder().register_forward_pre_hook(lambda *a: state.update(on=True))
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: state.update(on=False) or grad(*a, **k))
+    for name in ("nonzero", "item", "tolist", "__bool__", "__int__", "__float__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda t, *a, _real=real, _name=name, **k: (
+                                reads.append(_name) if state["on"] and "l2t_ext" in sys._getframe(1).f_code.co_filename
+                                else None, _real(t, *a, **k))[1])
+    g = tracker.episode_grads(ids, am, ep, packed=(pack.ids, pack.position_ids, pack.mask) if packed else None)
+    hook.remove()
+    g = g[0] if packed else g
+    assert not state["on"] and g.abs().max() > 0 and reads == []
 
 
 def test_packed_probes_read_nothing_back_per_row_or_boundary():

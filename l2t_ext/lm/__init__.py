@@ -7,6 +7,7 @@ This package sits below ``reward``, ``eval`` and ``rl`` (docs/architecture.md, "
 from l2t_ext.lm.generation import RolloutBatch, generate, left_pad, pack
 from l2t_ext.lm.logprobs import (
     PLAIN_HEAD_MODEL_TYPES,
+    GradRows,
     head_token_logprobs,
     output_cache,
     position_ids_from_mask,
@@ -17,5 +18,5 @@ from l2t_ext.lm.models import char_tokenizer, check_model_dir, load_local, marke
 from l2t_ext.lm.prompts import render_prompt
 
 __all__ = ["RolloutBatch", "generate", "left_pad", "pack", "position_ids_from_mask", "token_logprobs",
-           "PLAIN_HEAD_MODEL_TYPES", "head_token_logprobs", "output_cache", "split_head",
+           "PLAIN_HEAD_MODEL_TYPES", "GradRows", "head_token_logprobs", "output_cache", "split_head",
            "char_tokenizer", "check_model_dir", "load_local", "marker_ids", "render_prompt", "tiny_qwen2"]

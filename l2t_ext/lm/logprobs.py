@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 
@@ -42,6 +44,28 @@ def output_cache(out):
     return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
 
 
+@dataclasses.dataclass(frozen=True)
+class GradRows:
+    """The positions whose log-prob may carry a gradient (``head_token_logprobs``' ``grad_rows``), with their flat
+    indices over the (B, L - 1) scored positions already read back: ``GradRows.of(mask)`` before a forward is
+    queued does the host read while the device is idle, instead of inside the output layer, where on a GPU it
+    would wait for the whole decoder forward."""
+
+    mask: torch.Tensor  # (B, L) bool
+    index: torch.Tensor  # (n,) int64 flat indices of the True positions among the first L - 1 of each row
+    rest: torch.Tensor  # (B * (L - 1) - n,) int64 the others
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> GradRows:
+        """One host read (the number of True positions)."""
+        return cls(mask, *_split_rows(mask[:, :-1].reshape(-1)))
+
+
+def _split_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices of the True entries of the bool vector ``rows``, of the False ones): one host read."""
+    return rows.nonzero().squeeze(1), (~rows).nonzero().squeeze(1)
+
+
 class _HeadLogprobs(torch.autograd.Function):
     """log softmax(h W^T + b)[target] row by row, ``chunk`` rows at a time; the (rows, vocab) logits exist one chunk
     at a time. Two ways to the gradient:
@@ -54,10 +78,11 @@ class _HeadLogprobs(torch.autograd.Function):
       logits (the weight's gradient needs the upstream gradient, unknown in the forward).
 
     ``rows`` (bool, or None for all): the rows whose log-prob may carry a gradient; the others' log-probs are
-    constants, and in the first way their Jacobians are never formed (a long prompt costs one GEMM, not two)."""
+    constants, and in the first way their Jacobians are never formed (a long prompt costs one GEMM, not two).
+    ``split``: (indices of the True rows, of the others) read back ahead (``GradRows``), or None: read here."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, chunk, rows):
+    def forward(ctx, h, weight, bias, targets, chunk, rows, split):
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
         n = h.shape[0]
         lp = torch.empty(n, dtype=acc, device=h.device)
@@ -65,9 +90,9 @@ class _HeadLogprobs(torch.autograd.Function):
         ctx.jacobian = ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3])
         jac = torch.zeros_like(h) if ctx.jacobian else None  # rows outside ``rows``: no gradient
         ctx.zdt = torch.result_type(h, weight)  # the logits' dtype: the head's, or autocast's (below) when active
-        # (row indices or None for all rows, form the Jacobian?); with ``rows``, one host read of its indices
+        # (row indices or None for all rows, form the Jacobian?)
         groups = [(None, ctx.jacobian)] if rows is None or not ctx.jacobian else \
-            [(rows.nonzero().squeeze(1), True), ((~rows).nonzero().squeeze(1), False)]
+            list(zip(split or _split_rows(rows), (True, False)))
         for idx, want_jac in groups:
             for s in range(0, n if idx is None else idx.numel(), chunk):
                 sel = slice(s, s + chunk) if idx is None else idx[s:s + chunk]
@@ -90,7 +115,7 @@ class _HeadLogprobs(torch.autograd.Function):
     def backward(ctx, grad):
         if ctx.jacobian:
             (jac,) = ctx.saved_tensors
-            return jac * grad[:, None].to(jac.dtype), None, None, None, None, None
+            return jac * grad[:, None].to(jac.dtype), None, None, None, None, None, None
         h, weight, bias, targets, lse, rows = ctx.saved_tensors
         if rows is not None:
             grad = torch.where(rows, grad, 0)
@@ -115,7 +140,8 @@ class _HeadLogprobs(torch.autograd.Function):
                     gw += dz.mT.to(gw.dtype) @ hc.to(gw.dtype)
                 if need_b:
                     gb += dz.sum(0).to(gb.dtype)
-        return (gh, gw.to(weight.dtype) if need_w else None, gb.to(bias.dtype) if need_b else None, None, None, None)
+        return (gh, gw.to(weight.dtype) if need_w else None, gb.to(bias.dtype) if need_b else None, None, None, None,
+                None)
 
 
 def _dlogprob_dlogits(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, g: torch.Tensor | None):
@@ -135,7 +161,7 @@ def _dlogprob_dhidden(z, lse, targets, weight, zdt, device_type: str) -> torch.T
 
 def head_token_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, input_ids: torch.Tensor,
                         chunk_tokens: int = 1024, head_grads: bool = True,
-                        grad_rows: torch.Tensor | None = None) -> torch.Tensor:
+                        grad_rows: torch.Tensor | GradRows | None = None) -> torch.Tensor:
     """``token_logprobs(head(hidden), input_ids)`` without forming the (B, L, vocab) logits: the output layer and
     its log-softmax run ``chunk_tokens`` positions at a time, so the memory of that step is O(chunk_tokens x
     vocab) instead of two (B, L, vocab) float32 tensors. With ``head_grads=False`` the gradient w.r.t. ``hidden``
@@ -153,7 +179,8 @@ def head_token_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, input_ids: 
             (vocab, d) float32 buffer; it pays one (rows, d) tensor for the saved per-row gradients.
         grad_rows: optional (B, L) bool, the positions whose log-prob may receive a gradient (e.g. the response
             tokens); the others are returned as constants (no gradient flows from them), and with
-            ``head_grads=False`` their per-row gradients are not formed. Costs one host read of its indices.
+            ``head_grads=False`` their per-row gradients are not formed. Costs one host read of its indices,
+            unless it comes as ``GradRows.of(mask)``, built ahead (e.g. before the decoder's forward is queued).
 
     Returns:
         (B, L) log pi(x_{t+1} | x_<=t) at position t, last position 0; float32 (float64 for float64 hidden);
@@ -164,16 +191,18 @@ def head_token_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, input_ids: 
                          f"{tuple(hidden.shape)} and {tuple(input_ids.shape)}")
     if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"head_token_logprobs: chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
-    if grad_rows is not None and (not isinstance(grad_rows, torch.Tensor) or grad_rows.dtype != torch.bool
-                                  or grad_rows.shape != input_ids.shape):
-        raise ValueError(f"head_token_logprobs: grad_rows must be a bool tensor shaped like input_ids "
-                         f"{tuple(input_ids.shape)}, got {getattr(grad_rows, 'dtype', type(grad_rows).__name__)} "
-                         f"{tuple(getattr(grad_rows, 'shape', ()))}")
+    mask = grad_rows.mask if isinstance(grad_rows, GradRows) else grad_rows
+    if grad_rows is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
+                                  or mask.shape != input_ids.shape):
+        raise ValueError(f"head_token_logprobs: grad_rows must be a bool tensor (or GradRows) shaped like input_ids "
+                         f"{tuple(input_ids.shape)}, got {getattr(mask, 'dtype', type(mask).__name__)} "
+                         f"{tuple(getattr(mask, 'shape', ()))}")
     B, L, d = hidden.shape
     h = hidden[:, :-1].reshape(-1, d)
     weight, bias = (head.weight, head.bias) if head_grads else \
         (head.weight.detach(), None if head.bias is None else head.bias.detach())
-    rows = None if grad_rows is None else grad_rows[:, :-1].reshape(-1)
-    lp = _HeadLogprobs.apply(h, weight, bias, input_ids[:, 1:].reshape(-1), chunk_tokens, rows)
+    rows = None if mask is None else mask[:, :-1].reshape(-1)
+    split = (grad_rows.index, grad_rows.rest) if isinstance(grad_rows, GradRows) else None
+    lp = _HeadLogprobs.apply(h, weight, bias, input_ids[:, 1:].reshape(-1), chunk_tokens, rows, split)
     lp = lp.reshape(B, L - 1)
     return torch.cat([lp, lp.new_zeros(B, 1)], 1)

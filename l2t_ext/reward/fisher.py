@@ -32,6 +32,7 @@ from torch import nn
 from l2t_ext import ops
 from l2t_ext.lm import (
     PLAIN_HEAD_MODEL_TYPES,
+    GradRows,
     head_token_logprobs,
     output_cache,
     position_ids_from_mask,
@@ -200,8 +201,8 @@ class FisherTracker:
     def _capture_forward(self, input_ids, attention_mask, position_ids, use_cache=False, grad_rows=None,
                          packed=None):
         """Forward with autograd only from the first tracked layer on. Returns (token log-probs (B, L), X list,
-        out list, KV cache or None, last hidden states or None). ``grad_rows``: (B, L) the positions whose log-prob
-        gets a gradient; ``packed``: see ``episode_grads`` (the X and out tensors then cover its P positions)."""
+        out list, KV cache or None, last hidden states or None). ``grad_rows``: the positions whose log-prob gets a
+        gradient; ``packed``: see ``episode_grads`` (the X and out tensors then cover its P positions)."""
         xs: list[torch.Tensor] = [None] * len(self.modules)
         outs: list[torch.Tensor] = [None] * len(self.modules)
         first = self.modules[0]
@@ -285,13 +286,14 @@ class FisherTracker:
         seg = torch.full_like(episode_ids, -1)
         seg[:, :-1] = episode_ids[:, 1:]
         seg = torch.where(seg >= K, torch.full_like(seg, -1), seg)
-        keep = seg >= 0  # only episode positions seed the backward: the output layer forms no gradient for others
-        any_kept = K > 0 and bool(keep.any())  # read before the forward is queued: on a GPU it waits for no kernel
+        # only episode positions seed the backward (the output layer forms no gradient for others); their indices are
+        # read back before the forward is queued: on a GPU a read inside it would wait for the decoder's kernels
+        keep = GradRows.of(seg >= 0)
         lp, xs, outs, cache, hidden = self._capture_forward(input_ids, attention_mask,
                                                             position_ids_from_mask(attention_mask), return_cache,
                                                             grad_rows=keep, packed=packed)
         g = torch.zeros(B, K, self.p, dtype=lp.dtype, device=input_ids.device)
-        if any_kept:
+        if K > 0 and keep.index.numel():
             (self._exact_grads if exact else self._batched_grads)(g, lp, seg, xs, outs)
         extra = ((lp.detach(),) if return_logprobs else ()) + ((cache,) if return_cache else ()) + \
             ((hidden,) if packed is not None else ())
