@@ -122,7 +122,7 @@ def _fns(config):
         return token_logprobs(out.logits, r.input_ids)
 
     @torch.no_grad()
-    def rollout_cache():  # the decoder forward that leaves the KV cache the reward's probes continue from
+    def rollout_cache():  # the decoder forward that leaves the KV cache the reward's cache path continues from
         out = dec(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=pos, use_cache=True)
         return output_cache(out)
 
@@ -175,7 +175,7 @@ def run(config: str) -> dict:
     # the reward's forward replaces the old-log-prob forward the loop needs anyway
     res["ratios"]["reward_net_of_old_logprob_forward"] = (R["reward"]["ms"] - R["forward"]["ms"]) / step
     res["ratios"]["penalty_net_of_old_logprob_forward"] = (R["penalty"]["ms"] - R["forward"]["ms"]) / step
-    # the probes as the reward runs them: from the rollout forward's KV cache
+    # the probes as the reward's cache path runs them: from the rollout forward's KV cache
     res["ratios"]["probes_from_cache"] = (R["jr_cached"]["ms"] - R["rollout_cache"]["ms"]) / step
     # the two probe paths once more, their calls interleaved: their ratio is the question, not each one's time
     samples, _ = H.time_interleaved({k: fns[k] for k in ("reward_packed", "reward_cache")}, device,
@@ -226,8 +226,8 @@ def markdown(res: dict) -> str:
                  f"{rt['reward_net_of_old_logprob_forward']:.2f}x, penalty "
                  f"{rt['penalty_net_of_old_logprob_forward']:.2f}x of the step")
     if "probes_from_cache" in rt:
-        lines.append(f"\nThe probes from the KV cache, as the reward runs them (jr_cached - rollout_cache): "
-                     f"{rt['probes_from_cache']:.2f}x of the step")
+        lines.append(f"\nThe probes from the KV cache, as the reward's cache path runs them (jr_cached - "
+                     f"rollout_cache): {rt['probes_from_cache']:.2f}x of the step")
     if "packed_speedup_over_cache" in rt:
         im = res["interleaved_ms"]
         lines.append(f"\nThe reward with its probes packed into the tracker's forward: "
