@@ -13,6 +13,9 @@
 #           Qwen2-0.5B-shaped policy in bf16 (step time per phase, peak memory, the reward's share of the
 #           step), then the tiny-arith preset for 3 steps (metrics sanity), then 3 steps each of GRPO, the
 #           gated length penalty, L2T and L2T with PPO (the trainer tests, on the GPU);
+#   flex    the reward under flex attention (the probes' masks as block-sparse BlockMasks): its CUDA test (flex's
+#           backward, the tracker's packed path), then the reward cost benchmark with attn_implementation
+#           flex_attention, to set beside the reward stage's SDPA numbers (compiles on first use);
 #   moretests  the rest of the test suite;
 # then the performance goals read off this run's JSON, printed last (l2t_ext.bench.goals). A backend whose
 # kernel tests fail is switched off (L2T_DISABLE_BACKENDS) for the stages after the bench, so that one broken
@@ -38,7 +41,7 @@ OUT=${LOGS:-/tmp/l2t_device_check}  # every log and JSON
 mkdir -p "$OUT" "$RESULTS"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-build tests bench reward train moretests}
+STAGES=${STAGES:-build tests bench reward train flex moretests}
 DEADLINE=${DEADLINE_S:-560}
 T0=$(date +%s)
 stamp() { echo "[device_check +$(( $(date +%s) - T0 ))s] $*"; }
@@ -144,6 +147,15 @@ if wanted train && room trainer-tests; then
   stamp "3 training steps per method on the GPU (tiny model, bf16 autocast; PPO with L2T included)"
   L2T_TEST_DEVICE=cuda with_auto_off pytest_stage tests_methods_gpu.log ${METHODS_TIMEOUT:-120} "$T/test_trainer.py" \
     -k "every_method and (grpo-False or length_penalty_gated-False or l2t-False or l2t-True)"
+fi
+
+if want flex; then
+  stamp "the reward under flex attention (BlockMask probes): CUDA test, then the reward cost benchmark"
+  with_auto_off pytest_stage tests_flex_gpu.log ${FLEX_TEST_TIMEOUT:-90} "$T/test_reward.py" -k "flex_attention"
+  room flex-bench && { with_auto_off timeout "$(limit ${FLEX_TIMEOUT:-150})" $PY "$REPO/benchmarks/bench_reward.py" \
+    --device cuda --attn flex_attention --json "$OUT/bench_reward_gpu_flex.json" > "$OUT/bench_reward_flex.log" 2>&1
+    echo "flex reward bench exit code $?"
+    tail -14 "$OUT/bench_reward_flex.log"; }
 fi
 
 if want moretests; then

@@ -452,6 +452,101 @@ def test_reward_probe_paths_packed_and_cache():
             DenseProcessReward(jr, tracker, probes="packed")
 
 
+def _reward_outputs(model, r, probes, layers=None):
+    out = DenseProcessReward(AnswerLikelihoodJr(model, cue_ids=[11]), FisherTracker(model, rank=4, layers=layers),
+                             probes=probes)(r)
+    return {n: getattr(out, n) for n in ("r_prg", "jr_before", "jr_after", "penalty", "valid")}
+
+
+def _assert_same_reward(out, ref, rtol, what):
+    assert out["valid"].any() and torch.equal(out["valid"], ref["valid"]), what
+    for n in ("r_prg", "jr_before", "jr_after", "penalty"):
+        assert (out[n] - ref[n]).abs().max() <= rtol * max(1.0, ref[n].abs().max()), (what, n)
+
+
+@pytest.mark.parametrize("left", [True, False])
+def test_probe_masks_under_eager_attention_equal_sdpa(left):
+    """Eager attention adds its mask to the scores: the probes' boolean mask would add 0 or 1 and mask nothing.
+    Under eager the reward and the estimator's own forward equal SDPA's (float64 models; eager takes its softmax
+    in float32, so to float32 round-off: the boolean mask was off by ~1e-3). The cache path runs the rollout with
+    transformers' own eager mask, whose fully masked left-padding rows are NaN in float64 (its float64 minimum
+    overflows in the float32 softmax) and poison the backward: right padding only."""
+    model = tiny_model()
+    ids, am, resp = rollouts(B=3, seed=9, left_pad=left)
+    r = Rollouts(ids, am, resp, segment_episodes(ids, resp, [[M]]), answer_ids=[[20, 21], [22], [23]])
+    paths = ("packed",) if left else ("packed", "cache")
+    ref = {p: _reward_outputs(model, r, p) for p in paths}
+    jr_ref = AnswerLikelihoodJr(model, cue_ids=[11, 12])(r)[0]
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+    for p in paths:
+        _assert_same_reward(_reward_outputs(model, r, p), ref[p], 2e-6, p)
+    assert (AnswerLikelihoodJr(model, cue_ids=[11, 12])(r)[0] - jr_ref).abs().max() <= 1e-6
+
+
+def test_probe_masks_under_flex_attention_are_block_masks():
+    """Under flex attention the probes hand the decoder a BlockMask (fully masked blocks are skipped): their Jr,
+    and the reward with the probes packed into the tracker's forward, equal SDPA's. CPU: float32, no backward
+    through flex attention (the default tracked layers need none: they follow the last block's attention), and
+    inductor's CPU flex kernel fails to compile for the KV-cache path's query block (torch 2.13), so the cache
+    path and a backward through flex attention are checked on CUDA (test_reward_under_flex_attention_on_cuda)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    model = tiny_model(dtype=torch.float32)
+    ids, am, resp = rollouts(B=3, seed=10)
+    r = Rollouts(ids, am, resp, segment_episodes(ids, resp, [[M]]), answer_ids=[[20, 21], [22], [23, 24]])
+    est = AnswerLikelihoodJr(model, cue_ids=[11])
+    ref, ref_reward = est(r)[0], _reward_outputs(model, r, "packed")
+    model.set_attn_implementation("flex_attention")
+    masks = []
+    hook = model.get_decoder().register_forward_pre_hook(lambda m, a, k: masks.append(k["attention_mask"]),
+                                                         with_kwargs=True)
+    jr = est(r)[0]
+    reward = _reward_outputs(model, r, "packed")
+    hook.remove()
+    assert len(masks) == 2 and all(isinstance(m, BlockMask) for m in masks)
+    assert jr.gt(0).any() and (jr - ref).abs().max() <= 1e-5
+    _assert_same_reward(reward, ref_reward, 1e-5, "packed")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch's flex attention has no CPU backward)")
+def test_reward_under_flex_attention_on_cuda():
+    """On CUDA the whole reward runs under flex attention, both probe paths, tracking every block's projections
+    (so the backward runs through flex attention): SDPA's reward (float32)."""
+    model = tiny_model(dtype=torch.float32).cuda()
+    ids, am, resp = (t.cuda() for t in rollouts(B=3, seed=11))
+    r = Rollouts(ids, am, resp, segment_episodes(ids, resp, [[M]]), answer_ids=[[20, 21], [22], [23]])
+    every = r"layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)$"
+    ref = {p: _reward_outputs(model, r, p, every) for p in ("packed", "cache")}
+    model.set_attn_implementation("flex_attention")
+    for p in ("packed", "cache"):
+        _assert_same_reward(_reward_outputs(model, r, p, every), ref[p], 1e-4, p)
+
+
+def test_probe_masks_refuse_attention_without_custom_masks():
+    """Flash-attention (and paged or hub kernels) take no custom 4-D mask: refused by name before any forward."""
+    from l2t_ext.lm import custom_attention_mask
+
+    model = tiny_model()
+    ids, am, resp = rollouts(B=2, seed=12)
+    ep = segment_episodes(ids, resp, [[M]])
+    pack = AnswerLikelihoodJr(model, cue_ids=[11]).pack(Rollouts(ids, am, resp, ep, answer_ids=[[20], [21]]))
+    tracker = FisherTracker(model, rank=4)
+    mask = pack.mask[:, None]
+    assert torch.equal(custom_attention_mask(model, pack.mask), mask)
+    with pytest.raises(ValueError, match=r"mask must be a \(B, Q, KV\) bool"):
+        custom_attention_mask(model, mask)
+    model.config._attn_implementation = "flash_attention_2"
+    calls = []
+    hook = model.get_decoder().register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match="AnswerLikelihoodJr: the model's attention implementation 'flash_attention_2"):
+        AnswerLikelihoodJr(model, cue_ids=[11])
+    with pytest.raises(ValueError, match="episode_grads: packed=: the model's attention implementation"):
+        tracker.episode_grads(ids, am, ep, packed=(pack.ids, pack.position_ids, pack.mask))
+    hook.remove()
+    assert calls == []
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_tracker_reads_nothing_back_while_its_forward_runs(packed, monkeypatch):
     """A host read waits for every kernel queued before it: the tracker reads back what it needs (which positions

@@ -1,9 +1,10 @@
 """The GPU performance goals, read off one GPU check's outputs: ``l2t bench --device cuda`` (bench_gpu.json),
-``benchmarks/bench_reward.py`` (bench_reward_gpu.json), ``benchmarks/bench_train_step.py``
-(bench_train_step.json) and the tiny-arith run's metrics (tiny_arith/metrics.jsonl), all written by
-``benchmarks/device_check.sh`` into one folder in one run. Each goal is a ratio within that run, so the table it
-prints is what the README's goals table needs: measured value, threshold, met or missed. A file or row that is
-missing, failed or above the benchmark's error tolerance makes its goal "not measured" (never met).
+``benchmarks/bench_reward.py`` (bench_reward_gpu.json; bench_reward_gpu_flex.json under flex attention),
+``benchmarks/bench_train_step.py`` (bench_train_step.json) and the tiny-arith run's metrics
+(tiny_arith/metrics.jsonl), all written by ``benchmarks/device_check.sh`` into one folder in one run. Each goal is a
+ratio within that run, so the table it prints is what the README's goals table needs: measured value, threshold,
+met or missed. A file or row that is missing, failed or above the benchmark's error tolerance makes its goal
+"not measured" (never met).
 
 Usage: ``python -m l2t_ext.bench.goals DIR [--markdown goals.md]``.
 """
@@ -83,8 +84,11 @@ def kernel_goals(rows: list[dict]) -> list[dict]:
     return out
 
 
-def reward_goals(res: dict | None) -> list[dict]:
-    goal = "reward / PPO step net of the old-log-prob forward <= 0.25x, penalty <= 0.10x, extra peak memory <= 10%"
+def reward_goals(res: dict | None, attn: str | None = None) -> list[dict]:
+    """The reward goal off one bench_reward.py run; ``attn``: the run's attention implementation when it is not
+    the default (named in the goal's row)."""
+    goal = "reward / PPO step net of the old-log-prob forward <= 0.25x, penalty <= 0.10x, extra peak memory <= 10%" \
+        + (f" ({attn})" if attn else "")
     if not res or "ratios" not in res:
         return [_row(goal, None, None)]
     rt, mem = res["ratios"], res.get("extra_peak_mem_frac")
@@ -129,6 +133,7 @@ def tiny_goals(folder: str) -> list[dict]:
 def summarize(folder: str) -> list[dict]:
     bench = _load(folder, "bench_gpu.json")
     return (kernel_goals(bench["results"] if bench else []) + reward_goals(_load(folder, "bench_reward_gpu.json"))
+            + reward_goals(_load(folder, "bench_reward_gpu_flex.json"), "flex_attention")
             + train_goals(_load(folder, "bench_train_step.json")) + tiny_goals(folder))
 
 

@@ -55,7 +55,10 @@ CONFIGS = {
 }
 
 
-def build(config: str):
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+
+
+def build(config: str, attn: str = "sdpa"):
     import transformers
 
     from l2t_ext.reward import AnswerLikelihoodJr, DenseProcessReward, FisherTracker, Rollouts, segment_episodes
@@ -64,7 +67,7 @@ def build(config: str):
     torch.manual_seed(0)
     Config, Model = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
                      "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM)}[cfg["arch"]]
-    mcfg = Config(max_position_embeddings=4096, attn_implementation="sdpa", **cfg["model"])
+    mcfg = Config(max_position_embeddings=4096, attn_implementation=attn, **cfg["model"])
     model = Model(mcfg).to(device=device, dtype=getattr(torch, cfg["dtype"])).eval()
     b = cfg["batch"]
     g = torch.Generator().manual_seed(1)
@@ -88,12 +91,12 @@ def _device(config: str) -> str:
     return "cuda" if config == "cuda" else "cpu"
 
 
-def _fns(config):
+def _fns(config, attn="sdpa"):
     from l2t_ext.lm import output_cache, split_head
     from l2t_ext.reward import DenseProcessReward, FisherTracker, compression_penalty
     from l2t_ext.reward.fisher import position_ids_from_mask, token_logprobs
 
-    model, r, tracker, jr, reward = build(config)
+    model, r, tracker, jr, reward = build(config, attn)
     dec = split_head(model)[0]
     tracker_full = FisherTracker(model, rank=16, logprobs="full")
     pos = position_ids_from_mask(r.attention_mask)
@@ -146,17 +149,17 @@ def _host_ms(fn, device: str, calls: int = 3) -> float:
     return statistics.median(samples)
 
 
-def _child(config: str, name: str) -> float:
-    fns, _ = _fns(config)
+def _child(config: str, name: str, attn: str) -> float:
+    fns, _ = _fns(config, attn)
     return H.child_peak({}, lambda _inputs: fns[name]())
 
 
-def run(config: str) -> dict:
+def run(config: str, attn: str = "sdpa") -> dict:
     device = _device(config)
-    fns, r = _fns(config)
+    fns, r = _fns(config, attn)
     machine = H.machine_info(device)
-    res = {"machine": machine, "config_name": config, "config": CONFIGS[config], "episodes_per_row": r.num_episodes,
-           "results": {}}
+    res = {"machine": machine, "config_name": config, "config": CONFIGS[config], "attn_implementation": attn,
+           "episodes_per_row": r.num_episodes, "results": {}}
     for name, fn in fns.items():
         t = H.time_fn(fn, device, budget_s=3.0, max_reps=20)
         if device == "cuda":
@@ -164,8 +167,8 @@ def run(config: str) -> dict:
         else:
             code = "import sys; from l2t_ext.bench.reward import _child; print(_child(*sys.argv[1:]))"
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-            out = subprocess.run([sys.executable, "-c", code, config, name], capture_output=True, text=True, env=env,
-                                 cwd=tempfile.gettempdir())
+            out = subprocess.run([sys.executable, "-c", code, config, name, attn], capture_output=True, text=True,
+                                 env=env, cwd=tempfile.gettempdir())
             mem = float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
         res["results"][name] = dict(ms=t["ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"], peak_mem_mb=mem,
                                     host_ms=_host_ms(fn, device))
@@ -189,13 +192,14 @@ def run(config: str) -> dict:
     return res
 
 
-def profile(config: str, path: str, parts=("reward", "reward_cache", "penalty", "jr", "step"), rows: int = 30) -> None:
+def profile(config: str, path: str, parts=("reward", "reward_cache", "penalty", "jr", "step"), rows: int = 30,
+            attn: str = "sdpa") -> None:
     """One warmed-up call of each part under torch.profiler; writes each part's top ops by self device time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     device = _device(config)
-    fns, _ = _fns(config)
+    fns, _ = _fns(config, attn)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     with open(path, "w") as f:
@@ -205,13 +209,15 @@ def profile(config: str, path: str, parts=("reward", "reward_cache", "penalty", 
             with torch_profile(activities=acts) as prof:
                 fns[name]()
                 H.sync(device)
-            f.write(f"## {name} ({config}; sorted by {key})\n")
+            f.write(f"## {name} ({config}, {attn}; sorted by {key})\n")
             f.write(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60) + "\n\n")
 
 
 def markdown(res: dict) -> str:
     m = res["machine"]
-    lines = [f"Reward cost ({res.get('config_name', '?')}) on {m.get('gpu') or m['cpu']} ({m['cpu_cores']} cores), "
+    attn = res.get("attn_implementation", "sdpa")
+    lines = [f"Reward cost ({res.get('config_name', '?')}, {attn} attention) on {m.get('gpu') or m['cpu']} "
+             f"({m['cpu_cores']} cores), "
              f"torch {m['torch']}; "
              f"{res['config']['dtype']}, batch {res['config']['batch']}, {res['episodes_per_row']} episodes/row", "",
              "| part | ms (p20-p80) | host ms | peak MB | x of step |", "|---|---|---|---|---|"]
@@ -246,6 +252,9 @@ def main(argv=None) -> int:
     p.add_argument("--config", choices=sorted(CONFIGS), default=None,
                    help="model and batch shapes (default: cuda when a GPU is present, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--attn", choices=ATTN_IMPLEMENTATIONS, default="sdpa",
+                   help="the model's attn_implementation (flex_attention: the probes' masks are block-sparse "
+                        "BlockMasks; compiled on first use; its backward needs CUDA)")
     p.add_argument("--json", default="bench_reward.json")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="also write a torch.profiler table of the reward, penalty, probes and step to FILE")
@@ -253,12 +262,14 @@ def main(argv=None) -> int:
     if args.device and args.config and _device(args.config) != args.device:
         p.error(f"--config {args.config} runs on {_device(args.config)}, not --device {args.device}")
     config = args.config or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.attn == "flex_attention" and _device(config) != "cuda":
+        p.error("--attn flex_attention needs a CUDA config: torch's flex attention has no backward on the CPU")
     if args.threads:
         torch.set_num_threads(args.threads)
-    res = run(config)
+    res = run(config, args.attn)
     print(markdown(res))
     with open(args.json, "w") as f:
         json.dump(res, f, indent=1)
     if args.profile:
-        profile(config, args.profile)
+        profile(config, args.profile, attn=args.attn)
     return 0

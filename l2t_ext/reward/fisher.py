@@ -33,6 +33,8 @@ from l2t_ext import ops
 from l2t_ext.lm import (
     PLAIN_HEAD_MODEL_TYPES,
     GradRows,
+    check_custom_mask,
+    custom_attention_mask,
     head_token_logprobs,
     output_cache,
     position_ids_from_mask,
@@ -220,6 +222,8 @@ class FisherTracker:
                 return out
             return hook
 
+        # the packed mask in the form the model's attention reads (a BlockMask under flex attention)
+        packed_mask = None if packed is None else custom_attention_mask(self.model, packed[2], "episode_grads")
         handles.append(first.register_forward_pre_hook(pre_first))
         for i, mod in enumerate(self.modules):
             handles.append(mod.register_forward_hook(make_hook(i)))
@@ -227,7 +231,7 @@ class FisherTracker:
         try:
             torch.set_grad_enabled(False)
             kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids) if packed is None \
-                else dict(input_ids=packed[0], attention_mask=packed[2][:, None], position_ids=packed[1])
+                else dict(input_ids=packed[0], attention_mask=packed_mask, position_ids=packed[1])
             if use_cache:
                 kw["use_cache"] = True
             hidden = None
@@ -317,6 +321,7 @@ class FisherTracker:
                              f"{tuple(mask.shape)} {mask.dtype}")
         if not torch.equal(ids[:, :L], input_ids):
             raise ValueError("episode_grads: packed ids must start with input_ids (the rollout, then the extra tokens)")
+        check_custom_mask(self.model, "episode_grads: packed=")
 
     def _batched_grads(self, g, lp, seg, xs, outs) -> None:
         """One backward of the response log-likelihood, then segment_grad_outer per layer (fills g in place)."""

@@ -13,7 +13,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from l2t_ext.lm import left_pad, position_ids_from_mask, split_head, token_logprobs
+from l2t_ext.lm import (
+    check_custom_mask,
+    custom_attention_mask,
+    left_pad,
+    position_ids_from_mask,
+    split_head,
+    token_logprobs,
+)
 from l2t_ext.reward.episodes import boundary_positions, episode_counts
 
 FORCED_ANSWER_CUE = "Please output the final answer directly based on the above steps"
@@ -91,8 +98,9 @@ class AnswerLikelihoodJr:
     All K+1 probes of a rollout cost about one forward: the probe blocks ``cue + answer`` are packed behind
     the rollout; block k attends only to the rollout's first pos_k + 1 tokens and causally to itself, with
     position ids continuing from pos_k, so each probe sees exactly what a separate forward of
-    ``prefix_k + cue + answer`` would see. Needs a model that accepts a 4-D boolean attention mask (Hugging
-    Face models with ``attn_implementation`` "sdpa" or "eager").
+    ``prefix_k + cue + answer`` would see. Needs a model whose attention takes a custom mask: Hugging Face
+    ``attn_implementation`` "sdpa", "eager" or "flex_attention" (there a block-sparse ``BlockMask``: blocks no
+    probe sees are skipped; ``l2t_ext.lm.masks``); others are refused when the estimator is built.
 
     Only the answer positions go through the output layer when ``split_head(model)`` finds logits =
     lm_head(last hidden state) with nothing after it (Qwen2/Llama/Mistral...): the (B, P, vocab) logits of the
@@ -110,6 +118,7 @@ class AnswerLikelihoodJr:
     """
 
     def __init__(self, model, cue_ids: Sequence[int], pad_id: int = 0, return_token_logprobs: bool = False):
+        check_custom_mask(model, "AnswerLikelihoodJr")
         self.model = model
         self.cue_ids = [int(t) for t in cue_ids]
         self.pad_id = int(pad_id)
@@ -196,16 +205,16 @@ class AnswerLikelihoodJr:
         if cache is not None and self.cue_ids and split is not None:
             dec, head = split
             ids, pos, mask, at, tok, ok, valid, _ = self._probes(r, K)
-            h = dec(input_ids=ids, attention_mask=mask[:, None], position_ids=pos, use_cache=True,
+            mask = custom_attention_mask(self.model, mask, "AnswerLikelihoodJr")
+            h = dec(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                     **{_cache_kwarg(dec): cache}).last_hidden_state
             return _score(head(_gather_at(h, at)), at, tok, ok, valid), valid
         pack = self.pack(r, K)
+        mask = custom_attention_mask(self.model, pack.mask, "AnswerLikelihoodJr")
         if split is not None and not self.return_token_logprobs:
-            h = split[0](input_ids=pack.ids, attention_mask=pack.mask[:, None],
-                         position_ids=pack.position_ids).last_hidden_state
+            h = split[0](input_ids=pack.ids, attention_mask=mask, position_ids=pack.position_ids).last_hidden_state
             return self.score(h, pack)
-        logits = self.model(input_ids=pack.ids, attention_mask=pack.mask[:, None],
-                            position_ids=pack.position_ids).logits
+        logits = self.model(input_ids=pack.ids, attention_mask=mask, position_ids=pack.position_ids).logits
         jr = _score(_gather_at(logits, pack.at), pack.at, pack.tok, pack.ok, pack.valid)
         if self.return_token_logprobs:
             # the rollout part of the packed forward is the plain causal forward: keep its token log-probs where
