@@ -119,6 +119,19 @@ def test_reward_bench_parts_agree_on_the_tiny_config():
     assert torch.allclose(fns["reward_packed"](), fns["reward_cache"](), rtol=1e-4, atol=1e-6)
 
 
+def test_reward_bench_counts_each_parts_host_work():
+    """The ATen operators a call issues are a count, the same on every call; the packed probes (one decoder pass)
+    issue fewer than the cache path (two), the forward fewer than the step, whose backward they include."""
+    from l2t_ext.bench.reward import _aten_ops, _fns
+
+    fns, _ = _fns("cpu")
+    for f in fns.values():
+        f()  # warm-up: first calls build bases and caches
+    n = {k: _aten_ops(fns[k]) for k in ("forward", "step", "reward_packed", "reward_cache")}
+    assert n["forward"] == _aten_ops(fns["forward"]) and n["forward"] > 100
+    assert n["forward"] < n["step"] and n["forward"] < n["reward_packed"] < n["reward_cache"], n
+
+
 def test_reward_bench_profile_names_each_part_and_its_ops(tmp_path):
     """--profile writes one profiler table per part, each with the ops that part runs."""
     from l2t_ext.bench.reward import profile

@@ -11,8 +11,9 @@ probes (their path without a KV cache) and (c') jr_cached = the probes from a KV
 the no-grad decoder forward that leaves it (their difference: the probes of the reward's cache path), (d) the
 whole DenseProcessReward call (its default probe path: packed on CUDA, the KV cache elsewhere), and (d') each
 path explicitly: reward_packed (the probes ride behind the rollout in the tracker's forward) and reward_cache.
-Peak memory of each likewise (CPU: peak RSS growth in a fresh process), and the host time until each call
-returns (close to its wall time where the host sets the pace).
+Peak memory of each likewise (CPU: peak RSS growth in a fresh process), the host time until each call
+returns (close to its wall time where the host sets the pace), and the ATen operators each call issues (the host's
+work, a count rather than a time).
 ``--profile FILE`` also writes a torch.profiler table (self time per op, top rows) of one call each of the reward
 (and of its cache path), the penalty, the probes and the step: where the reward's time goes on the device, not
 only how much.
@@ -149,6 +150,16 @@ def _host_ms(fn, device: str, calls: int = 3) -> float:
     return statistics.median(samples)
 
 
+def _aten_ops(fn) -> int:
+    """ATen operators one call of fn issues (views included; its backward's too): the host's work per call, which
+    a GPU run pays whenever the host, not the device, sets the pace. Deterministic, unlike a time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+
+
 def _child(config: str, name: str, attn: str) -> float:
     fns, _ = _fns(config, attn)
     return H.child_peak({}, lambda _inputs: fns[name]())
@@ -171,13 +182,17 @@ def run(config: str, attn: str = "sdpa") -> dict:
                                  env=env, cwd=tempfile.gettempdir())
             mem = float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
         res["results"][name] = dict(ms=t["ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"], peak_mem_mb=mem,
-                                    host_ms=_host_ms(fn, device))
+                                    host_ms=_host_ms(fn, device), aten_ops=_aten_ops(fn))
     R = res["results"]
     step = R["step"]["ms"]
     res["ratios"] = {k: R[k]["ms"] / step for k in ("penalty", "penalty_full", "jr", "reward")}
     # the reward's forward replaces the old-log-prob forward the loop needs anyway
     res["ratios"]["reward_net_of_old_logprob_forward"] = (R["reward"]["ms"] - R["forward"]["ms"]) / step
     res["ratios"]["penalty_net_of_old_logprob_forward"] = (R["penalty"]["ms"] - R["forward"]["ms"]) / step
+    # the same nets in host work: ATen operators per call net of the forward's, over the step's
+    ops = {k: v["aten_ops"] for k, v in R.items()}
+    res["ops_net_of_old_logprob_forward"] = {k: (ops[k] - ops["forward"]) / ops["step"]
+                                             for k in ("reward", "reward_packed", "reward_cache", "penalty")}
     # the probes as the reward's cache path runs them: from the rollout forward's KV cache
     res["ratios"]["probes_from_cache"] = (R["jr_cached"]["ms"] - R["rollout_cache"]["ms"]) / step
     # the two probe paths once more, their calls interleaved: their ratio is the question, not each one's time
@@ -220,17 +235,21 @@ def markdown(res: dict) -> str:
              f"({m['cpu_cores']} cores), "
              f"torch {m['torch']}; "
              f"{res['config']['dtype']}, batch {res['config']['batch']}, {res['episodes_per_row']} episodes/row", "",
-             "| part | ms (p20-p80) | host ms | peak MB | x of step |", "|---|---|---|---|---|"]
+             "| part | ms (p20-p80) | host ms | aten ops | peak MB | x of step |", "|---|---|---|---|---|---|"]
     step = res["results"]["step"]["ms"]
     for k, v in res["results"].items():
         mem = "-" if v["peak_mem_mb"] is None else f"{v['peak_mem_mb']:.0f}"
         host = f"{v['host_ms']:.2f}" if "host_ms" in v else "-"
-        lines.append(f"| {k} | {v['ms']:.2f} ({v['p20_ms']:.2f}-{v['p80_ms']:.2f}) | {host} | {mem} | "
-                     f"{v['ms'] / step:.2f} |")
+        lines.append(f"| {k} | {v['ms']:.2f} ({v['p20_ms']:.2f}-{v['p80_ms']:.2f}) | {host} | "
+                     f"{v.get('aten_ops', '-')} | {mem} | {v['ms'] / step:.2f} |")
     rt = res["ratios"]
     lines.append(f"\nNet of the old-log-prob forward the reward replaces: reward "
                  f"{rt['reward_net_of_old_logprob_forward']:.2f}x, penalty "
                  f"{rt['penalty_net_of_old_logprob_forward']:.2f}x of the step")
+    if "ops_net_of_old_logprob_forward" in res:
+        on = res["ops_net_of_old_logprob_forward"]
+        lines.append("\nHost work net of the forward (ATen operators per call over the step's): " +
+                     ", ".join(f"{k} {v:.2f}x" for k, v in on.items()))
     if "probes_from_cache" in rt:
         lines.append(f"\nThe probes from the KV cache, as the reward's cache path runs them (jr_cached - "
                      f"rollout_cache): {rt['probes_from_cache']:.2f}x of the step")

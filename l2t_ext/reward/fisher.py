@@ -33,7 +33,6 @@ from l2t_ext import ops
 from l2t_ext.lm import (
     PLAIN_HEAD_MODEL_TYPES,
     GradRows,
-    check_custom_mask,
     custom_attention_mask,
     head_token_logprobs,
     output_cache,
@@ -222,8 +221,9 @@ class FisherTracker:
                 return out
             return hook
 
-        # the packed mask in the form the model's attention reads (a BlockMask under flex attention)
-        packed_mask = None if packed is None else custom_attention_mask(self.model, packed[2], "episode_grads")
+        # the packed mask in the form the model's attention reads (a BlockMask under flex attention; an attention
+        # without custom masks is refused here, before the decoder is queued)
+        packed_mask = None if packed is None else custom_attention_mask(self.model, packed[2], "episode_grads: packed=")
         handles.append(first.register_forward_pre_hook(pre_first))
         for i, mod in enumerate(self.modules):
             handles.append(mod.register_forward_hook(make_hook(i)))
@@ -321,7 +321,6 @@ class FisherTracker:
                              f"{tuple(mask.shape)} {mask.dtype}")
         if not torch.equal(ids[:, :L], input_ids):
             raise ValueError("episode_grads: packed ids must start with input_ids (the rollout, then the extra tokens)")
-        check_custom_mask(self.model, "episode_grads: packed=")
 
     def _batched_grads(self, g, lp, seg, xs, outs) -> None:
         """One backward of the response log-likelihood, then segment_grad_outer per layer (fills g in place)."""
