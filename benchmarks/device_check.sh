@@ -26,8 +26,11 @@
 # The whole script stops itself at DEADLINE_S (default 560 s, inside one device call of 600 s): each stage's
 # limit (*_TIMEOUT) is cut to the time left and a stage with under 15 s left is skipped, so a long stage costs
 # the ones after it, never the results. STAGES="bench train" runs a subset (a rerun after the build on a warm
-# machine). Logs and JSON go to $LOGS (default /tmp/l2t_device_check); at exit, normal or not, they are packed
-# into $OUT/device_check.tgz beside a copy of goals.md (the device tool brings back at most 8 files).
+# machine). The H100 run's stage times add up to more than DEADLINE_S before flex: in a default call it is
+# skipped: time it with STAGES="build flex" in a second call (45 s of build on the H100, then flex up to its
+# limits: 90 s of test, 150 s of bench). Logs and JSON go to $LOGS (default /tmp/l2t_device_check); at exit,
+# normal or not, they are packed into $OUT/device_check.tgz beside a copy of goals.md (the device tool brings back
+# at most 8 files).
 # Usage: bash benchmarks/device_check.sh; from the device tool, one call with timeout_s 600.
 # The GPU image has no math-verify (the math verifier's tests need it) and no network: fetch its wheels here
 # once, then carry .whl (git-ignored, ~0.4 MB) with the call; they are installed to /tmp/site when present:

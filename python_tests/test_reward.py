@@ -821,3 +821,34 @@ def test_reward_micro_batches_equal_the_whole_batch(micro_batch, probes):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=name)
     with pytest.raises(ValueError, match="micro_batch must be None or an int >= 1"):
         DenseProcessReward(AnswerLikelihoodJr(model, cue_ids=[11]), FisherTracker(model, rank=4), micro_batch=0)
+
+
+def test_forwards_that_nothing_continues_keep_no_kv_cache(monkeypatch):
+    """Outside training with checkpointing a Hugging Face model keeps a KV cache unless told not to: two
+    concatenations per layer and its memory, for nothing. Only the forward whose cache the probes continue keeps
+    one (the tracker's return_cache=True and the probes' own continuation)."""
+    from l2t_ext.lm import no_cache
+    from l2t_ext.rl.policy import Policy
+
+    made = []
+    init = transformers.cache_utils.DynamicCache.__init__
+    monkeypatch.setattr(transformers.cache_utils.DynamicCache, "__init__",
+                        lambda self, *a, **k: (made.append(1), init(self, *a, **k))[1])
+    model = tiny_model()
+    ids, am, resp = rollouts(B=2, seed=13)
+    ep = segment_episodes(ids, resp, [[M]])
+    r = Rollouts(ids, am, resp, ep, answer_ids=[[20], [21]])
+    tracker, est = FisherTracker(model, rank=4), AnswerLikelihoodJr(model, cue_ids=[11])
+    pack = est.pack(r)
+    for run in (lambda: tracker.episode_grads(ids, am, ep), lambda: est(r),
+                lambda: tracker.episode_grads(ids, am, ep, packed=(pack.ids, pack.position_ids, pack.mask)),
+                lambda: AnswerLikelihoodJr(model, cue_ids=[11], return_token_logprobs=True)(r),
+                lambda: FisherTracker(model, rank=4, logprobs="full").episode_grads(ids, am, ep),
+                lambda: Policy(model)(ids, am), lambda: DenseProcessReward(est, tracker, probes="packed")(r)):
+        run()
+    assert made == []
+    DenseProcessReward(est, tracker, probes="cache")(r)
+    assert made == [1]  # the rollout's, which the probes continue
+    wrapper = torch.nn.Module()
+    wrapper.module = model  # as DDP holds it
+    assert no_cache(model) == no_cache(wrapper) == {"use_cache": False} and no_cache(torch.nn.Linear(2, 2)) == {}

@@ -93,7 +93,7 @@ def _device(config: str) -> str:
 
 
 def _fns(config, attn="sdpa"):
-    from l2t_ext.lm import output_cache, split_head
+    from l2t_ext.lm import no_cache, output_cache, split_head
     from l2t_ext.reward import DenseProcessReward, FisherTracker, compression_penalty
     from l2t_ext.reward.fisher import position_ids_from_mask, token_logprobs
 
@@ -105,8 +105,8 @@ def _fns(config, attn="sdpa"):
     mask[:, :-1] = r.response_mask[:, 1:]  # position t predicts token t+1
     mask[:, -1] = False
 
-    def step():
-        out = model(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=pos)
+    def step():  # as the loop's policy runs it (no KV cache)
+        out = model(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=pos, **no_cache(model))
         lp = token_logprobs(out.logits, r.input_ids)
         loss = -(lp * mask).sum() / mask.sum()
         loss.backward()
@@ -122,7 +122,7 @@ def _fns(config, attn="sdpa"):
 
     @torch.no_grad()
     def forward():  # the rollout's old log-probs: what the loop pays anyway, and what the reward returns
-        out = model(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=pos)
+        out = model(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=pos, **no_cache(model))
         return token_logprobs(out.logits, r.input_ids)
 
     @torch.no_grad()

@@ -10,6 +10,7 @@ from l2t_ext.lm.logprobs import (
     PLAIN_HEAD_MODEL_TYPES,
     GradRows,
     head_token_logprobs,
+    no_cache,
     output_cache,
     position_ids_from_mask,
     split_head,
@@ -20,6 +21,6 @@ from l2t_ext.lm.models import char_tokenizer, check_model_dir, load_local, marke
 from l2t_ext.lm.prompts import render_prompt
 
 __all__ = ["RolloutBatch", "generate", "left_pad", "pack", "position_ids_from_mask", "token_logprobs",
-           "PLAIN_HEAD_MODEL_TYPES", "GradRows", "head_token_logprobs", "output_cache", "split_head",
+           "PLAIN_HEAD_MODEL_TYPES", "GradRows", "head_token_logprobs", "no_cache", "output_cache", "split_head",
            "attention_implementation", "check_custom_mask", "custom_attention_mask",
            "char_tokenizer", "check_model_dir", "load_local", "marker_ids", "render_prompt", "tiny_qwen2"]

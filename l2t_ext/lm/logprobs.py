@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
 
@@ -36,6 +37,14 @@ def split_head(model) -> tuple | None:
     if dec is None or not isinstance(head, torch.nn.Linear) or hasattr(head, "_hf_hook"):
         return None  # accelerate's device-map hooks (offloading) must see the head's call: keep the model's forward
     return dec, head
+
+
+def no_cache(module) -> dict:
+    """``{"use_cache": False}`` when the module's forward takes ``use_cache``, else ``{}``: outside training with
+    checkpointing, Hugging Face models keep a KV cache by default, two concatenations per layer (and its memory)
+    for a forward that nothing continues. A DDP wrapper passes keyword arguments on to its ``module``."""
+    inner = module.module if isinstance(getattr(module, "module", None), torch.nn.Module) else module
+    return {"use_cache": False} if "use_cache" in inspect.signature(inner.forward).parameters else {}
 
 
 def output_cache(out):

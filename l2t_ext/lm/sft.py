@@ -11,6 +11,8 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from l2t_ext.lm.logprobs import no_cache
+
 Pairs = Callable[[random.Random, int], list[tuple[str, str]]]
 
 
@@ -48,7 +50,7 @@ def warm_start(model, tokenizer, pairs: Pairs, steps: int, lr: float, batch: int
     bar = tqdm(total=steps, desc="warm start", unit="step", disable=not sys.stderr.isatty(), leave=False)
     for s in range(steps):
         ids, am, labels = make_batch(tokenizer, pairs(rng, batch), device)
-        loss = model(input_ids=ids, attention_mask=am, labels=labels).loss
+        loss = model(input_ids=ids, attention_mask=am, labels=labels, **no_cache(model)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

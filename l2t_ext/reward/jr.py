@@ -17,6 +17,7 @@ from l2t_ext.lm import (
     check_custom_mask,
     custom_attention_mask,
     left_pad,
+    no_cache,
     position_ids_from_mask,
     split_head,
     token_logprobs,
@@ -212,9 +213,11 @@ class AnswerLikelihoodJr:
         pack = self.pack(r, K)
         mask = custom_attention_mask(self.model, pack.mask, "AnswerLikelihoodJr")
         if split is not None and not self.return_token_logprobs:
-            h = split[0](input_ids=pack.ids, attention_mask=mask, position_ids=pack.position_ids).last_hidden_state
+            h = split[0](input_ids=pack.ids, attention_mask=mask, position_ids=pack.position_ids,
+                         **no_cache(split[0])).last_hidden_state
             return self.score(h, pack)
-        logits = self.model(input_ids=pack.ids, attention_mask=mask, position_ids=pack.position_ids).logits
+        logits = self.model(input_ids=pack.ids, attention_mask=mask, position_ids=pack.position_ids,
+                            **no_cache(self.model)).logits
         jr = _score(_gather_at(logits, pack.at), pack.at, pack.tok, pack.ok, pack.valid)
         if self.return_token_logprobs:
             # the rollout part of the packed forward is the plain causal forward: keep its token log-probs where

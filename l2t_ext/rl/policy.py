@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from l2t_ext.lm import position_ids_from_mask, token_logprobs
+from l2t_ext.lm import no_cache, position_ids_from_mask, token_logprobs
 
 
 class ValueHead(torch.nn.Module):
@@ -30,6 +30,7 @@ class Policy(torch.nn.Module):
 
     def forward(self, ids, attention_mask, values: bool = False):
         out = self.model(input_ids=ids, attention_mask=attention_mask,
-                         position_ids=position_ids_from_mask(attention_mask), output_hidden_states=values)
+                         position_ids=position_ids_from_mask(attention_mask), output_hidden_states=values,
+                         **no_cache(self.model))
         lp = token_logprobs(out.logits, ids).float()
         return lp, (self.value_head(out.hidden_states[-1]) if values else None)
