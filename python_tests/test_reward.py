@@ -23,10 +23,10 @@ from l2t_ext.reward import (  # noqa: E402
 M = 7  # marker token id used by the synthetic rollouts ("</think>")
 
 
-def tiny_model(kind="qwen2", dtype=torch.float64, seed=0):
+def tiny_model(kind="qwen2", dtype=torch.float64, seed=0, **config):
     torch.manual_seed(seed)
     common = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa")
+                  num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa", **config)
     if kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
     else:
@@ -512,8 +512,9 @@ def test_probe_masks_under_flex_attention_are_block_masks():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch's flex attention has no CPU backward)")
 def test_reward_under_flex_attention_on_cuda():
     """On CUDA the whole reward runs under flex attention, both probe paths, tracking every block's projections
-    (so the backward runs through flex attention): SDPA's reward (float32)."""
-    model = tiny_model(dtype=torch.float32).cuda()
+    (so the backward runs through flex attention): SDPA's reward (float32; heads of 16, flex's Triton kernels
+    need at least 16 on older torch)."""
+    model = tiny_model(dtype=torch.float32, head_dim=16).cuda()
     ids, am, resp = (t.cuda() for t in rollouts(B=3, seed=11))
     r = Rollouts(ids, am, resp, segment_episodes(ids, resp, [[M]]), answer_ids=[[20, 21], [22], [23]])
     every = r"layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)$"
