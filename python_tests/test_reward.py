@@ -544,6 +544,10 @@ def test_probe_masks_refuse_attention_without_custom_masks():
         AnswerLikelihoodJr(model, cue_ids=[11])
     with pytest.raises(ValueError, match="episode_grads: packed=: the model's attention implementation"):
         tracker.episode_grads(ids, am, ep, packed=(pack.ids, pack.position_ids, pack.mask))
+    wrapper = torch.nn.Module()
+    wrapper.module = model  # as DDP holds it
+    with pytest.raises(ValueError, match="AnswerLikelihoodJr: the model's attention implementation"):
+        AnswerLikelihoodJr(wrapper, cue_ids=[11])
     hook.remove()
     assert calls == []
 

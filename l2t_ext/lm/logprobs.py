@@ -39,12 +39,17 @@ def split_head(model) -> tuple | None:
     return dec, head
 
 
+def unwrapped(module):
+    """The module a wrapper such as DDP holds in ``.module`` (and passes keyword arguments on to), else itself."""
+    inner = getattr(module, "module", None)
+    return inner if isinstance(inner, torch.nn.Module) else module
+
+
 def no_cache(module) -> dict:
     """``{"use_cache": False}`` when the module's forward takes ``use_cache``, else ``{}``: outside training with
     checkpointing, Hugging Face models keep a KV cache by default, two concatenations per layer (and its memory)
-    for a forward that nothing continues. A DDP wrapper passes keyword arguments on to its ``module``."""
-    inner = module.module if isinstance(getattr(module, "module", None), torch.nn.Module) else module
-    return {"use_cache": False} if "use_cache" in inspect.signature(inner.forward).parameters else {}
+    for a forward that nothing continues."""
+    return {"use_cache": False} if "use_cache" in inspect.signature(unwrapped(module).forward).parameters else {}
 
 
 def output_cache(out):

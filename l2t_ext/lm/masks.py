@@ -13,20 +13,15 @@ from __future__ import annotations
 
 import torch
 
+from l2t_ext.lm.logprobs import unwrapped
+
 CUSTOM_MASK_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
 
 def attention_implementation(model) -> str | None:
     """The model's ``config._attn_implementation`` (through a ``.module`` wrapper such as DDP), or None for a
     model without a Hugging Face config."""
-    for _ in range(3):
-        cfg = getattr(model, "config", None)
-        if cfg is not None:
-            return getattr(cfg, "_attn_implementation", None)
-        model = getattr(model, "module", None)
-        if model is None:
-            break
-    return None
+    return getattr(getattr(unwrapped(model), "config", None), "_attn_implementation", None)
 
 
 def check_custom_mask(model, who: str) -> str | None:
