@@ -29,6 +29,8 @@ def tiny_model(kind="qwen2", dtype=torch.float64, seed=0, **config):
                   num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa", **config)
     if kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    elif kind == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**common))
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     return model.to(dtype).eval()
@@ -548,6 +550,10 @@ def test_probe_masks_refuse_attention_without_custom_masks():
     wrapper.module = model  # as DDP holds it
     with pytest.raises(ValueError, match="AnswerLikelihoodJr: the model's attention implementation"):
         AnswerLikelihoodJr(wrapper, cue_ids=[11])
+    model.config._attn_implementation = "sdpa"
+    model.config.layer_types = ["full_attention", "linear_attention"]  # a layer kind no custom mask expresses
+    with pytest.raises(ValueError, match=r"AnswerLikelihoodJr: the model has layers of type \['linear_attention'\]"):
+        AnswerLikelihoodJr(model, cue_ids=[11])
     hook.remove()
     assert calls == []
 
@@ -857,3 +863,81 @@ def test_forwards_that_nothing_continues_keep_no_kv_cache(monkeypatch):
     wrapper = torch.nn.Module()
     wrapper.module = model  # as DDP holds it
     assert no_cache(model) == no_cache(wrapper) == {"use_cache": False} and no_cache(torch.nn.Linear(2, 2)) == {}
+
+
+# a sliding window of 6 positions on every layer (Mistral) or on the second of two (Qwen2's max_window_layers)
+SLIDING = {"mistral": dict(sliding_window=6), "qwen2": dict(use_sliding_window=True, sliding_window=6,
+                                                             max_window_layers=1)}
+
+
+def _separate_forward_jr(model, ids, am, resp, ep, answers, cue):
+    """Jr(s_k) by one forward of prefix_k + cue + answer per probe (the model's own masks), (B, K+1)."""
+    from l2t_ext.reward import boundary_positions
+
+    pos, valid = boundary_positions(ep, resp)
+    want = torch.zeros(valid.shape, dtype=torch.float64)
+    for b in range(ids.shape[0]):
+        start = int(am[b].nonzero()[0])
+        for k in range(valid.shape[1]):
+            if valid[b, k]:
+                prefix = ids[b, start:int(pos[b, k]) + 1].tolist()
+                with torch.no_grad():
+                    lp = torch.log_softmax(model(torch.tensor([prefix + cue + answers[b]])).logits, -1)[0]
+                n0 = len(prefix) + len(cue)
+                want[b, k] = torch.exp(torch.stack([lp[n0 + j - 1, a] for j, a in enumerate(answers[b])]).mean())
+    return want, valid
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_probe_masks_keep_the_sliding_window(kind, impl):
+    """Sliding-window layers see only the last 6 positions: the probes' own mask keeps that window by position
+    (one mask where every layer slides, one per layer type where both kinds exist), so packed Jr equals separate
+    forwards of each probe's sequence (float64; they were off by ~1e-3 with the full causal mask), in the
+    estimator's forward and behind the rollout in the tracker's, whose gradients stay the rollout forward's."""
+    from l2t_ext.lm import sliding_window
+
+    model = tiny_model(kind, **SLIDING[kind])
+    model.set_attn_implementation(impl)
+    assert sliding_window(model) == (6, kind == "qwen2")
+    # left padding once (transformers' own float64 eager mask gives its padding rows NaN: test_probe_masks_under_eager)
+    ids, am, resp = rollouts(B=3, L=30, seed=14, left_pad=kind == "qwen2" and impl == "sdpa")
+    ep = segment_episodes(ids, resp, [[M]])
+    answers, cue = [[20, 21], [22], [23, 24, 25]], [11, 12]
+    r = Rollouts(ids, am, resp, ep, answer_ids=answers)
+    want, valid = _separate_forward_jr(model, ids, am, resp, ep, answers, cue)
+    assert int(valid.sum()) >= 6
+    est, tracker = AnswerLikelihoodJr(model, cue_ids=cue), FisherTracker(model, rank=4)
+    tol = 1e-10 if impl == "sdpa" else 1e-6  # eager takes its softmax in float32
+    jr, v = est(r)
+    assert torch.equal(v, valid) and (jr - want).abs().max() <= tol
+    g, lp = tracker.episode_grads(ids, am, ep, return_logprobs=True)
+    pack = est.pack(r)
+    g2, lp2, hidden = tracker.episode_grads(ids, am, ep, return_logprobs=True,
+                                            packed=(pack.ids, pack.position_ids, pack.mask))
+    assert g.abs().max() > 0 and (g2 - g).abs().max() <= tol * g.abs().max()
+    real = am.bool() & torch.cat([am[:, 1:].bool(), torch.zeros(3, 1, dtype=torch.bool)], 1)
+    assert (lp2 - lp)[real].abs().max() <= tol
+    assert (est.score(hidden, pack)[0] - want).abs().max() <= tol
+
+
+def test_sliding_window_models_never_continue_a_kv_cache():
+    """A sliding layer's KV cache keeps only the window's last tokens: the probes never continue it. The reward's
+    "auto" packs them on the CPU too (one decoder pass), "cache" is refused, and a cache handed to the estimator
+    is not used."""
+    model = tiny_model("mistral", **SLIDING["mistral"])
+    ids, am, resp = rollouts(B=3, L=30, seed=15, left_pad=False)
+    ep = segment_episodes(ids, resp, [[M]])
+    r = Rollouts(ids, am, resp, ep, answer_ids=[[20, 21], [22], [23]])
+    est, tracker = AnswerLikelihoodJr(model, cue_ids=[11]), FisherTracker(model, rank=4)
+    assert not est.continues_cache and AnswerLikelihoodJr(tiny_model(), cue_ids=[11]).continues_cache
+    want, _ = _separate_forward_jr(model, ids, am, resp, ep, [[20, 21], [22], [23]], [11])
+    _, cache = tracker.episode_grads(ids, am, ep, return_cache=True)
+    assert (est(r, cache=cache)[0] - want).abs().max() <= 1e-10
+    calls = []
+    hook = model.get_decoder().register_forward_pre_hook(lambda *a: calls.append(1))
+    out = DenseProcessReward(est, tracker)(r)
+    hook.remove()
+    assert calls == [1] and (out.jr_before - torch.where(out.valid, want[:, :-1], 0)).abs().max() <= 1e-10
+    with pytest.raises(ValueError, match="probes='cache' needs an AnswerLikelihoodJr .* no sliding-window layers"):
+        DenseProcessReward(est, tracker, probes="cache")

@@ -16,11 +16,11 @@ from l2t_ext.lm.logprobs import (
     split_head,
     token_logprobs,
 )
-from l2t_ext.lm.masks import attention_implementation, check_custom_mask, custom_attention_mask
+from l2t_ext.lm.masks import attention_implementation, check_custom_mask, custom_attention_mask, sliding_window
 from l2t_ext.lm.models import char_tokenizer, check_model_dir, load_local, marker_ids, tiny_qwen2
 from l2t_ext.lm.prompts import render_prompt
 
 __all__ = ["RolloutBatch", "generate", "left_pad", "pack", "position_ids_from_mask", "token_logprobs",
            "PLAIN_HEAD_MODEL_TYPES", "GradRows", "head_token_logprobs", "no_cache", "output_cache", "split_head",
-           "attention_implementation", "check_custom_mask", "custom_attention_mask",
+           "attention_implementation", "check_custom_mask", "custom_attention_mask", "sliding_window",
            "char_tokenizer", "check_model_dir", "load_local", "marker_ids", "render_prompt", "tiny_qwen2"]

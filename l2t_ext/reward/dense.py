@@ -83,7 +83,10 @@ class DenseProcessReward:
             causal kernel); "cache": a second, short forward of the probe tokens from the tracker forward's KV
             cache; "auto" (default): packed on CUDA, where the reward's many small launches leave the GPU waiting
             on the host and one forward fewer saves a forward's launch overhead, cache elsewhere (on the CPU the
-            dense mask costs more than the launches it saves). Same values either way.
+            dense mask costs more than the launches it saves). Same values either way. Where the probes cannot
+            continue a cache (``AnswerLikelihoodJr.continues_cache``; e.g. sliding-window layers, whose cache keeps
+            only the window's last tokens) "auto" packs, or the estimator runs its own forward, and "cache" is
+            refused.
 
     State: the EMA Fisher (``fisher_decay``) and the tracker's bases travel through ``state_dict()`` /
     ``load_state_dict()``.
@@ -95,10 +98,17 @@ class DenseProcessReward:
                  gather=None, micro_batch: int | None = None, probes: str = "auto"):
         if probes not in PROBE_PATHS:
             raise ValueError(f"DenseProcessReward: probes must be one of {PROBE_PATHS}, got {probes!r}")
-        if probes == "packed" and not (_own_probes(jr, tracker) and tracker.split is not None):
+        self.packable = _own_probes(jr, tracker) and tracker.split is not None
+        if probes == "packed" and not self.packable:
             raise ValueError("DenseProcessReward: probes='packed' needs an AnswerLikelihoodJr on the tracker's own "
                              "model and a tracker on the chunked log-prob path (FisherTracker(logprobs='auto' or "
                              "'chunked'))")
+        self.cacheable = _own_probes(jr, tracker) and jr.continues_cache
+        if probes == "cache" and not self.cacheable:
+            raise ValueError("DenseProcessReward: probes='cache' needs an AnswerLikelihoodJr on the tracker's own "
+                             "model that continues a KV cache (AnswerLikelihoodJr.continues_cache: a cue, logits = "
+                             "output layer on the hidden state, no sliding-window layers, whose cache keeps only the "
+                             "window's last tokens)")
         self.probes = probes
         if penalty_kind not in PENALTY_KINDS:
             raise ValueError(f"DenseProcessReward: penalty_kind must be one of {PENALTY_KINDS}, got {penalty_kind!r}")
@@ -164,14 +174,15 @@ class DenseProcessReward:
         """(g (b, K, p), token log-probs (b, L), Jr (b, K+1), Jr valid (b, K+1)) of one micro-batch: one forward
         gives the per-episode gradients, the log-probs and, for ``AnswerLikelihoodJr`` on the tracked model, Jr:
         its probes ride packed behind the rollout or continue from the forward's KV cache (``probes``)."""
-        t, own = self.tracker, _own_probes(self.jr, self.tracker)
+        t = self.tracker
         kw, k = dict(num_episodes=K, return_logprobs=True), r.num_episodes
-        if own and t.split is not None and (self.probes == "packed" or (self.probes == "auto" and r.input_ids.is_cuda)):
+        if self.packable and (self.probes == "packed" or self.probes == "auto" and (r.input_ids.is_cuda
+                                                                                   or not self.cacheable)):
             pack = self.jr.pack(r, k)
             g, token_lp, hidden = t.episode_grads(r.input_ids, r.attention_mask, r.episode_ids, **kw,
                                                   packed=(pack.ids, pack.position_ids, pack.mask))
             jr_all, jr_valid = self.jr.score(hidden, pack)
-        elif own:
+        elif self.cacheable:
             g, token_lp, cache = t.episode_grads(r.input_ids, r.attention_mask, r.episode_ids, **kw, return_cache=True)
             jr_all, jr_valid = self.jr(r, cache=cache)
             del cache

@@ -224,7 +224,8 @@ class FisherTracker:
 
         # the packed mask in the form the model's attention reads (a BlockMask under flex attention; an attention
         # without custom masks is refused here, before the decoder is queued)
-        packed_mask = None if packed is None else custom_attention_mask(self.model, packed[2], "episode_grads: packed=")
+        packed_mask = None if packed is None else custom_attention_mask(self.model, packed[2], "episode_grads: packed=",
+                                                                         (packed[1],) * 2)
         handles.append(first.register_forward_pre_hook(pre_first))
         for i, mod in enumerate(self.modules):
             handles.append(mod.register_forward_hook(make_hook(i)))

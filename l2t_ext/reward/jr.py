@@ -19,6 +19,7 @@ from l2t_ext.lm import (
     left_pad,
     no_cache,
     position_ids_from_mask,
+    sliding_window,
     split_head,
     token_logprobs,
 )
@@ -101,7 +102,8 @@ class AnswerLikelihoodJr:
     position ids continuing from pos_k, so each probe sees exactly what a separate forward of
     ``prefix_k + cue + answer`` would see. Needs a model whose attention takes a custom mask: Hugging Face
     ``attn_implementation`` "sdpa", "eager" or "flex_attention" (there a block-sparse ``BlockMask``: blocks no
-    probe sees are skipped; ``l2t_ext.lm.masks``); others are refused when the estimator is built.
+    probe sees are skipped; ``l2t_ext.lm.masks``); others are refused when the estimator is built. Sliding-window
+    layers get the window in their mask, by position, as that separate forward would.
 
     Only the answer positions go through the output layer when ``split_head(model)`` finds logits =
     lm_head(last hidden state) with nothing after it (Qwen2/Llama/Mistral...): the (B, P, vocab) logits of the
@@ -196,14 +198,22 @@ class AnswerLikelihoodJr:
                              f"{tuple(pack.ids.shape)}, got {tuple(hidden.shape)}")
         return _score(split[1](_gather_at(hidden, pack.at)), pack.at, pack.tok, pack.ok, pack.valid), pack.valid
 
+    @property
+    def continues_cache(self) -> bool:
+        """Whether ``__call__`` runs the probes from a given KV cache: with a cue, a model whose logits are its output
+        layer on the decoder's hidden state (``split_head``), and no sliding-window layers (their cache keeps only
+        the window's last tokens)."""
+        return bool(self.cue_ids) and split_head(self.model) is not None and sliding_window(self.model) is None
+
     @torch.no_grad()
     def __call__(self, r: Rollouts, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Jr for every boundary. ``cache``: the rollout forward's KV cache (e.g. from
         ``FisherTracker.episode_grads(..., return_cache=True)``); the probes then only run their own tokens.
-        The cache is extended in place and must not be reused afterwards."""
+        The cache is extended in place and must not be reused afterwards. Unused unless ``continues_cache``: the
+        probes then run packed."""
         K = r.num_episodes
         split = split_head(self.model)  # (decoder, head) or None
-        if cache is not None and self.cue_ids and split is not None:
+        if cache is not None and self.continues_cache:
             dec, head = split
             ids, pos, mask, at, tok, ok, valid, _ = self._probes(r, K)
             mask = custom_attention_mask(self.model, mask, "AnswerLikelihoodJr")
@@ -211,7 +221,7 @@ class AnswerLikelihoodJr:
                     **{_cache_kwarg(dec): cache}).last_hidden_state
             return _score(head(_gather_at(h, at)), at, tok, ok, valid), valid
         pack = self.pack(r, K)
-        mask = custom_attention_mask(self.model, pack.mask, "AnswerLikelihoodJr")
+        mask = custom_attention_mask(self.model, pack.mask, "AnswerLikelihoodJr", (pack.position_ids,) * 2)
         if split is not None and not self.return_token_logprobs:
             h = split[0](input_ids=pack.ids, attention_mask=mask, position_ids=pack.position_ids,
                          **no_cache(split[0])).last_hidden_state
