@@ -176,8 +176,8 @@ class DenseProcessReward:
         its probes ride packed behind the rollout or continue from the forward's KV cache (``probes``)."""
         t = self.tracker
         kw, k = dict(num_episodes=K, return_logprobs=True), r.num_episodes
-        if self.packable and (self.probes == "packed" or self.probes == "auto" and (r.input_ids.is_cuda
-                                                                                   or not self.cacheable)):
+        auto_packs = r.input_ids.is_cuda or not self.cacheable
+        if self.packable and (self.probes == "packed" or (self.probes == "auto" and auto_packs)):
             pack = self.jr.pack(r, k)
             g, token_lp, hidden = t.episode_grads(r.input_ids, r.attention_mask, r.episode_ids, **kw,
                                                   packed=(pack.ids, pack.position_ids, pack.mask))
