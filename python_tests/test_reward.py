@@ -509,6 +509,18 @@ def test_probe_masks_under_flex_attention_are_block_masks():
     assert len(masks) == 2 and all(isinstance(m, BlockMask) for m in masks)
     assert jr.gt(0).any() and (jr - ref).abs().max() <= 1e-5
     _assert_same_reward(reward, ref_reward, 1e-5, "packed")
+    # sliding-window layers beside full ones: one BlockMask per layer type
+    model = tiny_model(dtype=torch.float32, **SLIDING["qwen2"])
+    est = AnswerLikelihoodJr(model, cue_ids=[11])
+    ref = est(r)[0]
+    model.set_attn_implementation("flex_attention")
+    masks.clear()
+    hook = model.get_decoder().register_forward_pre_hook(lambda m, a, k: masks.append(k["attention_mask"]),
+                                                         with_kwargs=True)
+    jr = est(r)[0]
+    hook.remove()
+    assert set(masks[0]) == {"full_attention", "sliding_attention"}
+    assert all(isinstance(m, BlockMask) for m in masks[0].values()) and (jr - ref).abs().max() <= 1e-5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch's flex attention has no CPU backward)")
@@ -911,6 +923,8 @@ def test_probe_masks_keep_the_sliding_window(kind, impl):
     tol = 1e-10 if impl == "sdpa" else 1e-6  # eager takes its softmax in float32
     jr, v = est(r)
     assert torch.equal(v, valid) and (jr - want).abs().max() <= tol
+    # through the model's own forward too (its full logits; the path of models whose head is not split off)
+    assert (AnswerLikelihoodJr(model, cue_ids=cue, return_token_logprobs=True)(r)[0] - want).abs().max() <= tol
     g, lp = tracker.episode_grads(ids, am, ep, return_logprobs=True)
     pack = est.pack(r)
     g2, lp2, hidden = tracker.episode_grads(ids, am, ep, return_logprobs=True,
