@@ -345,23 +345,8 @@ def test_packed_probes_equal_separate_forwards(cue, left):
     _, cache = tracker.episode_grads(ids, am, ep, return_cache=True)
     jr_cache, _ = AnswerLikelihoodJr(model, cue_ids=cue)(r, cache=cache)
     assert (jr_cache - jr).abs().max() <= 1e-5
-    from l2t_ext.reward import boundary_positions
-
-    pos, v2 = boundary_positions(ep, resp)
-    assert torch.equal(valid, v2)
-    for b in range(3):
-        start = int(am[b].nonzero()[0])
-        for k in range(jr.shape[1]):
-            if not valid[b, k]:
-                assert jr[b, k] == 0
-                continue
-            prefix = ids[b, start:int(pos[b, k]) + 1].tolist()
-            seq = torch.tensor([prefix + cue + answers[b]])
-            with torch.no_grad():
-                lp = torch.log_softmax(model(seq).logits.float(), -1)[0]
-            n0 = len(prefix) + len(cue)
-            want = torch.exp(torch.stack([lp[n0 + j - 1, answers[b][j]] for j in range(len(answers[b]))]).mean())
-            assert abs(jr[b, k].item() - want.item()) <= 1e-5
+    want, v2 = _separate_forward_jr(model, ids, am, resp, ep, answers, cue)
+    assert torch.equal(valid, v2) and (jr[~valid] == 0).all() and (jr - want).abs().max() <= 1e-5
     # the packed forward also returns the rollout's own token log-probs
     from l2t_ext.lm import position_ids_from_mask, token_logprobs
 
