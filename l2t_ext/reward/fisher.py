@@ -234,16 +234,18 @@ class FisherTracker:
             torch.set_grad_enabled(False)
             kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids) if packed is None \
                 else dict(input_ids=packed[0], attention_mask=packed_mask, position_ids=packed[1])
+            # a KV cache only when asked for: nothing else continues this forward
+            kw.update({"use_cache": True} if use_cache else no_cache(self.split[0] if self.split else self.model))
             hidden = None
             if self.split is not None:  # the (B, L, vocab) logits are never formed
                 dec, head = self.split
-                out = dec(**kw, **({"use_cache": True} if use_cache else no_cache(dec)))
+                out = dec(**kw)
                 hidden = out.last_hidden_state
                 # only d lp / d hidden is needed (it flows back to the tracked layers), not the head's gradient
                 lp = head_token_logprobs(hidden[:, :input_ids.shape[1]], head, input_ids, self.logprob_chunk,
                                          head_grads=False, grad_rows=grad_rows)
             else:
-                out = self.model(**kw, **({"use_cache": True} if use_cache else no_cache(self.model)))
+                out = self.model(**kw)
                 lp = token_logprobs(out.logits if hasattr(out, "logits") else out[0], input_ids)
             cache = output_cache(out) if use_cache else None
         finally:
