@@ -26,9 +26,12 @@ M = 7  # marker token id used by the synthetic rollouts ("</think>")
 def tiny_model(kind="qwen2", dtype=torch.float64, seed=0, **config):
     torch.manual_seed(seed)
     common = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa", **config)
+                  num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa")
+    common.update(config)
     if kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    elif kind == "phi3":  # fused qkv / gate-up projections, longrope (Phi-3, Phi-4-mini)
+        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(pad_token_id=0, **common))
     elif kind == "mistral":
         model = transformers.MistralForCausalLM(transformers.MistralConfig(**common))
     else:
@@ -940,3 +943,109 @@ def test_sliding_window_models_never_continue_a_kv_cache():
     assert calls == [1] and (out.jr_before - torch.where(out.valid, want[:, :-1], 0)).abs().max() <= 1e-10
     with pytest.raises(ValueError, match="probes='cache' needs an AnswerLikelihoodJr .* no sliding-window layers"):
         DenseProcessReward(est, tracker, probes="cache")
+
+
+# ------------------------------------------------------------------------------------------- RoPE that switches
+# longrope with the switch at position 16 (Phi-3/Phi-4's is 4096): short factors below it, long ones past it
+LONGROPE = dict(original_max_position_embeddings=16, max_position_embeddings=64,
+                rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.3, 1.7, 2.0],
+                                     long_factor=[3.0, 5.0, 9.0, 17.0]))
+
+
+def test_rope_switch_reads_the_config():
+    """Where the RoPE frequencies switch with the forward's longest position: longrope at its original context,
+    dynamic NTK one short of max_position_embeddings (transformers resets it only below that length); from
+    transformers 5's rope_parameters (also per layer type) and the older rope_scaling; None for position-only
+    RoPE."""
+    from types import SimpleNamespace
+
+    from l2t_ext.lm import rope_switch
+
+    assert rope_switch(tiny_model("phi3", **LONGROPE)) == (16, True)
+    dynamic = dict(max_position_embeddings=16, rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=4.0))
+    assert rope_switch(tiny_model("llama", **dynamic)) == (15, False)
+    linear = dict(rope_parameters=dict(rope_type="linear", rope_theta=1e4, factor=2.0))
+    assert rope_switch(tiny_model()) is None and rope_switch(tiny_model("llama", **linear)) is None
+    assert rope_switch(torch.nn.Linear(2, 2)) is None
+
+    def model(**cfg):
+        return SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64, **cfg))
+
+    assert rope_switch(model(rope_scaling={"type": "longrope"}, original_max_position_embeddings=8)) == (8, True)
+    per_type = {"full_attention": {"rope_type": "longrope", "original_max_position_embeddings": 8},
+                "sliding_attention": {"rope_type": "default"}}
+    assert rope_switch(model(rope_parameters=per_type)) == (8, True)
+    per_type["sliding_attention"] = {"rope_type": "longrope", "original_max_position_embeddings": 12}
+    assert rope_switch(model(rope_parameters=per_type)) == (8, False)  # two switches: not one regime past 8
+
+
+def _probe_lengths(am, resp, ep, answers, cue):
+    """(B, K+1) length of each probe's separate sequence, prefix_k + cue + answer (0 where invalid)."""
+    from l2t_ext.reward import boundary_positions
+
+    pos, valid = boundary_positions(ep, resp)
+    ctx = am.cumsum(1).gather(1, pos.clamp(min=0))  # real tokens through the boundary
+    lens = ctx + len(cue) + torch.tensor([len(a) for a in answers])[:, None]
+    return torch.where(valid, lens, 0)
+
+
+@pytest.mark.parametrize("left_pad", [True, False])
+def test_probes_straddling_a_longrope_switch(left_pad):
+    """Longrope (Phi-3, Phi-4-mini-reasoning) rotates every token of a forward by its long factors once one position
+    reaches the original context (16 here). A probe packed behind a longer rollout was rotated by them, while its
+    separate forward uses the short ones: Jr was off by up to 9e-6 in float64. The probes before the switch now take
+    a forward of their own (every token past it moved to position 0), the later ones share the pack's. Jr equals
+    separate forwards through both heads, the rollout's log-probs stay the plain forward's, the reward runs the
+    estimator's forwards for such a batch and rides in the tracker's forward when the batch stays below the
+    switch; a KV cache is never continued."""
+    from l2t_ext.lm import position_ids_from_mask, token_logprobs
+
+    model = tiny_model("phi3", **LONGROPE)
+    ids, am, resp = rollouts(B=3, L=30, seed=14, left_pad=left_pad)
+    ep = segment_episodes(ids, resp, [[M]])
+    answers, cue = [[20, 21], [22], [23, 24, 25]], [11, 12]
+    r = Rollouts(ids, am, resp, ep, answer_ids=answers)
+    want, valid = _separate_forward_jr(model, ids, am, resp, ep, answers, cue)
+    lens = _probe_lengths(am, resp, ep, answers, cue)
+    assert bool((valid & (lens <= 16)).any()) and bool((lens > 16).any())  # probes on both sides of the switch
+    est = AnswerLikelihoodJr(model, cue_ids=cue)
+    assert (est(r)[0] - want).abs().max() <= 1e-12
+    full = AnswerLikelihoodJr(model, cue_ids=cue, return_token_logprobs=True)
+    assert (full(r)[0] - want).abs().max() <= 1e-12
+    both = am.bool() & torch.cat([am[:, 1:].bool(), torch.zeros(3, 1, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        plain = token_logprobs(model(ids, attention_mask=am, position_ids=position_ids_from_mask(am)).logits, ids)
+    assert (full.last_token_logprobs - plain)[both].abs().max() <= 1e-12
+    assert not est.continues_cache
+    with pytest.raises(ValueError, match="probes='cache' needs .* no RoPE that switches with length"):
+        DenseProcessReward(est, FisherTracker(model, rank=4), probes="cache")
+    calls = []
+    hook = model.get_decoder().register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        out = DenseProcessReward(est, FisherTracker(model, rank=4), probes="packed")(r)
+        assert len(calls) == 3  # the tracker's forward, then the probes before and past the switch
+        assert (out.jr_before - torch.where(out.valid, want[:, :-1], 0)).abs().max() <= 1e-12
+        short = Rollouts(*(x[:, :11] for x in (ids, am, resp, ep)), answer_ids=answers)  # the pack stays below 16
+        want_short, _ = _separate_forward_jr(model, *(x[:, :11] for x in (ids, am, resp, ep)), answers, cue)
+        calls.clear()
+        out = DenseProcessReward(est, FisherTracker(model, rank=4))(short)
+        assert calls == [1] and (out.jr_after - torch.where(out.valid, want_short[:, 1:], 0)).abs().max() <= 1e-12
+    finally:
+        hook.remove()
+
+
+def test_probes_under_dynamic_rope_scaling():
+    """Dynamic NTK scaling stretches the frequencies for the forward's longest sequence past max_position_embeddings
+    (16 here). The probes that end before the switch are exact (their own forward); the later ones share the pack's
+    longest frequencies, which transformers' own for one of them depend on the forwards before it: warned."""
+    model = tiny_model("llama", max_position_embeddings=16,
+                       rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=4.0))
+    ids, am, resp = rollouts(B=3, L=30, seed=14)
+    ep = segment_episodes(ids, resp, [[M]])
+    answers, cue = [[20, 21], [22], [23, 24, 25]], [11, 12]
+    want, valid = _separate_forward_jr(model, ids, am, resp, ep, answers, cue)
+    early = valid & (_probe_lengths(am, resp, ep, answers, cue) <= 15)
+    assert int(early.sum()) >= 3 and bool((valid & ~early).any())
+    with pytest.warns(UserWarning, match="RoPE frequencies change with the sequence length past position 15"):
+        jr, v = AnswerLikelihoodJr(model, cue_ids=cue)(Rollouts(ids, am, resp, ep, answer_ids=answers))
+    assert torch.equal(v, valid) and (jr - want)[early].abs().max() <= 1e-12

@@ -86,7 +86,9 @@ class DenseProcessReward:
             dense mask costs more than the launches it saves). Same values either way. Where the probes cannot
             continue a cache (``AnswerLikelihoodJr.continues_cache``; e.g. sliding-window layers, whose cache keeps
             only the window's last tokens) "auto" packs, or the estimator runs its own forward, and "cache" is
-            refused.
+            refused. Where one forward cannot give every probe what its separate forward would (a RoPE that
+            switches with length, a batch straddling the switch: ``AnswerLikelihoodJr.position_groups``), the
+            estimator runs its own forwards for that batch, whatever ``probes`` says.
 
     State: the EMA Fisher (``fisher_decay``) and the tracker's bases travel through ``state_dict()`` /
     ``load_state_dict()``.
@@ -108,7 +110,7 @@ class DenseProcessReward:
             raise ValueError("DenseProcessReward: probes='cache' needs an AnswerLikelihoodJr on the tracker's own "
                              "model that continues a KV cache (AnswerLikelihoodJr.continues_cache: a cue, logits = "
                              "output layer on the hidden state, no sliding-window layers, whose cache keeps only the "
-                             "window's last tokens)")
+                             "window's last tokens, no RoPE that switches with length)")
         self.probes = probes
         if penalty_kind not in PENALTY_KINDS:
             raise ValueError(f"DenseProcessReward: penalty_kind must be one of {PENALTY_KINDS}, got {penalty_kind!r}")
@@ -177,8 +179,9 @@ class DenseProcessReward:
         t = self.tracker
         kw, k = dict(num_episodes=K, return_logprobs=True), r.num_episodes
         auto_packs = r.input_ids.is_cuda or not self.cacheable
-        if self.packable and (self.probes == "packed" or (self.probes == "auto" and auto_packs)):
-            pack = self.jr.pack(r, k)
+        packs = self.packable and (self.probes == "packed" or (self.probes == "auto" and auto_packs))
+        pack = self.jr.pack(r, k) if packs else None
+        if pack is not None and len(self.jr.position_groups(pack, rollout=True)) == 1:  # one forward gives all
             g, token_lp, hidden = t.episode_grads(r.input_ids, r.attention_mask, r.episode_ids, **kw,
                                                   packed=(pack.ids, pack.position_ids, pack.mask))
             jr_all, jr_valid = self.jr.score(hidden, pack)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -19,6 +20,7 @@ from l2t_ext.lm import (
     left_pad,
     no_cache,
     position_ids_from_mask,
+    rope_switch,
     sliding_window,
     split_head,
     token_logprobs,
@@ -103,7 +105,9 @@ class AnswerLikelihoodJr:
     ``prefix_k + cue + answer`` would see. Needs a model whose attention takes a custom mask: Hugging Face
     ``attn_implementation`` "sdpa", "eager" or "flex_attention" (there a block-sparse ``BlockMask``: blocks no
     probe sees are skipped; ``l2t_ext.lm.masks``); others are refused when the estimator is built. Sliding-window
-    layers get the window in their mask, by position, as that separate forward would.
+    layers get the window in their mask, by position, as that separate forward would. Where the model's RoPE
+    frequencies switch with the forward's longest position (``rope_switch``: longrope, dynamic NTK) and a pack
+    straddles the switch, the probes before it take a forward of their own (``position_groups``).
 
     Only the answer positions go through the output layer when ``split_head(model)`` finds logits =
     lm_head(last hidden state) with nothing after it (Qwen2/Llama/Mistral...): the (B, P, vocab) logits of the
@@ -198,12 +202,42 @@ class AnswerLikelihoodJr:
                              f"{tuple(pack.ids.shape)}, got {tuple(hidden.shape)}")
         return _score(split[1](_gather_at(hidden, pack.at)), pack.at, pack.tok, pack.ok, pack.valid), pack.valid
 
+    def position_groups(self, pack: ProbePack, rollout: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The forwards over ``pack`` that give every probe what a separate forward of its sequence gives:
+        [(position ids (B, P), probes read from that forward (B, K+1))], one entry per forward.
+
+        One forward with the pack's own positions, unless the model's RoPE frequencies switch with the forward's
+        longest position (``lm.rope_switch``) and the pack reaches the switch. Then the probes that end before it
+        take a forward in which every token at or past the switch (the rest of the rollout, the later probes: none
+        of which they attend to) is moved to position 0, so their frequencies are the original ones; the later
+        probes keep the pack's positions. Under dynamic NTK scaling the later probes then share the frequencies of
+        the pack's longest position (transformers' own for one of them depend on the forwards before it): warned.
+        ``rollout``: the rollout's own outputs are read too, which need the pack's positions."""
+        pos, switch = pack.position_ids, rope_switch(self.model)
+        if switch is None or int(pos.max()) < switch[0]:
+            return [(pos, pack.valid)]
+        n, exact_above = switch
+        c, blk = len(self.cue_ids), len(self.cue_ids) + pack.tok.shape[2]
+        first = pos[:, pos.shape[1] - pack.valid.shape[1] * blk:].reshape(*pack.valid.shape, blk)[..., 0]
+        last = first + c + pack.ok.sum(-1) - 1  # (B, K+1) position of each probe's last real token
+        early = pack.valid & (last < n)  # probes whose whole sequence is before the switch
+        late = pack.valid & ~early
+        groups = [(torch.where(pos < n, pos, 0), early)] if bool(early.any()) else []
+        if bool(late.any()) or rollout or not groups:
+            groups.append((pos, late))
+        if not exact_above and bool(late.any()):
+            warnings.warn(f"AnswerLikelihoodJr: the model's RoPE frequencies change with the sequence length past "
+                          f"position {n}; the probes past it share the frequencies of the longest one", stacklevel=2)
+        return groups
+
     @property
     def continues_cache(self) -> bool:
         """Whether ``__call__`` runs the probes from a given KV cache: with a cue, a model whose logits are its output
-        layer on the decoder's hidden state (``split_head``), and no sliding-window layers (their cache keeps only
-        the window's last tokens)."""
-        return bool(self.cue_ids) and split_head(self.model) is not None and sliding_window(self.model) is None
+        layer on the decoder's hidden state (``split_head``), no sliding-window layers (their cache keeps only the
+        window's last tokens) and no RoPE that switches with length (``rope_switch``: the cache's keys were rotated
+        by the rollout's frequencies)."""
+        return bool(self.cue_ids) and split_head(self.model) is not None and sliding_window(self.model) is None \
+            and rope_switch(self.model) is None
 
     @torch.no_grad()
     def __call__(self, r: Rollouts, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,9 +246,8 @@ class AnswerLikelihoodJr:
         The cache is extended in place and must not be reused afterwards. Unused unless ``continues_cache``: the
         probes then run packed."""
         K = r.num_episodes
-        split = split_head(self.model)  # (decoder, head) or None
         if cache is not None and self.continues_cache:
-            dec, head = split
+            dec, head = split_head(self.model)
             ids, pos, mask, at, tok, ok, valid, _ = self._probes(r, K)
             mask = custom_attention_mask(self.model, mask, "AnswerLikelihoodJr")
             h = dec(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
@@ -222,20 +255,28 @@ class AnswerLikelihoodJr:
             return _score(head(_gather_at(h, at)), at, tok, ok, valid), valid
         pack = self.pack(r, K)
         mask = custom_attention_mask(self.model, pack.mask, "AnswerLikelihoodJr", (pack.position_ids,) * 2)
+        jr = None
+        for pos, keep in self.position_groups(pack, rollout=self.return_token_logprobs):
+            part = self._packed_forward(r, pack, mask, pos)
+            jr = torch.where(keep, part, torch.zeros_like(part) if jr is None else jr)
+        return jr, pack.valid
+
+    def _packed_forward(self, r: Rollouts, pack: ProbePack, mask, pos: torch.Tensor) -> torch.Tensor:
+        """Jr (B, K+1) of every probe from one forward of ``pack`` with position ids ``pos``; keeps the rollout's
+        token log-probs (``return_token_logprobs``) when ``pos`` are the pack's own."""
+        split = split_head(self.model)
         if split is not None and not self.return_token_logprobs:
-            h = split[0](input_ids=pack.ids, attention_mask=mask, position_ids=pack.position_ids,
-                         **no_cache(split[0])).last_hidden_state
-            return self.score(h, pack)
-        logits = self.model(input_ids=pack.ids, attention_mask=mask, position_ids=pack.position_ids,
-                            **no_cache(self.model)).logits
+            h = split[0](input_ids=pack.ids, attention_mask=mask, position_ids=pos, **no_cache(split[0]))
+            return self.score(h.last_hidden_state, pack)[0]
+        logits = self.model(input_ids=pack.ids, attention_mask=mask, position_ids=pos, **no_cache(self.model)).logits
         jr = _score(_gather_at(logits, pack.at), pack.at, pack.tok, pack.ok, pack.valid)
-        if self.return_token_logprobs:
+        if self.return_token_logprobs and pos is pack.position_ids:
             # the rollout part of the packed forward is the plain causal forward: keep its token log-probs where
             # both the token and its successor are real
             (B, L), am = r.input_ids.shape, r.attention_mask.bool()
             both = am & torch.cat([am[:, 1:], am.new_zeros(B, 1)], 1)
             self.last_token_logprobs = torch.where(both, token_logprobs(logits[:, :L], r.input_ids), 0.0).to(jr.dtype)
-        return jr, pack.valid
+        return jr
 
 
 class _TextJr:
