@@ -990,24 +990,29 @@ def _probe_lengths(am, resp, ep, answers, cue):
 
 
 @pytest.mark.parametrize("left_pad", [True, False])
-def test_probes_straddling_a_longrope_switch(left_pad):
+@pytest.mark.parametrize("L, cue, window", [(30, [11, 12], None), (14, [11, 12, 13, 14], None), (30, [11, 12], 6)],
+                         ids=["rollout-past", "rollout-before", "rollout-past-sliding"])
+def test_probes_straddling_a_longrope_switch(L, cue, window, left_pad):
     """Longrope (Phi-3, Phi-4-mini-reasoning) rotates every token of a forward by its long factors once one position
     reaches the original context (16 here). A probe packed behind a longer rollout was rotated by them, while its
-    separate forward uses the short ones: Jr was off by up to 9e-6 in float64. The probes before the switch now take
-    a forward of their own (every token past it moved to position 0), the later ones share the pack's. Jr equals
-    separate forwards through both heads, the rollout's log-probs stay the plain forward's, the reward runs the
-    estimator's forwards for such a batch and rides in the tracker's forward when the batch stays below the
-    switch; a KV cache is never continued."""
+    separate forward uses the short ones: Jr was off by up to 2e-5 in float64. Now each forward is capped (tokens
+    past the cap moved to position 0): the probes before the switch take the forward capped there, the later ones
+    the pack's positions, and the rollout's outputs come from the forward matching its own length (the rollout
+    ends past the switch, or before it while a probe reaches past it). Jr equals separate forwards through both
+    heads; the rollout's log-probs and the reward's gradients stay the plain forward's; in the reward the
+    rollout's group rides in the tracker's forward and the other takes one more; a batch below the switch takes
+    one forward; a KV cache is never continued. Phi-3's sliding window (6 here) keeps its mask by position."""
     from l2t_ext.lm import position_ids_from_mask, token_logprobs
 
-    model = tiny_model("phi3", **LONGROPE)
-    ids, am, resp = rollouts(B=3, L=30, seed=14, left_pad=left_pad)
+    model = tiny_model("phi3", sliding_window=window, **LONGROPE)
+    ids, am, resp = rollouts(B=3, L=L, seed=14, left_pad=left_pad)
     ep = segment_episodes(ids, resp, [[M]])
-    answers, cue = [[20, 21], [22], [23, 24, 25]], [11, 12]
+    answers = [[20, 21], [22], [23, 24, 25]]
     r = Rollouts(ids, am, resp, ep, answer_ids=answers)
     want, valid = _separate_forward_jr(model, ids, am, resp, ep, answers, cue)
     lens = _probe_lengths(am, resp, ep, answers, cue)
     assert bool((valid & (lens <= 16)).any()) and bool((lens > 16).any())  # probes on both sides of the switch
+    assert (int(am.sum(1).max()) > 16) == (L == 30)
     est = AnswerLikelihoodJr(model, cue_ids=cue)
     assert (est(r)[0] - want).abs().max() <= 1e-12
     full = AnswerLikelihoodJr(model, cue_ids=cue, return_token_logprobs=True)
@@ -1019,16 +1024,19 @@ def test_probes_straddling_a_longrope_switch(left_pad):
     assert not est.continues_cache
     with pytest.raises(ValueError, match="probes='cache' needs .* no RoPE that switches with length"):
         DenseProcessReward(est, FisherTracker(model, rank=4), probes="cache")
+    ref = DenseProcessReward(lambda _: (want, valid), FisherTracker(model, rank=4))(r)  # the tracker's plain forward
     calls = []
     hook = model.get_decoder().register_forward_pre_hook(lambda *a: calls.append(1))
     try:
         out = DenseProcessReward(est, FisherTracker(model, rank=4), probes="packed")(r)
-        assert len(calls) == 3  # the tracker's forward, then the probes before and past the switch
-        assert (out.jr_before - torch.where(out.valid, want[:, :-1], 0)).abs().max() <= 1e-12
-        short = Rollouts(*(x[:, :11] for x in (ids, am, resp, ep)), answer_ids=answers)  # the pack stays below 16
-        want_short, _ = _separate_forward_jr(model, *(x[:, :11] for x in (ids, am, resp, ep)), answers, cue)
+        assert len(calls) == 2  # the tracker's forward (with the rollout's group of probes), the other group
+        assert torch.equal(out.valid, ref.valid) and (out.r_prg - ref.r_prg).abs().max() <= 1e-10
+        assert (out.penalty - ref.penalty).abs().max() <= 1e-10 * ref.penalty.abs().max()
+        assert (out.token_logprobs - ref.token_logprobs)[both].abs().max() <= 1e-12
+        short = [x[:, :13 - len(cue)] for x in (ids, am, resp, ep)]  # the pack (answers <= 3 tokens) stays below 16
+        want_short, _ = _separate_forward_jr(model, *short, answers, cue)
         calls.clear()
-        out = DenseProcessReward(est, FisherTracker(model, rank=4))(short)
+        out = DenseProcessReward(est, FisherTracker(model, rank=4))(Rollouts(*short, answer_ids=answers))
         assert calls == [1] and (out.jr_after - torch.where(out.valid, want_short[:, 1:], 0)).abs().max() <= 1e-12
     finally:
         hook.remove()
@@ -1037,15 +1045,33 @@ def test_probes_straddling_a_longrope_switch(left_pad):
 def test_probes_under_dynamic_rope_scaling():
     """Dynamic NTK scaling stretches the frequencies for the forward's longest sequence past max_position_embeddings
     (16 here). The probes that end before the switch are exact (their own forward); the later ones share the pack's
-    longest frequencies, which transformers' own for one of them depend on the forwards before it: warned."""
+    longest frequencies, which transformers' own for one of them depend on the forwards before it: warned. In the
+    reward the rollout's forward is capped at its own longest position, so its log-probs and gradients are those of
+    a plain forward from the same state."""
     model = tiny_model("llama", max_position_embeddings=16,
                        rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=4.0))
     ids, am, resp = rollouts(B=3, L=30, seed=14)
     ep = segment_episodes(ids, resp, [[M]])
     answers, cue = [[20, 21], [22], [23, 24, 25]], [11, 12]
+    r = Rollouts(ids, am, resp, ep, answer_ids=answers)
     want, valid = _separate_forward_jr(model, ids, am, resp, ep, answers, cue)
     early = valid & (_probe_lengths(am, resp, ep, answers, cue) <= 15)
     assert int(early.sum()) >= 3 and bool((valid & ~early).any())
+    est = AnswerLikelihoodJr(model, cue_ids=cue)
     with pytest.warns(UserWarning, match="RoPE frequencies change with the sequence length past position 15"):
-        jr, v = AnswerLikelihoodJr(model, cue_ids=cue)(Rollouts(ids, am, resp, ep, answer_ids=answers))
+        jr, v = est(r)
     assert torch.equal(v, valid) and (jr - want)[early].abs().max() <= 1e-12
+
+    def reset():  # a forward shorter than the switch: transformers drops its stretched frequencies
+        with torch.no_grad():
+            model(ids[:, :4])
+
+    reset()
+    ref = DenseProcessReward(lambda _: (want, valid), FisherTracker(model, rank=4))(r)  # the tracker's plain forward
+    reset()
+    with pytest.warns(UserWarning, match="RoPE frequencies change"):
+        out = DenseProcessReward(est, FisherTracker(model, rank=4))(r)
+    both = am.bool() & torch.cat([am[:, 1:].bool(), torch.zeros(3, 1, dtype=torch.bool)], 1)
+    assert (out.token_logprobs - ref.token_logprobs)[both].abs().max() <= 1e-12
+    assert (out.penalty - ref.penalty).abs().max() <= 1e-10 * ref.penalty.abs().max()
+    assert (out.jr_before - ref.jr_before)[early[:, :-1]].abs().max() <= 1e-12

@@ -88,7 +88,7 @@ class DenseProcessReward:
             only the window's last tokens) "auto" packs, or the estimator runs its own forward, and "cache" is
             refused. Where one forward cannot give every probe what its separate forward would (a RoPE that
             switches with length, a batch straddling the switch: ``AnswerLikelihoodJr.position_groups``), the
-            estimator runs its own forwards for that batch, whatever ``probes`` says.
+            probes on the rollout's side of the switch ride and the others take one more forward.
 
     State: the EMA Fisher (``fisher_decay``) and the tracker's bases travel through ``state_dict()`` /
     ``load_state_dict()``.
@@ -180,11 +180,13 @@ class DenseProcessReward:
         kw, k = dict(num_episodes=K, return_logprobs=True), r.num_episodes
         auto_packs = r.input_ids.is_cuda or not self.cacheable
         packs = self.packable and (self.probes == "packed" or (self.probes == "auto" and auto_packs))
-        pack = self.jr.pack(r, k) if packs else None
-        if pack is not None and len(self.jr.position_groups(pack, rollout=True)) == 1:  # one forward gives all
+        if packs:  # the last group (the rollout's positions) rides in the tracker's forward, any other runs apart
+            pack = self.jr.pack(r, k)
+            *apart, (pos, keep) = self.jr.position_groups(pack, rollout=True)
             g, token_lp, hidden = t.episode_grads(r.input_ids, r.attention_mask, r.episode_ids, **kw,
-                                                  packed=(pack.ids, pack.position_ids, pack.mask))
+                                                  packed=(pack.ids, pos, pack.mask))
             jr_all, jr_valid = self.jr.score(hidden, pack)
+            jr_all = self.jr.group_forwards(r, pack, apart, torch.where(keep, jr_all, 0.0))
         elif self.cacheable:
             g, token_lp, cache = t.episode_grads(r.input_ids, r.attention_mask, r.episode_ids, **kw, return_cache=True)
             jr_all, jr_valid = self.jr(r, cache=cache)

@@ -207,28 +207,40 @@ class AnswerLikelihoodJr:
         [(position ids (B, P), probes read from that forward (B, K+1))], one entry per forward.
 
         One forward with the pack's own positions, unless the model's RoPE frequencies switch with the forward's
-        longest position (``lm.rope_switch``) and the pack reaches the switch. Then the probes that end before it
-        take a forward in which every token at or past the switch (the rest of the rollout, the later probes: none
-        of which they attend to) is moved to position 0, so their frequencies are the original ones; the later
-        probes keep the pack's positions. Under dynamic NTK scaling the later probes then share the frequencies of
-        the pack's longest position (transformers' own for one of them depend on the forwards before it): warned.
-        ``rollout``: the rollout's own outputs are read too, which need the pack's positions."""
+        longest position (``lm.rope_switch``) and the pack reaches the switch. Then each forward is capped: every
+        token past its cap is moved to position 0, so the forward's longest position is the cap, and it is read
+        only for sequences that end at or before the cap (the moved tokens are never attended to from them).
+        The probes that end before the switch take the forward capped just before it (the original
+        frequencies); the later ones the pack's own positions. Under dynamic NTK scaling the later probes then share
+        the frequencies of the pack's longest position (transformers' own for one of them depend on the forwards
+        before it): warned.
+
+        ``rollout``: the rollout's own outputs are read too, from the last forward, whose frequencies are then
+        those of the rollout's plain forward: capped before the switch when the rollout ends before it, else
+        (dynamic scaling) at the rollout's own longest position."""
         pos, switch = pack.position_ids, rope_switch(self.model)
         if switch is None or int(pos.max()) < switch[0]:
             return [(pos, pack.valid)]
         n, exact_above = switch
-        c, blk = len(self.cue_ids), len(self.cue_ids) + pack.tok.shape[2]
-        first = pos[:, pos.shape[1] - pack.valid.shape[1] * blk:].reshape(*pack.valid.shape, blk)[..., 0]
-        last = first + c + pack.ok.sum(-1) - 1  # (B, K+1) position of each probe's last real token
+        c, blk, K1 = len(self.cue_ids), len(self.cue_ids) + pack.tok.shape[2], pack.valid.shape[1]
+        L = pos.shape[1] - K1 * blk
+        last = pos[:, L::blk][:, :K1] + c + pack.ok.sum(-1) - 1  # (B, K+1) position of each probe's last real token
         early = pack.valid & (last < n)  # probes whose whole sequence is before the switch
         late = pack.valid & ~early
-        groups = [(torch.where(pos < n, pos, 0), early)] if bool(early.any()) else []
-        if bool(late.any()) or rollout or not groups:
-            groups.append((pos, late))
         if not exact_above and bool(late.any()):
             warnings.warn(f"AnswerLikelihoodJr: the model's RoPE frequencies change with the sequence length past "
                           f"position {n}; the probes past it share the frequencies of the longest one", stacklevel=2)
-        return groups
+        caps = {n - 1: early, None: late}  # cap -> probes read there; None: the pack's own positions
+        needed = None  # the cap whose forward runs even without probes: the rollout's
+        if rollout:
+            R = int(pos[:, :L].max())  # the rollout's longest position
+            needed = n - 1 if R < n else (None if exact_above else R)
+            if needed == R:  # dynamic scaling: the later probes within the rollout's length ride along with it
+                caps[R], caps[None] = late & (last <= R), late & (last > R)
+            caps[needed] = caps.pop(needed)  # its forward last
+        groups = [(cap, keep) for cap, keep in caps.items() if bool(keep.any()) or (rollout and cap == needed)]
+        return [(pos if cap is None else torch.where(pos <= cap, pos, 0), keep) for cap, keep in groups] \
+            or [(pos, late)]  # no probe at all: one forward, read for nothing
 
     @property
     def continues_cache(self) -> bool:
@@ -254,23 +266,29 @@ class AnswerLikelihoodJr:
                     **{_cache_kwarg(dec): cache}).last_hidden_state
             return _score(head(_gather_at(h, at)), at, tok, ok, valid), valid
         pack = self.pack(r, K)
-        mask = custom_attention_mask(self.model, pack.mask, "AnswerLikelihoodJr", (pack.position_ids,) * 2)
-        jr = None
-        for pos, keep in self.position_groups(pack, rollout=self.return_token_logprobs):
-            part = self._packed_forward(r, pack, mask, pos)
-            jr = torch.where(keep, part, torch.zeros_like(part) if jr is None else jr)
-        return jr, pack.valid
+        return self.group_forwards(r, pack, self.position_groups(pack, rollout=self.return_token_logprobs)), pack.valid
 
-    def _packed_forward(self, r: Rollouts, pack: ProbePack, mask, pos: torch.Tensor) -> torch.Tensor:
+    def group_forwards(self, r: Rollouts, pack: ProbePack, groups, jr: torch.Tensor | None = None) -> torch.Tensor:
+        """Jr (B, K+1): ``jr`` (zeros when None) with the probes of each ``(position ids, probes)`` group of
+        ``position_groups`` read off one forward of ``pack`` at those positions; ``return_token_logprobs`` reads
+        the rollout's log-probs off the last one (``position_groups(pack, rollout=True)``)."""
+        mask = custom_attention_mask(self.model, pack.mask, "AnswerLikelihoodJr", (pack.position_ids,) * 2) \
+            if groups else None
+        for i, (pos, keep) in enumerate(groups):
+            part = self._packed_forward(r, pack, mask, pos, rollout=i == len(groups) - 1)
+            jr = torch.where(keep, part, torch.zeros_like(part) if jr is None else jr)
+        return jr
+
+    def _packed_forward(self, r: Rollouts, pack: ProbePack, mask, pos: torch.Tensor, rollout: bool) -> torch.Tensor:
         """Jr (B, K+1) of every probe from one forward of ``pack`` with position ids ``pos``; keeps the rollout's
-        token log-probs (``return_token_logprobs``) when ``pos`` are the pack's own."""
+        token log-probs when ``return_token_logprobs`` and ``rollout``."""
         split = split_head(self.model)
         if split is not None and not self.return_token_logprobs:
             h = split[0](input_ids=pack.ids, attention_mask=mask, position_ids=pos, **no_cache(split[0]))
             return self.score(h.last_hidden_state, pack)[0]
         logits = self.model(input_ids=pack.ids, attention_mask=mask, position_ids=pos, **no_cache(self.model)).logits
         jr = _score(_gather_at(logits, pack.at), pack.at, pack.tok, pack.ok, pack.valid)
-        if self.return_token_logprobs and pos is pack.position_ids:
+        if self.return_token_logprobs and rollout:
             # the rollout part of the packed forward is the plain causal forward: keep its token log-probs where
             # both the token and its successor are real
             (B, L), am = r.input_ids.shape, r.attention_mask.bool()
