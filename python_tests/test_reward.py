@@ -990,8 +990,9 @@ def _probe_lengths(am, resp, ep, answers, cue):
 
 
 @pytest.mark.parametrize("left_pad", [True, False])
-@pytest.mark.parametrize("L, cue, window", [(30, [11, 12], None), (14, [11, 12, 13, 14], None), (30, [11, 12], 6)],
-                         ids=["rollout-past", "rollout-before", "rollout-past-sliding"])
+@pytest.mark.parametrize("L, cue, window", [(30, [11, 12], None), (14, [11, 12, 13, 14], None),
+                                            (16, [11, 12, 13, 14], None), (30, [11, 12], 6)],
+                         ids=["rollout-past", "rollout-before", "rollout-ends-at-switch", "rollout-past-sliding"])
 def test_probes_straddling_a_longrope_switch(L, cue, window, left_pad):
     """Longrope (Phi-3, Phi-4-mini-reasoning) rotates every token of a forward by its long factors once one position
     reaches the original context (16 here). A probe packed behind a longer rollout was rotated by them, while its
@@ -1012,7 +1013,7 @@ def test_probes_straddling_a_longrope_switch(L, cue, window, left_pad):
     want, valid = _separate_forward_jr(model, ids, am, resp, ep, answers, cue)
     lens = _probe_lengths(am, resp, ep, answers, cue)
     assert bool((valid & (lens <= 16)).any()) and bool((lens > 16).any())  # probes on both sides of the switch
-    assert (int(am.sum(1).max()) > 16) == (L == 30)
+    assert (int(am.sum(1).max()) > 16) == (L > 16)
     est = AnswerLikelihoodJr(model, cue_ids=cue)
     assert (est(r)[0] - want).abs().max() <= 1e-12
     full = AnswerLikelihoodJr(model, cue_ids=cue, return_token_logprobs=True)

@@ -107,7 +107,7 @@ class AnswerLikelihoodJr:
     probe sees are skipped; ``l2t_ext.lm.masks``); others are refused when the estimator is built. Sliding-window
     layers get the window in their mask, by position, as that separate forward would. Where the model's RoPE
     frequencies switch with the forward's longest position (``rope_switch``: longrope, dynamic NTK) and a pack
-    straddles the switch, the probes before it take a forward of their own (``position_groups``).
+    straddles the switch, the probes on each side of it take a forward of their own (``position_groups``).
 
     Only the answer positions go through the output layer when ``split_head(model)`` finds logits =
     lm_head(last hidden state) with nothing after it (Qwen2/Llama/Mistral...): the (B, P, vocab) logits of the
@@ -231,14 +231,15 @@ class AnswerLikelihoodJr:
             warnings.warn(f"AnswerLikelihoodJr: the model's RoPE frequencies change with the sequence length past "
                           f"position {n}; the probes past it share the frequencies of the longest one", stacklevel=2)
         caps = {n - 1: early, None: late}  # cap -> probes read there; None: the pack's own positions
-        needed = None  # the cap whose forward runs even without probes: the rollout's
+        rollout_cap = None  # the cap whose forward runs even without probes (rollout=True), read last
         if rollout:
             R = int(pos[:, :L].max())  # the rollout's longest position
-            needed = n - 1 if R < n else (None if exact_above else R)
-            if needed == R:  # dynamic scaling: the later probes within the rollout's length ride along with it
-                caps[R], caps[None] = late & (last <= R), late & (last > R)
-            caps[needed] = caps.pop(needed)  # its forward last
-        groups = [(cap, keep) for cap, keep in caps.items() if bool(keep.any()) or (rollout and cap == needed)]
+            if R < n:
+                rollout_cap = n - 1
+            elif not exact_above:  # dynamic scaling: the later probes within the rollout's length ride along with it
+                rollout_cap, caps[R], caps[None] = R, late & (last <= R), late & (last > R)
+            caps[rollout_cap] = caps.pop(rollout_cap)
+        groups = [(cap, keep) for cap, keep in caps.items() if bool(keep.any()) or (rollout and cap == rollout_cap)]
         return [(pos if cap is None else torch.where(pos <= cap, pos, 0), keep) for cap, keep in groups] \
             or [(pos, late)]  # no probe at all: one forward, read for nothing
 
