@@ -266,30 +266,33 @@ class AnswerLikelihoodJr:
             h = dec(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                     **{_cache_kwarg(dec): cache}).last_hidden_state
             return _score(head(_gather_at(h, at)), at, tok, ok, valid), valid
-        pack = self.pack(r, K)
-        return self.group_forwards(r, pack, self.position_groups(pack, rollout=self.return_token_logprobs)), pack.valid
+        pack, rollout = self.pack(r, K), self.return_token_logprobs
+        return self.group_forwards(r, pack, self.position_groups(pack, rollout), rollout=rollout), pack.valid
 
-    def group_forwards(self, r: Rollouts, pack: ProbePack, groups, jr: torch.Tensor | None = None) -> torch.Tensor:
+    def group_forwards(self, r: Rollouts, pack: ProbePack, groups, jr: torch.Tensor | None = None,
+                       rollout: bool = False) -> torch.Tensor:
         """Jr (B, K+1): ``jr`` (zeros when None) with the probes of each ``(position ids, probes)`` group of
-        ``position_groups`` read off one forward of ``pack`` at those positions; ``return_token_logprobs`` reads
-        the rollout's log-probs off the last one (``position_groups(pack, rollout=True)``)."""
+        ``position_groups`` read off one forward of ``pack`` at those positions. ``rollout``: the last group is the
+        rollout's (``position_groups(pack, rollout=True)``); its forward also keeps the rollout's token log-probs
+        (``return_token_logprobs``)."""
         mask = custom_attention_mask(self.model, pack.mask, "AnswerLikelihoodJr", (pack.position_ids,) * 2) \
             if groups else None
         for i, (pos, keep) in enumerate(groups):
-            part = self._packed_forward(r, pack, mask, pos, rollout=i == len(groups) - 1)
+            part = self._packed_forward(r, pack, mask, pos, rollout and i == len(groups) - 1)
             jr = torch.where(keep, part, torch.zeros_like(part) if jr is None else jr)
         return jr
 
     def _packed_forward(self, r: Rollouts, pack: ProbePack, mask, pos: torch.Tensor, rollout: bool) -> torch.Tensor:
         """Jr (B, K+1) of every probe from one forward of ``pack`` with position ids ``pos``; keeps the rollout's
-        token log-probs when ``return_token_logprobs`` and ``rollout``."""
+        token log-probs when ``rollout`` and ``return_token_logprobs``."""
         split = split_head(self.model)
-        if split is not None and not self.return_token_logprobs:
+        rollout = rollout and self.return_token_logprobs
+        if split is not None and not rollout:
             h = split[0](input_ids=pack.ids, attention_mask=mask, position_ids=pos, **no_cache(split[0]))
             return self.score(h.last_hidden_state, pack)[0]
         logits = self.model(input_ids=pack.ids, attention_mask=mask, position_ids=pos, **no_cache(self.model)).logits
         jr = _score(_gather_at(logits, pack.at), pack.at, pack.tok, pack.ok, pack.valid)
-        if self.return_token_logprobs and rollout:
+        if rollout:
             # the rollout part of the packed forward is the plain causal forward: keep its token log-probs where
             # both the token and its successor are real
             (B, L), am = r.input_ids.shape, r.attention_mask.bool()
