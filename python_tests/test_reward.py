@@ -134,17 +134,20 @@ def brute_force_grads(model, tracker, ids, am, ep, K):
     return g, full
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "phi3"])
 def test_episode_grads_equal_bruteforce_default_layers(kind):
+    """The default layers follow the last block's attention (Phi-3 fuses gate and up into gate_up_proj)."""
     model = tiny_model(kind)
     tracker = FisherTracker(model, rank=4, backend="cpu")
-    assert [n.split(".")[-1] for n in tracker.layer_names] == ["o_proj", "gate_proj", "up_proj", "down_proj"]
+    names = ["o_proj", "gate_up_proj", "down_proj"] if kind == "phi3" else ["o_proj", "gate_proj", "up_proj",
+                                                                           "down_proj"]
+    assert [n.split(".")[-1] for n in tracker.layer_names] == names
     assert all(".layers.1." in n for n in tracker.layer_names)
     ids, am, resp = rollouts()
     ep = segment_episodes(ids, resp, [[M]])
     K = int(ep.max()) + 1
     g = tracker.episode_grads(ids, am, ep)
-    assert g.shape == (3, K, 4 * 16) and g.dtype == torch.float64
+    assert g.shape == (3, K, len(names) * 16) and g.dtype == torch.float64
     ref, _ = brute_force_grads(model, tracker, ids, am, ep, K)
     assert (g - ref).abs().max() <= 1e-8 * max(1.0, ref.abs().max().item())
     assert all(p.grad is None for p in model.parameters())

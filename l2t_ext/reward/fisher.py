@@ -7,13 +7,13 @@ response log-likelihood gives the output gradients D; ``ops.segment_grad_outer``
 per-episode proxy gradients g~[k] = vec(U^T (d/dW sum_{t in k} log pi(x_t | x_<t)) V), concatenated over
 layers.
 
-Exactness: position t's hidden state produces token t+1, so the token at t+1 is charged to position t. For
-layers after the last attention mixing (the default: o_proj, gate_proj, up_proj, down_proj of the last
-block) the output at a position only feeds that position's logits, so this equals the exact per-episode
-gradient. For earlier layers it is token-local attribution: position t's contribution D[t] X[t]^T (from one
-backward of the whole response log-likelihood) is charged to the episode of the token it predicts, so effects
-that travel to later positions through attention are charged to the position they flow from, and the share
-of positions that predict no episode token (the prompt) is left out. ``exact=True`` runs one backward per
+Exactness: position t's hidden state produces token t+1, so the token at t+1 is charged to position t. For layers
+after the last attention mixing (the default: o_proj, gate_proj, up_proj, down_proj of the last block; Phi-3's fused
+gate_up_proj in place of the middle two) the output at a position only feeds that position's logits, so this equals
+the exact per-episode gradient. For earlier layers it is token-local attribution: position t's contribution D[t]
+X[t]^T (from one backward of the whole response log-likelihood) is charged to the episode of the token it predicts,
+so effects that travel to later positions through attention are charged to the position they flow from, and the
+share of positions that predict no episode token (the prompt) is left out. ``exact=True`` runs one backward per
 episode and is exact for every layer (its episodes sum to the full gradient).
 
 Cost: the forward below the first tracked layer runs without autograd and the backward starts from a leaf at
@@ -42,7 +42,7 @@ from l2t_ext.lm import (
     token_logprobs,
 )
 
-DEFAULT_SUFFIXES = ("o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_SUFFIXES = ("o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj")  # gate_up: fused (Phi-3)
 _BLOCK_RE = re.compile(r"^(.*\.)?(layers|h|blocks)\.(\d+)\.")
 
 
@@ -83,8 +83,8 @@ class FisherTracker:
     Args:
         model: any causal LM whose forward(input_ids, attention_mask, position_ids) returns ``.logits``
             (Hugging Face Qwen2/Llama/Mistral families) and whose projections are ``nn.Linear``.
-        layers: None (default: last block's o_proj/gate_proj/up_proj/down_proj), a regex matched against
-            Linear module names (``re.search``), or a list of module names.
+        layers: None (default: last block's o_proj/gate_proj/up_proj/down_proj, or Phi-3's fused gate_up_proj), a
+            regex matched against Linear module names (``re.search``), or a list of module names.
         rank: r per layer (1 <= r <= min(m, n) of every tracked layer).
         seed: rsvd sketch seed.
         refresh_every: recompute the bases every this many ``step()`` calls (optimizer steps).
