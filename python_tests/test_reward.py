@@ -58,6 +58,11 @@ def rollouts(B=3, L=24, seed=0, left_pad=True):
     return ids, am, resp
 
 
+def _real_successor(am):
+    """(B, L) bool: a real token whose successor is real too (the positions that predict a real token)."""
+    return am.bool() & torch.cat([am[:, 1:].bool(), torch.zeros(am.shape[0], 1, dtype=torch.bool)], 1)
+
+
 # ------------------------------------------------------------------------------------------- episodes
 def test_segment_episodes_basic_and_final_answer():
     ids = torch.tensor([[1, 2, 3, 4, M, 5, 6, M, 8, 9]])
@@ -359,7 +364,7 @@ def test_packed_probes_equal_separate_forwards(cue, left):
     with torch.no_grad():
         full = token_logprobs(model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am)).logits,
                               ids)
-    real = am.bool() & torch.cat([am[:, 1:].bool(), torch.zeros(3, 1, dtype=torch.bool)], 1)  # a real successor
+    real = _real_successor(am)
     assert (jr_est.last_token_logprobs[real] - full[real]).abs().max() <= 1e-5
     assert (jr_est.last_token_logprobs[~real] == 0).all()
 
@@ -381,7 +386,7 @@ def test_tracker_packed_forward_equals_rollout_forward_plus_probes(kind, cue, le
     g2, lp2, hidden = tracker.episode_grads(ids, am, ep, exact=exact, return_logprobs=True,
                                             packed=(pack.ids, pack.position_ids, pack.mask))
     assert g.abs().max() > 0 and (g2 - g).abs().max() <= 1e-10 * g.abs().max()
-    real = am.bool() & torch.cat([am[:, 1:].bool(), torch.zeros(3, 1, dtype=torch.bool)], 1)  # a real successor
+    real = _real_successor(am)
     assert (lp2 - lp)[real].abs().max() <= 1e-10 and not hidden.requires_grad  # padding rows: never read
     jr, valid = est.score(hidden, pack)
     jr_ref, valid_ref = est(r)
@@ -426,7 +431,7 @@ def test_reward_probe_paths_packed_and_cache():
         outs[probes].decoder_calls = len(calls)
     hook.remove()
     assert [outs[p].decoder_calls for p in ("packed", "cache", "auto")] == [1, 2, 2]
-    real = am.bool() & torch.cat([am[:, 1:].bool(), torch.zeros(3, 1, dtype=torch.bool)], 1)  # a real successor
+    real = _real_successor(am)
     out, ref = outs["packed"], outs["cache"]
     for name in ("r_prg", "jr_before", "jr_after", "penalty", "token_logprobs"):
         a, b = getattr(out, name), getattr(ref, name)
@@ -921,7 +926,7 @@ def test_probe_masks_keep_the_sliding_window(kind, impl):
     g2, lp2, hidden = tracker.episode_grads(ids, am, ep, return_logprobs=True,
                                             packed=(pack.ids, pack.position_ids, pack.mask))
     assert g.abs().max() > 0 and (g2 - g).abs().max() <= tol * g.abs().max()
-    real = am.bool() & torch.cat([am[:, 1:].bool(), torch.zeros(3, 1, dtype=torch.bool)], 1)
+    real = _real_successor(am)
     assert (lp2 - lp)[real].abs().max() <= tol
     assert (est.score(hidden, pack)[0] - want).abs().max() <= tol
 
@@ -1021,7 +1026,7 @@ def test_probes_straddling_a_longrope_switch(L, cue, window, left_pad):
     assert (est(r)[0] - want).abs().max() <= 1e-12
     full = AnswerLikelihoodJr(model, cue_ids=cue, return_token_logprobs=True)
     assert (full(r)[0] - want).abs().max() <= 1e-12
-    both = am.bool() & torch.cat([am[:, 1:].bool(), torch.zeros(3, 1, dtype=torch.bool)], 1)
+    both = _real_successor(am)
     with torch.no_grad():
         plain = token_logprobs(model(ids, attention_mask=am, position_ids=position_ids_from_mask(am)).logits, ids)
     assert (full.last_token_logprobs - plain)[both].abs().max() <= 1e-12
@@ -1075,7 +1080,7 @@ def test_probes_under_dynamic_rope_scaling():
     reset()
     with pytest.warns(UserWarning, match="RoPE frequencies change"):
         out = DenseProcessReward(est, FisherTracker(model, rank=4))(r)
-    both = am.bool() & torch.cat([am[:, 1:].bool(), torch.zeros(3, 1, dtype=torch.bool)], 1)
+    both = _real_successor(am)
     assert (out.token_logprobs - ref.token_logprobs)[both].abs().max() <= 1e-12
     assert (out.penalty - ref.penalty).abs().max() <= 1e-10 * ref.penalty.abs().max()
     assert (out.jr_before - ref.jr_before)[early[:, :-1]].abs().max() <= 1e-12
