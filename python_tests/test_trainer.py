@@ -64,6 +64,41 @@ def test_l2t_inside_a_bf16_autocast_region(tmp_path, monkeypatch, ppo):
     assert any(r["penalty_mean"] > 0 for r in rows)
 
 
+
+def test_l2t_on_a_longrope_model_from_a_local_directory(tmp_path, monkeypatch):
+    """A local Phi-3 model (``from_pretrained``) whose longrope switches at position 32, inside the rollouts'
+    length: in the training loop the probes on each side of the switch take forwards of their own (counted), the
+    tracker follows Phi-3's fused gate_up_proj, and every metric is finite."""
+    import transformers
+
+    from l2t_ext.reward import AnswerLikelihoodJr
+    from l2t_ext.rl.trainer import Trainer
+    from l2t_ext.tasks import arith
+
+    tok = arith.tokenizer()
+    cfg = transformers.Phi3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                  original_max_position_embeddings=32, tie_word_embeddings=True,
+                                  rope_parameters=dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 8,
+                                                       long_factor=[4.0] * 8),
+                                  bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    transformers.Phi3ForCausalLM(cfg).save_pretrained(tmp_path / "phi3")
+    tok.save_pretrained(tmp_path / "phi3")
+    groups, plain = [], AnswerLikelihoodJr.position_groups
+
+    def counted(self, *args, **kwargs):
+        groups.append(plain(self, *args, **kwargs))
+        return groups[-1]
+
+    monkeypatch.setattr(AnswerLikelihoodJr, "position_groups", counted)
+    trainer = Trainer(small_cfg(tmp_path, "phi3_l2t", method="l2t", model=str(tmp_path / "phi3"), steps=2))
+    assert [n.split(".")[-1] for n in trainer.reward.tracker.layer_names] == ["o_proj", "gate_up_proj", "down_proj"]
+    rows = trainer.train()
+    assert len(rows) == 2 and all(math.isfinite(r[k]) for r in rows for k in METRIC_KEYS)
+    assert any(len(g) == 2 for g in groups)  # a batch straddled the switch: one more forward for its other side
+
+
 def _weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
