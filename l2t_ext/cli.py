@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--dtype", default=None, help="float32 | bfloat16 | both (GPU default: both)")
     pb.add_argument("--json", dest="json_path", default=None, help="write results JSON here")
     pb.add_argument("--markdown", dest="md_path", default=None, help="write markdown tables here")
+    pb.add_argument("--profile", dest="profile_path", default=None,
+                    help="also write a torch.profiler table (top ops by self device time) per l2t implementation")
     pb.set_defaults(func=_cmd_bench)
 
     pt = sub.add_parser("train", parents=[_config_flags()], formatter_class=argparse.RawDescriptionHelpFormatter,

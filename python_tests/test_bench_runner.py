@@ -30,9 +30,9 @@ def test_bench_runner_tiny(tmp_path, monkeypatch):
     for op, case in TINY.items():
         suite = bench.SUITES[op]
         monkeypatch.setitem(bench.SUITES, op, SimpleNamespace(**{**vars(suite), "cases": lambda q, d, c=case: [c]}))
-    out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
+    out_json, out_md, out_prof = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "prof.txt"
     args = SimpleNamespace(device="cpu", dtype=None, ops=",".join(TINY), quick=True, json_path=str(out_json),
-                           md_path=str(out_md))
+                           md_path=str(out_md), profile_path=str(out_prof))
     assert bench.main(args) == 0  # non-zero if any implementation's error is above tolerance
     rep = json.loads(out_json.read_text())
     assert {"cpu", "cpu_cores", "torch", "l2t_ext", "bandwidth_gbps"} <= set(rep["machine"])
@@ -53,6 +53,11 @@ def test_bench_runner_tiny(tmp_path, monkeypatch):
     md = out_md.read_text()
     assert all(f"### {op}" in md for op in TINY)
     assert rep["ops_done"] == list(TINY)
+    # --profile: one profiler table per l2t implementation, headed by op, case, dtype and implementation
+    heads = [line for line in out_prof.read_text().splitlines() if line.startswith("## ")]
+    want = {f"## {r['op']} {r['case']} {r['dtype']} {r['impl']}; sorted by self_cpu_time_total"
+            for r in rep["results"] if r["role"] == "l2t"}
+    assert set(heads) == want and len(heads) == len(want) and "Self CPU" in out_prof.read_text()
 
 
 def test_bench_json_keeps_the_ops_finished_before_a_run_is_cut_off(tmp_path, monkeypatch):
@@ -62,7 +67,7 @@ def test_bench_json_keeps_the_ops_finished_before_a_run_is_cut_off(tmp_path, mon
 
     monkeypatch.setattr(H, "measure_bandwidth", lambda device, **kw: 10.0)
 
-    def run_suite(op, quick, device, dtypes, log=print):
+    def run_suite(op, quick, device, dtypes, log=print, profile=None):
         if op == "fisher_quadform":
             raise KeyboardInterrupt  # what a time limit's signal looks like from inside
         return [dict(op=op, case="c", impl="l2t:cpu", role="l2t", dtype="float32", ms=1.0, error=0.0, gbps=5.0)]
@@ -70,7 +75,7 @@ def test_bench_json_keeps_the_ops_finished_before_a_run_is_cut_off(tmp_path, mon
     monkeypatch.setattr(bench, "run_suite", run_suite)
     out = tmp_path / "b.json"
     args = SimpleNamespace(device="cpu", dtype=None, ops="segment_grad_outer,fisher_quadform", quick=True,
-                           json_path=str(out), md_path=None)
+                           json_path=str(out), md_path=None, profile_path=None)
     try:
         bench.main(args)
     except KeyboardInterrupt:

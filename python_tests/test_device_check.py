@@ -16,12 +16,12 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "device_check.sh"
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("l2t") is None, reason="needs bash and `l2t`")
 def test_stops_at_its_deadline_and_bundles_its_logs(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path / "out"), LOGS=str(tmp_path / "logs"), STAGES="bench reward train flex",
-               DEADLINE_S="12", PYTHON=sys.executable)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), LOGS=str(tmp_path / "logs"),
+               STAGES="bench reward train flex profile", DEADLINE_S="12", PYTHON=sys.executable)
     p = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
     # no stage starts with under 15 s before the deadline; the goals are still read and the logs still packed
-    for stage in ("bench", "reward", "train", "flex"):
+    for stage in ("bench", "reward", "train", "flex", "profile"):
         assert f"skipped {stage}: under 15 s left before DEADLINE_S=12" in p.stdout, p.stdout
     shell_errors = [e for e in p.stderr.splitlines() if "device_check.sh: line" in e and "nvidia-smi" not in e]
     assert not shell_errors, p.stderr

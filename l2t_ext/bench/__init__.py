@@ -65,7 +65,34 @@ def _mem_budget(device: str) -> int:
     return 4 * 2**30
 
 
-def run_suite(op: str, quick: bool, device: str, dtypes: list[str], log=print) -> list[dict]:
+def _measure(row: dict, case, impl, inputs: dict, ref, floor: int) -> None:
+    """Fills ``row`` with one implementation's error against the reference, its time, bandwidth and peak memory."""
+    op, device, dtname = row["op"], row["device"], row["dtype"]
+    if op == "rsvd":  # randomized methods: average the accuracy over 5 sketch seeds
+        errs, recs = [], []
+        for seed in range(1) if impl.name == "linalg_svd" else range(5):
+            out = impl.fn({**inputs, "seed": seed})
+            errs.append(H.rel_error(out[1], ref))
+            recs.append(_rs.recon_ratio(inputs, out))
+        row["error"], row["recon_ratio"] = sum(errs) / len(errs), sum(recs) / len(recs)
+    else:
+        out = impl.fn(inputs)
+        H.sync(device)
+        row["error"] = H.rel_error(out, ref)
+    del out
+    t = H.time_fn(lambda: impl.fn(inputs), device)
+    row.update(ms=t["ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"], gbps=floor / (t["ms"] * 1e-3) / 1e9)
+    if device == "cuda":
+        row["peak_mem_mb"] = H.cuda_peak_mb(lambda: impl.fn(inputs))
+    else:
+        row["peak_mem_mb"] = H.cpu_peak_mb(op, case.params, impl.name, dtname)
+
+
+def run_suite(op: str, quick: bool, device: str, dtypes: list[str], log=print,
+              profile: list | None = None) -> list[dict]:
+    """Every implementation of ``op`` on every case and dtype: its error against the float64 reference, time and
+    peak memory. ``profile``: a list that gets a profiler table (``_harness.profile_table``) per l2t
+    implementation."""
     suite = SUITES[op]
     rows = []
     for case in suite.cases(quick, device):
@@ -88,26 +115,10 @@ def run_suite(op: str, quick: bool, device: str, dtypes: list[str], log=print) -
                     log(f"  {op:18s} {case.name:28s} {dtname:8s} {impl.name:16s} {row['note']}")
                     continue
                 try:
-                    if op == "rsvd":  # randomized methods: average the accuracy over 5 sketch seeds
-                        errs, recs = [], []
-                        seeds = range(1) if impl.name == "linalg_svd" else range(5)
-                        for seed in seeds:
-                            out = impl.fn({**inputs, "seed": seed})
-                            errs.append(H.rel_error(out[1], ref))
-                            recs.append(_rs.recon_ratio(inputs, out))
-                        row["error"], row["recon_ratio"] = sum(errs) / len(errs), sum(recs) / len(recs)
-                    else:
-                        out = impl.fn(inputs)
-                        H.sync(device)
-                        row["error"] = H.rel_error(out, ref)
-                    del out
-                    t = H.time_fn(lambda impl=impl, inputs=inputs: impl.fn(inputs), device)
-                    row.update(ms=t["ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"])
-                    row["gbps"] = floor / (t["ms"] * 1e-3) / 1e9
-                    if device == "cuda":
-                        row["peak_mem_mb"] = H.cuda_peak_mb(lambda impl=impl, inputs=inputs: impl.fn(inputs))
-                    else:
-                        row["peak_mem_mb"] = H.cpu_peak_mb(op, case.params, impl.name, dtname)
+                    _measure(row, case, impl, inputs, ref, floor)
+                    if profile is not None and impl.role == "l2t":
+                        table = H.profile_table(lambda impl=impl, inputs=inputs: impl.fn(inputs), device)
+                        profile.append(f"## {op} {case.name} {dtname} {impl.name}; {table}\n")
                 except Exception as exc:  # report, keep going: one failing baseline must not hide the rest
                     row["note"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
                 rows.append(row)
@@ -145,9 +156,10 @@ def main(args) -> int:
     print(f"l2t bench on {machine.get('gpu') or machine['cpu']} ({machine['cpu_cores']} cores), torch "
           f"{machine['torch']}, copy bandwidth {machine['bandwidth_gbps']:.1f} GB/s")
     results = []
+    tables = [] if args.profile_path else None
     report = {"machine": machine, "results": results, "quick": bool(args.quick), "ops_done": []}
     for op in ops_list:
-        rows = run_suite(op, args.quick, device, dtypes)
+        rows = run_suite(op, args.quick, device, dtypes, profile=tables)
         for r in rows:
             r["pct_of_bandwidth"] = (100 * r["gbps"] / machine["bandwidth_gbps"]) if r["gbps"] else None
         results += rows
@@ -156,6 +168,9 @@ def main(args) -> int:
         if args.json_path:  # after every op: a run cut off by a time limit keeps the ops it finished
             with open(args.json_path, "w") as f:
                 json.dump(report, f, indent=1)
+        if args.profile_path:
+            with open(args.profile_path, "w") as f:
+                f.write("\n".join(tables))
     md = H.markdown(report)
     print()
     print(md)

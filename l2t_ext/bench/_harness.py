@@ -77,6 +77,21 @@ def time_fn(fn: Callable[[], object], device: str, budget_s: float = 1.0, max_re
     return {"ms": statistics.median(samples), "p20_ms": q[1], "p80_ms": q[7], "reps": reps}
 
 
+def profile_table(fn: Callable[[], object], device: str, rows: int = 12) -> str:
+    """One warmed-up call of fn under torch.profiler: its top ops by self device time (self CPU time on the CPU).
+    The warm-up keeps compiles, autotuning and allocator growth out of the table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    return f"sorted by {key}\n" + prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+
+
 def time_interleaved(fns: dict, device: str, reps: int) -> tuple[dict, dict]:
     """(name -> wall seconds of each call, name -> its last output) of ``reps`` rounds calling every fns[name]() in
     turn, synchronised on both sides: a shared machine's drift hits every candidate alike, so their ratio holds

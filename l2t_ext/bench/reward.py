@@ -210,22 +210,11 @@ def run(config: str, attn: str = "sdpa") -> dict:
 def profile(config: str, path: str, parts=("reward", "reward_cache", "penalty", "jr", "step"), rows: int = 30,
             attn: str = "sdpa") -> None:
     """One warmed-up call of each part under torch.profiler; writes each part's top ops by self device time."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
     device = _device(config)
     fns, _ = _fns(config, attn)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     with open(path, "w") as f:
         for name in parts:
-            fns[name]()  # warm-up: compiles, autotune and allocator growth stay out of the table
-            H.sync(device)
-            with torch_profile(activities=acts) as prof:
-                fns[name]()
-                H.sync(device)
-            f.write(f"## {name} ({config}, {attn}; sorted by {key})\n")
-            f.write(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60) + "\n\n")
+            f.write(f"## {name} ({config}, {attn}); {H.profile_table(fns[name], device, rows)}\n\n")
 
 
 def markdown(res: dict) -> str:
