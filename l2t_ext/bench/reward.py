@@ -32,6 +32,7 @@ import time
 import torch
 
 from l2t_ext.bench import _harness as H
+from l2t_ext.lm.masks import CUSTOM_MASK_IMPLEMENTATIONS
 
 MARKER = 7
 
@@ -54,9 +55,6 @@ CONFIGS = {
                                           tie_word_embeddings=True),
                  batch=dict(B=8, prompt=128, L=1024, episode=64, answer=8, cue=4), dtype="bfloat16"),
 }
-
-
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
 
 def build(config: str, attn: str = "sdpa"):
@@ -260,7 +258,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", choices=sorted(CONFIGS), default=None,
                    help="model and batch shapes (default: cuda when a GPU is present, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
-    p.add_argument("--attn", choices=ATTN_IMPLEMENTATIONS, default="sdpa",
+    p.add_argument("--attn", choices=CUSTOM_MASK_IMPLEMENTATIONS, default="sdpa",
                    help="the model's attn_implementation (flex_attention: the probes' masks are block-sparse "
                         "BlockMasks; compiled on first use; its backward needs CUDA)")
     p.add_argument("--json", default="bench_reward.json")
