@@ -56,6 +56,16 @@ PYBIND11_MODULE(_C_cuda, m) {
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(
+      "span_outer",
+      [](uintptr_t A, uintptr_t B, int64_t ra, int64_t rb, uintptr_t seg, uintptr_t first, uintptr_t last,
+         int64_t nseg, int64_t nsplit, uintptr_t out, uintptr_t stream) {
+        check(l2t::cuda::span_outer(P<const float>(A), P<const float>(B), ra, rb, P<const int64_t>(seg),
+                                    P<const int64_t>(first), P<const int64_t>(last), nseg, nsplit, P<float>(out),
+                                    S(stream)),
+              "span_outer");
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
       "segment_sum",
       [](uintptr_t Pp, int64_t rr, uintptr_t start, int64_t nseg, uintptr_t G, uintptr_t stream) {
         check(l2t::cuda::segment_sum(P<const float>(Pp), rr, P<const int64_t>(start), nseg, P<float>(G), S(stream)),

@@ -197,25 +197,35 @@ needs_triton = pytest.mark.skipif(not any(b == "triton" for b, _, _ in _cases._c
                                   reason="triton backend not runnable here (no GPU, no interpreter)")
 
 
-@needs_triton
+needs_cuda = pytest.mark.skipif(not any(b == "cuda" for b, _, _ in _cases._combos()),
+                                reason="cuda backend not runnable here (no GPU or not built with CUDA)")
+# the kernels that cut each segment's token span into parts: (module under l2t_ext.ops, function, device)
+SPAN_PARTS = {"triton_fused": ("_triton", "segment_grad_outer_fused", TRITON_DEV),
+              "cuda": ("_cuda", "segment_grad_outer", "cuda")}
+
+
+@pytest.mark.parametrize("impl", [pytest.param("triton_fused", marks=needs_triton),
+                                  pytest.param("cuda", marks=needs_cuda)])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("nsplit", [1, 2, 7])
 @pytest.mark.parametrize("layout", ["contiguous", "interleaved"])
-def test_triton_fused_pieces_match_bruteforce(dtype, nsplit, layout):
-    """The fused kernel (an explicit candidate; the backend runs two passes) cuts each segment's token span into
-    nsplit pieces: every split, both layouts (contiguous episodes: the fast path; interleaved ids: the general
-    one), r above one 64-wide tile, NaN in masked rows."""
-    from l2t_ext.ops import _triton
+def test_span_parts_match_bruteforce(impl, dtype, nsplit, layout):
+    """Triton's fused kernel and the CUDA backend cut each segment's token span into nsplit parts: every split, both
+    layouts (contiguous episodes: the fast path; interleaved ids: the general one), r above one 64-wide tile (and
+    above one 1024-output CUDA block), NaN in masked rows, empty segments, empty input."""
+    import importlib
 
+    module, name, dev = SPAN_PARTS[impl]
+    fn = getattr(importlib.import_module(f"l2t_ext.ops.{module}"), name)
     T, n, m, r, S = 203, 37, 29, 70, 9
-    X, D, seg, U, V = make(T, n, m, r, S, dtype, TRITON_DEV, seed=11)
+    X, D, seg, U, V = make(T, n, m, r, S, dtype, dev, seed=11)
     if layout == "contiguous":
-        seg = contiguous_episodes(T, S, seed=nsplit).to(TRITON_DEV)
+        seg = contiguous_episodes(T, S, seed=nsplit).to(dev)
     X, D = X.clone(), D.clone()
     X[seg < 0], D[seg < 0] = float("nan"), float("inf")
     ref = brute_force(X.masked_fill((seg < 0)[:, None], 0), D.masked_fill((seg < 0)[:, None], 0), seg, S, U, V)
     with ops.poison():
-        out = _triton.segment_grad_outer_fused(X, D, seg, S, U, V, nsplit=nsplit)
+        out = fn(X, D, seg, S, U, V, nsplit=nsplit)
     assert out.shape == (S, r, r) and out.dtype == F32
     err = rel_err(out, ref)
     assert err <= (2e-5 if dtype == F32 else 2.0 * torch_bf16_error(X.nan_to_num(0, 0, 0), D.nan_to_num(0, 0, 0),
@@ -223,7 +233,36 @@ def test_triton_fused_pieces_match_bruteforce(dtype, nsplit, layout):
     for s in set(range(S)) - set(seg[seg >= 0].tolist()):
         assert torch.equal(out[s].cpu(), torch.zeros(r, r))
     # bitwise repeatable
-    assert torch.equal(out, _triton.segment_grad_outer_fused(X, D, seg, S, U, V, nsplit=nsplit))
+    assert torch.equal(out, fn(X, D, seg, S, U, V, nsplit=nsplit))
+    with ops.poison():
+        empty = fn(X[:0], D[:0], seg[:0], 3, U, V, nsplit=nsplit)
+    assert torch.equal(empty.cpu(), torch.zeros(3, r, r))
+
+
+def test_span_plan_finds_each_segment_span_without_reading_back():
+    """The GPU backends' plan: each segment's first and last token, empty segments first > last, masked tokens in no
+    segment; built without a host read (on the meta device any read, .item() or nonzero, raises)."""
+    from l2t_ext.ops import _plan
+
+    seg = torch.tensor([-1, 2, 2, -1, 0, 2, 5, 5, -1])
+    first, last = _plan.segment_spans(seg, 6)
+    assert first.tolist() == [4, 9, 1, 9, 9, 6] and last.tolist() == [4, -1, 5, -1, -1, 7]
+    first, last = _plan.segment_spans(seg.to("meta"), 6)
+    assert first.shape == last.shape == (6,)
+    assert [_plan.pieces(T, S, 132) for T, S in ((4096, 64), (16384, 64), (203, 9), (10, 3))] == [2, 8, 1, 1]
+
+
+@needs_cuda
+def test_cuda_unchecked_call_does_not_synchronise():
+    X, D, seg, U, V = make(4096, 256, 256, 16, 64, BF16, "cuda", seed=9)
+    want = ops.segment_grad_outer(X, D, seg, 64, U, V, backend="cuda")
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        got = ops.segment_grad_outer(X, D, seg, 64, U, V, backend="cuda", check_ids=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(got, want)
 
 
 @needs_triton
@@ -252,16 +291,13 @@ def test_triton_two_pass_split_over_k_matches_bruteforce(dtype, ksplit):
 
 
 @needs_triton
-def test_triton_fused_agrees_with_two_pass_and_handles_empty_input():
+def test_triton_fused_agrees_with_two_pass():
     from l2t_ext.ops import _triton
 
     X, D, seg, U, V = make(150, 24, 40, 16, 6, F32, TRITON_DEV, seed=4)
     seg = contiguous_episodes(150, 6, seed=4).to(TRITON_DEV)
     fused = _triton.segment_grad_outer_fused(X, D, seg, 6, U, V)
     assert rel_err(fused, _triton.segment_grad_outer_two_pass(X, D, seg, 6, U, V)) <= 1e-6
-    with ops.poison():
-        empty = _triton.segment_grad_outer_fused(X[:0], D[:0], seg[:0], 3, U, V, nsplit=2)
-    assert torch.equal(empty.cpu(), torch.zeros(3, 16, 16))
 
 
 @needs_triton

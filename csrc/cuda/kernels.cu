@@ -205,6 +205,43 @@ __global__ void __launch_bounds__(THREADS) chunk_outer_kernel(const float* __res
     if (e[q] < rr) P[c * rr + e[q]] = acc[q];
 }
 
+// One block per (segment s, part j of its span, 1024 outputs); each thread owns up to 4 outputs of the (ra, rb)
+// tile and adds the part's tokens in order (deterministic). Tokens of other segments inside the span (interleaved
+// ids, masked tokens) are skipped: their A and B rows are never read.
+__global__ void __launch_bounds__(THREADS) span_outer_kernel(const float* __restrict__ A, const float* __restrict__ B,
+                                                              int64_t ra, int64_t rb, const int64_t* __restrict__ seg,
+                                                              const int64_t* __restrict__ first,
+                                                              const int64_t* __restrict__ last, int64_t nsplit,
+                                                              float* __restrict__ P) {
+  const int64_t s = blockIdx.x, j = blockIdx.y, rr = ra * rb;
+  const int64_t lo = first[s], span = max(last[s] - lo + 1, int64_t{0});  // an empty segment: first > last
+  const int64_t piece = (span + nsplit - 1) / nsplit;
+  const int64_t t0 = lo + j * piece, t1 = min(lo + span, t0 + piece);
+  int ia[4], ib[4];  // this thread's outputs (row, column) of the tile; rr < 2^31 (the op caps the output)
+  float acc[4];
+  bool own[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const int64_t e = static_cast<int64_t>(blockIdx.z) * 4 * THREADS + q * THREADS + threadIdx.x;
+    own[q] = e < rr;
+    ia[q] = own[q] ? static_cast<int>(e / rb) : 0;
+    ib[q] = own[q] ? static_cast<int>(e % rb) : 0;
+    acc[q] = 0.f;
+  }
+  for (int64_t t = t0; t < t1; ++t) {
+    if (seg[t] != s) continue;
+    const float* a = A + t * ra;
+    const float* b = B + t * rb;
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      if (own[q]) acc[q] = fmaf(a[ia[q]], b[ib[q]], acc[q]);
+  }
+  float* out = P + (s * nsplit + j) * rr;
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+    if (own[q]) out[static_cast<int64_t>(ia[q]) * rb + ib[q]] = acc[q];
+}
+
 __global__ void segment_sum_kernel(const float* __restrict__ P, int64_t rr, const int64_t* __restrict__ start,
                                    float* __restrict__ G) {
   const int64_t s = blockIdx.x, e = static_cast<int64_t>(blockIdx.y) * THREADS + threadIdx.x;
@@ -300,6 +337,16 @@ cudaError_t chunk_outer(const float* A, const float* B, int64_t ra, int64_t rb, 
   if (C == 0 || ra * rb == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>((ra * rb + 4 * THREADS - 1) / (4 * THREADS)));
   chunk_outer_kernel<<<grid, THREADS, 0, stream>>>(A, B, ra, rb, start, P);
+  return cudaGetLastError();
+}
+
+cudaError_t span_outer(const float* A, const float* B, int64_t ra, int64_t rb, const int64_t* seg,
+                       const int64_t* first, const int64_t* last, int64_t S, int64_t nsplit, float* P,
+                       cudaStream_t stream) {
+  if (S == 0 || nsplit == 0 || ra * rb == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>(nsplit),
+                  static_cast<unsigned>((ra * rb + 4 * THREADS - 1) / (4 * THREADS)));
+  span_outer_kernel<<<grid, THREADS, 0, stream>>>(A, B, ra, rb, seg, first, last, nsplit, P);
   return cudaGetLastError();
 }
 

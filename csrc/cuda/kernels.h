@@ -22,6 +22,12 @@ cudaError_t gemm(const std::string& dtX, const void* X, int64_t sXr, int64_t sXc
 cudaError_t chunk_outer(const float* A, const float* B, int64_t ra, int64_t rb, const int64_t* start, int64_t C,
                         float* P, cudaStream_t stream);
 
+// P[s, j] (ra, rb) = sum_{t in part j of [first[s], last[s]], seg[t] == s} A[t] outer B[t], tokens in order; the
+// span is cut into nsplit parts of ceil((last[s] - first[s] + 1) / nsplit) tokens (an empty span: zeros)
+cudaError_t span_outer(const float* A, const float* B, int64_t ra, int64_t rb, const int64_t* seg,
+                       const int64_t* first, const int64_t* last, int64_t S, int64_t nsplit, float* P,
+                       cudaStream_t stream);
+
 // G[s] = sum_{c in [start[s], start[s+1])} P[c]  (rr floats each; empty -> exact 0)
 cudaError_t segment_sum(const float* P, int64_t rr, const int64_t* start, int64_t S, float* G, cudaStream_t stream);
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from l2t_ext import ops
@@ -94,6 +96,19 @@ def impls(device: str, l2t_backends: list[str]) -> list[Impl]:
                 lambda inp, b=b: ops.segment_grad_outer(inp["X"], inp["D"], inp["seg"], inp["S"], inp["U"],
                                                         inp["V"], backend=b))
            for b in l2t_backends]
+    from l2t_ext.ops import _plan
+
+    def direct(fn, **kw):  # a backend's function called directly: no op layer, no id check
+        return lambda inp: fn(inp["X"], inp["D"], inp["seg"].to(torch.int64), inp["S"], inp["U"], inp["V"], **kw)
+
+    if "cuda" in l2t_backends:
+        from l2t_ext.ops import _cuda
+
+        # the backend's span plan and the chunked plan it replaced (a sort of the tokens, gathered rows, two host
+        # reads), both called directly, so that the plan's share of the op's time shows
+        out += [Impl("l2t:cuda_direct", "l2t", direct(_cuda.segment_grad_outer)),
+                Impl("l2t:cuda_chunked", "l2t", direct(functools.partial(_plan.chunked_segment_grad_outer,
+                                                                         _cuda.CHUNKED)))]
     if "triton" in l2t_backends:
         from l2t_ext.ops import _triton
 
@@ -101,16 +116,13 @@ def impls(device: str, l2t_backends: list[str]) -> list[Impl]:
         # id back after its kernels are queued)
         out.append(Impl("l2t:triton_nocheck", "l2t", lambda inp: ops.segment_grad_outer(
             inp["X"], inp["D"], inp["seg"], inp["S"], inp["U"], inp["V"], backend="triton", check_ids=False)))
-        # Triton candidates, called directly (no op layer, no id check), so that they compare with each other:
-        # the two-pass path, the same with its projections split over K to fill the GPU, and the fused
-        # single-pass kernel (the backend's path: the fastest of the three on an H100)
-        def direct(fn, **kw):
-            return lambda inp: fn(inp["X"], inp["D"], inp["seg"].to(torch.int64), inp["S"], inp["U"], inp["V"], **kw)
-
+        # Triton candidates, called directly, so that they compare with each other: the two-pass path, the same
+        # with its projections split over K to fill the GPU, and the fused single-pass kernel (the backend's path:
+        # the fastest of the three on an H100)
         def fused_pieces(scale):  # the fused kernel with scale x its default pieces per segment
             def run(inp):
                 seg = inp["seg"].to(torch.int64)
-                nsplit = max(1, round(scale * _triton._nsplit(seg.numel(), inp["S"], seg.device)))
+                nsplit = max(1, round(scale * _plan.pieces(seg.numel(), inp["S"], _triton._sm_count(seg.device))))
                 return _triton.segment_grad_outer_fused(inp["X"], inp["D"], seg, inp["S"], inp["U"], inp["V"], nsplit)
             return run
 

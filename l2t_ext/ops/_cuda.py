@@ -1,4 +1,5 @@
 """The ``cuda`` backend: launchers for the CUDA kernels in ``_C_cuda`` (csrc/cuda/kernels.cu).
+``segment_grad_outer`` runs on the span plan, ``project`` on the chunked plan (``_plan``).
 
 Invariants: inputs are float32 or bfloat16 CUDA tensors on one device; accumulation, outputs and workspaces
 are float32; every launch goes on ``torch.cuda.current_stream()`` of the inputs' device, so the kernels
@@ -107,8 +108,23 @@ def fisher_accumulate(G: torch.Tensor, F_in: torch.Tensor | None, decay: float |
 CHUNKED = _plan.Chunked(CHUNK, row_project, chunk_outer, segment_sum, acc=F32)
 
 
-def segment_grad_outer(X, D, seg, num_segments: int, U, V) -> torch.Tensor:
-    return _plan.chunked_segment_grad_outer(CHUNKED, X, D, seg, num_segments, U, V)
+def segment_grad_outer(X, D, seg, num_segments: int, U, V, nsplit: int | None = None) -> torch.Tensor:
+    """Two passes on the span plan (``_plan``): project every token (two GEMMs, (T, r) float32 intermediates),
+    then one block per (segment, part of its token span, 1024 outputs) adds its part's outer products in token
+    order, and the parts are summed in a fixed order. No sort and nothing read back to the host (the chunked
+    plan it replaced sorted the tokens and read its chunk count back: two synchronisations per call).
+    ``nsplit`` overrides the parts per span (tests)."""
+    T, S = seg.numel(), num_segments
+    A = row_project(D, None, U)  # (T, r) float32
+    B = row_project(X, None, V)  # (T, r') float32
+    first, last = _plan.segment_spans(seg, S)
+    nsplit = nsplit or _plan.pieces(T, S, _sm_count(X.device))
+    seg = seg.contiguous()
+    P = empty((S, nsplit, A.shape[1], B.shape[1]), F32, X.device)
+    with torch.cuda.device(X.device):
+        _C_cuda.span_outer(A.data_ptr(), B.data_ptr(), A.shape[1], B.shape[1], seg.data_ptr(), first.data_ptr(),
+                           last.data_ptr(), S, nsplit, P.data_ptr(), _stream(X))
+    return P[:, 0] if nsplit == 1 else P.sum(1)  # torch's reduction: fixed order for a given shape
 
 
 def project(M, U, V) -> torch.Tensor:

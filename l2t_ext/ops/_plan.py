@@ -1,10 +1,18 @@
-"""The chunked path of ``segment_grad_outer`` and ``project``, shared by the cpu and cuda backends (and triton's
-``project``): a token plan, then the backend's three building blocks.
+"""Token plans for ``segment_grad_outer`` and ``project``, computed with torch ops on the tokens' device.
+
+The chunked path, shared by the cpu backend's ``segment_grad_outer`` and every backend's ``project``: a token plan,
+then the backend's three building blocks.
 
 Tokens with ``seg >= 0`` are stably sorted by segment; each segment's run is cut into chunks of at most
 ``chunk`` tokens. Kernels then reduce each chunk to one partial (r, r) block and each segment sums its
 chunks in order, so the result is deterministic (no float atomics) and long segments still spread over
-many threads. Computed with torch ops on the tokens' device.
+many threads. The plan reads its chunk count back to the host (on a GPU: a synchronisation).
+
+The span plan, shared by the GPU backends' ``segment_grad_outer`` (no sort, nothing read back to the host): each
+segment's token span [first, last] (``segment_spans``), cut into ``pieces`` equal parts; a kernel reduces each
+part's tokens of that segment in token order, and the parts are summed in a fixed order. Episodes are contiguous
+runs of tokens, so a span holds its own segment's tokens only (interleaved ids stay correct: the kernels skip
+other segments' tokens inside a span).
 """
 
 from __future__ import annotations
@@ -33,6 +41,23 @@ def segment_plan(seg: torch.Tensor, num_segments: int, chunk: int):
     starts = tok_start[chunk_seg] + local * chunk
     chunk_start = torch.cat([starts, torch.full((1,), order.numel(), dtype=torch.int64, device=dev)])
     return order, chunk_start.contiguous(), seg_chunk_start.contiguous()
+
+
+def segment_spans(seg: torch.Tensor, num_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first (S,), last (S,)) int64 token index of each segment; an empty segment has first = T > last = -1.
+    Tokens with seg < 0 belong to no segment. Integer min/max reductions: the same result in any order."""
+    T, S = seg.numel(), num_segments
+    pos = torch.arange(T, device=seg.device)
+    bins = torch.where(seg >= 0, seg, S)  # masked tokens go to an extra bin that is dropped
+    first = torch.full((S + 1,), T, dtype=torch.int64, device=seg.device).scatter_reduce_(0, bins, pos, "amin")
+    last = torch.full((S + 1,), -1, dtype=torch.int64, device=seg.device).scatter_reduce_(0, bins, pos, "amax")
+    return first[:S], last[:S]
+
+
+def pieces(T: int, S: int, sm_count: int) -> int:
+    """Parts per segment span: enough (segment, part) programs for about four per SM, but parts of at least 32
+    tokens on average (T4096 with 64 episodes: 128 programs of ~32 tokens instead of 64 of ~64)."""
+    return max(1, min(-(-4 * sm_count // S), T // (32 * S)))
 
 
 def rows_plan(n: int, chunk: int, device):

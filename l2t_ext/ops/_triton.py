@@ -390,12 +390,6 @@ def row_project(X: torch.Tensor, idx: torch.Tensor | None, V: torch.Tensor, kspl
     return Y[0] if nz == 1 else Y.sum(0)
 
 
-def _nsplit(T: int, S: int, device) -> int:
-    """Pieces per segment: enough programs for about four per SM, but pieces of at least 32 tokens on average
-    (T4096 with 64 episodes: 128 programs of ~32 tokens instead of 64 of ~64)."""
-    return max(1, min(-(-4 * _sm_count(device) // S), T // (32 * S)))
-
-
 # float32 inputs (X and D) above this many bytes take the two-pass path (see segment_grad_outer below)
 FUSED_F32_MAX_BYTES = 128 * 2**20
 
@@ -423,7 +417,7 @@ def segment_grad_outer_fused(X, D, seg, num_segments: int, U, V, nsplit: int | N
     wdt = torch.bfloat16 if bf16 else F32
     U, V = U.to(wdt).contiguous(), V.to(wdt).contiguous()
     ra, rb = U.shape[1], V.shape[1]
-    nsplit = nsplit or _nsplit(T, S, X.device)
+    nsplit = nsplit or _plan.pieces(T, S, _sm_count(X.device))
     bounds = torch.zeros((2, S), dtype=torch.int64, device=X.device)
     if T:
         _segment_bounds_kernel[(triton.cdiv(T, 1024),)](seg, bounds, T, S, BLOCK=1024)
@@ -441,13 +435,10 @@ def segment_grad_outer_two_pass(X, D, seg, num_segments: int, U, V, ksplit: int 
     No sort, no host synchronisation, fixed tiles (nothing to tune at the first call), deterministic.
     ``ksplit`` goes to ``row_project`` (None: split K to fill the GPU; on an H100 1.1-1.15x the speed of ksplit=1
     in float32, 0.6-0.9x in bf16). The backend's path for large float32 inputs (``segment_grad_outer``)."""
-    T, S = seg.numel(), num_segments
+    S = num_segments
     A = row_project(D, None, U, ksplit)  # (T, r) float32
     B = row_project(X, None, V, ksplit)  # (T, r') float32
-    pos = torch.arange(T, device=seg.device)
-    bins = torch.where(seg >= 0, seg, S)  # masked tokens go to an extra bin that is dropped
-    lo = torch.full((S + 1,), T, dtype=torch.int64, device=seg.device).scatter_reduce_(0, bins, pos, "amin")
-    hi = torch.full((S + 1,), -1, dtype=torch.int64, device=seg.device).scatter_reduce_(0, bins, pos, "amax")
+    lo, hi = _plan.segment_spans(seg, S)
     ra, rb = A.shape[1], B.shape[1]
     G = empty((S, ra, rb), F32, X.device)
     BA, BB = _pow2(ra, 16, 64), _pow2(rb, 16, 64)

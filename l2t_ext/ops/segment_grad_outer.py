@@ -5,12 +5,13 @@ restricted to the tokens of segment s, projected onto the rank-r bases U (m, r),
 
     G[s] = U^T (sum_{t: seg[t]==s} D[t] X[t]^T) V = sum_{t: seg[t]==s} (U^T D[t]) (V^T X[t])^T.
 
-The compiled backends evaluate the right-hand side: one pass over X and D projects each kept token to two
-r-vectors, then per-chunk outer products are summed per segment in a fixed order (deterministic, no float
-atomics, never a (S, m, n) gradient). The Triton backend does it in one pass with no host synchronisation: each
-program owns a piece of one segment's token range, projects its tokens on the fly (the projections never reach
-memory) and accumulates their outer products; large float32 inputs take a two-pass path (two GEMMs, then a
-per-segment reduction), which measured faster there.
+The compiled backends evaluate the right-hand side: one pass over X and D projects each token to two r-vectors,
+then the outer products are summed per segment in a fixed order (deterministic, no float atomics, never a
+(S, m, n) gradient). The cpu backend sums per-chunk partials of the tokens sorted by segment. The GPU backends
+work on each segment's token span (episodes are contiguous runs of tokens) and never wait on the host: the
+Triton backend in one pass, each program owning a part of one segment's span, projecting its tokens on the fly
+(the projections never reach memory) and accumulating their outer products (large float32 inputs: two passes,
+which measured faster there); the cuda backend in two passes (two GEMMs, then a reduction per part of a span).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from l2t_ext.ops._common import check_same_device, check_tensor, implementation,
 IMPLEMENTATIONS = {
     "torch": "reference.segment_grad_outer",  # the reference: index_add_ of per-token outer products
     "cpu": "_cpu.segment_grad_outer",  # C++/OpenMP building blocks on the chunked path (_plan.py)
-    "cuda": "_cuda.segment_grad_outer",  # CUDA C++ building blocks on the chunked path (_plan.py)
+    "cuda": "_cuda.segment_grad_outer",  # CUDA C++ GEMMs and span reduction on the span plan (_plan.py)
     "triton": "_triton.segment_grad_outer",  # single pass (two-pass for large float32 inputs), no host sync
 }
 # the largest (S, r1, r2) output segment_grad_outer allocates; a bigger num_segments is almost surely a bug (an
