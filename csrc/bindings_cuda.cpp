@@ -47,6 +47,14 @@ PYBIND11_MODULE(_C_cuda, m) {
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(
+      "rows_tc",
+      [](uintptr_t X, int64_t sXr, int64_t nrows, uintptr_t V, int64_t ncols, int64_t K, uintptr_t Y,
+         uintptr_t stream) {
+        check(l2t::cuda::rows_tc(P<const void>(X), sXr, nrows, P<const void>(V), ncols, K, P<float>(Y), S(stream)),
+              "rows_tc");
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
       "chunk_outer",
       [](uintptr_t A, uintptr_t B, int64_t ra, int64_t rb, uintptr_t start, int64_t C, uintptr_t out,
          uintptr_t stream) {

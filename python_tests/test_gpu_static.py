@@ -1,7 +1,8 @@
 """GPU kernels checked on any machine, no GPU needed: the fused Triton kernels compile for a Hopper GPU (sm_90)
 with every tile they launch with, without register spills and within the shared memory, and their bf16 dots
 become wgmma instructions (Triton compiles for the target; its ptxas reports the resources); the CUDA C++
-kernels compile for sm_90 without spills, and the bf16 GEMM's machine code uses the tensor cores (HMMA)."""
+kernels compile for sm_90 without spills, and the bf16 GEMMs' machine code uses the tensor cores (HMMA), the row
+kernel's with 16-byte loads."""
 
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "csrc")
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-def test_cuda_kernels_do_not_spill_and_the_bf16_gemm_uses_tensor_cores(tmp_path):
+def test_cuda_kernels_do_not_spill_and_the_bf16_gemms_use_tensor_cores(tmp_path):
     cubin = str(tmp_path / "kernels.cubin")
     res = subprocess.run(["nvcc", "-std=c++17", "-O3", f"-I{CSRC}", "-gencode", "arch=compute_90,code=sm_90",
                           "--resource-usage", "-cubin", "-o", cubin, os.path.join(CSRC, "cuda", "kernels.cu")],
@@ -105,4 +106,6 @@ def test_cuda_kernels_do_not_spill_and_the_bf16_gemm_uses_tensor_cores(tmp_path)
     funcs = dict(re.findall(r"Function : (\S+)\n(.*?)(?=\n\s+Function : |\Z)", sass, flags=re.S))
     tc = [body for name, body in funcs.items() if "gemm_tc_kernel" in name]
     assert tc and all("HMMA" in body for body in tc)
+    rows = [body for name, body in funcs.items() if "rows_tc_kernel" in name]  # tensor cores, 16-byte loads
+    assert rows and all("HMMA" in body and "LDG.E.128" in body for body in rows)
     assert not any("HMMA" in body for name, body in funcs.items() if "gemm_kernel" in name)  # the fp32 twin

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import _cases
 import pytest
 import torch
@@ -201,11 +203,11 @@ needs_cuda = pytest.mark.skipif(not any(b == "cuda" for b, _, _ in _cases._combo
                                 reason="cuda backend not runnable here (no GPU or not built with CUDA)")
 # the kernels that cut each segment's token span into parts: (module under l2t_ext.ops, function, device)
 SPAN_PARTS = {"triton_fused": ("_triton", "segment_grad_outer_fused", TRITON_DEV),
-              "cuda": ("_cuda", "segment_grad_outer", "cuda")}
+              "cuda": ("_cuda", "segment_grad_outer", "cuda"), "cuda_rows_tc": ("_cuda", "segment_grad_outer", "cuda")}
 
 
 @pytest.mark.parametrize("impl", [pytest.param("triton_fused", marks=needs_triton),
-                                  pytest.param("cuda", marks=needs_cuda)])
+                                  *(pytest.param(i, marks=needs_cuda) for i in ("cuda", "cuda_rows_tc"))])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("nsplit", [1, 2, 7])
 @pytest.mark.parametrize("layout", ["contiguous", "interleaved"])
@@ -216,7 +218,10 @@ def test_span_parts_match_bruteforce(impl, dtype, nsplit, layout):
     import importlib
 
     module, name, dev = SPAN_PARTS[impl]
-    fn = getattr(importlib.import_module(f"l2t_ext.ops.{module}"), name)
+    mod = importlib.import_module(f"l2t_ext.ops.{module}")
+    fn = getattr(mod, name)
+    if impl == "cuda_rows_tc":  # the vectorised tensor-core projections (bf16; float32 falls back to row_project)
+        fn = functools.partial(fn, project=mod.row_project_tc)
     T, n, m, r, S = 203, 37, 29, 70, 9
     X, D, seg, U, V = make(T, n, m, r, S, dtype, dev, seed=11)
     if layout == "contiguous":
@@ -250,6 +255,31 @@ def test_span_plan_finds_each_segment_span_without_reading_back():
     first, last = _plan.segment_spans(seg.to("meta"), 6)
     assert first.shape == last.shape == (6,)
     assert [_plan.pieces(T, S, 132) for T, S in ((4096, 64), (16384, 64), (203, 9), (10, 3))] == [2, 8, 1, 1]
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", [(1, 1, 8), (64, 64, 32), (203, 150, 40), (130, 37, 16), (96, 8, 72)],
+                         ids=lambda s: "rows{}_K{}_cols{}".format(*s))
+def test_cuda_tensor_core_row_kernel_matches_float64(shape, monkeypatch):
+    """rows_tc: row and K tails (K not a multiple of 8 or of the 64-deep slice), more than one 32-wide column tile,
+    a strided X whose rows stay 16-byte aligned; a layout it cannot take falls back to row_project."""
+    from l2t_ext.ops import _cuda
+
+    fallback = []
+    real = _cuda.row_project
+    monkeypatch.setattr(_cuda, "row_project", lambda *a: fallback.append(1) or real(*a))
+    nrows, K, ncols = shape
+    g = torch.Generator(device="cuda").manual_seed(nrows + K)
+    stride = -(-K // 8) * 8 + 8 * (K % 2)  # a multiple of 8, sometimes with a gap after each row
+    X = torch.randn(nrows, stride, device="cuda", generator=g).bfloat16()[:, :K]
+    V = torch.randn(K, ncols, device="cuda", generator=g).bfloat16()
+    want = X.double() @ V.double()
+    with ops.poison():
+        got = _cuda.row_project_tc(X, None, V)
+    assert not fallback and got.dtype == F32 and rel_err(got, want) <= 1e-5
+    assert torch.equal(got, _cuda.row_project_tc(X, None, V))
+    odd = torch.randn(nrows, K + 1, device="cuda", generator=g).bfloat16()[:, 1:]  # misaligned rows
+    assert rel_err(_cuda.row_project_tc(odd, None, V), odd.double() @ V.double()) <= 1e-5 and fallback
 
 
 @needs_cuda

@@ -171,6 +171,92 @@ __global__ void __launch_bounds__(TC_THREADS) gemm_tc_kernel(const __nv_bfloat16
 #endif
 }
 
+// Tensor-core row projection for segment_grad_outer's GEMMs in their common layout: Y (nrows, ncols) fp32 = X V
+// with X bf16 row-major (unit column stride, 16-byte aligned rows: row stride a multiple of 8 elements) and V
+// (K, ncols) bf16 contiguous, ncols a multiple of 8, both 16-byte aligned (the launcher's caller checks). 64 x 32
+// outputs per block of 4 warps (one 16-row strip each: two 16x16x16 WMMA fragments, fp32 accumulation in a fixed
+// order); 64-deep K slices move as 16-byte vectors through registers, the next slice's loads in flight during this
+// slice's MMAs (gemm_tc_kernel loads one bf16 at a time, through any strides and a row index).
+constexpr int PBM = 64, PBN = 32, PBK = 64, P_THREADS = 128;
+constexpr int PX_LD = PBK + 8, PV_LD = PBN + 8, PC_LD = PBN + 4;  // 16-byte rows, 32-byte fragment alignment
+constexpr int PXV = PBM * PBK / 8 / P_THREADS, PVV = PBK * PBN / 8 / P_THREADS;  // vectors per thread per slice
+
+// 8 bf16 from p, the first at column k of a row with K columns; columns >= K read as zero
+__device__ __forceinline__ uint4 load8(const __nv_bfloat16* p, int64_t k, int64_t K) {
+  if (k + 8 <= K) return *reinterpret_cast<const uint4*>(p);
+  uint4 out = make_uint4(0u, 0u, 0u, 0u);
+  __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&out);
+  for (int i = 0; i < 8; ++i)
+    if (k + i < K) o[i] = p[i];
+  return out;
+}
+
+__global__ void __launch_bounds__(P_THREADS) rows_tc_kernel(const __nv_bfloat16* __restrict__ X, int64_t sXr,
+                                                             int64_t nrows, const __nv_bfloat16* __restrict__ V,
+                                                             int64_t ncols, int64_t K, float* __restrict__ Y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  namespace wm = nvcuda::wmma;
+  __shared__ __align__(32) __nv_bfloat16 Xs[PBM][PX_LD];
+  __shared__ __align__(32) __nv_bfloat16 Vs[PBK][PV_LD];
+  __shared__ __align__(32) float Cs[PBM][PC_LD];
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * PBM, col0 = static_cast<int64_t>(blockIdx.y) * PBN;
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  uint4 xr[PXV], vr[PVV];
+  auto fetch = [&](int64_t k0) {  // vector v of the X slice: row v / 8, columns 8 (v % 8)..; of V: row v / 4
+#pragma unroll
+    for (int q = 0; q < PXV; ++q) {
+      const int v = tid + q * P_THREADS;
+      const int64_t gr = row0 + v / (PBK / 8), k = k0 + 8 * (v % (PBK / 8));
+      xr[q] = (gr < nrows && k < K) ? load8(X + gr * sXr + k, k, K) : zero;
+    }
+#pragma unroll
+    for (int q = 0; q < PVV; ++q) {
+      const int v = tid + q * P_THREADS;
+      const int64_t gl = k0 + v / (PBN / 8), gc = col0 + 8 * (v % (PBN / 8));
+      vr[q] = (gl < K && gc < ncols) ? *reinterpret_cast<const uint4*>(V + gl * ncols + gc) : zero;
+    }
+  };
+  wm::fragment<wm::accumulator, 16, 16, 16, float> acc[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) wm::fill_fragment(acc[j], 0.f);
+  if (K > 0) fetch(0);
+  for (int64_t k0 = 0; k0 < K; k0 += PBK) {
+#pragma unroll
+    for (int q = 0; q < PXV; ++q) {
+      const int v = tid + q * P_THREADS;
+      *reinterpret_cast<uint4*>(&Xs[v / (PBK / 8)][8 * (v % (PBK / 8))]) = xr[q];
+    }
+#pragma unroll
+    for (int q = 0; q < PVV; ++q) {
+      const int v = tid + q * P_THREADS;
+      *reinterpret_cast<uint4*>(&Vs[v / (PBN / 8)][8 * (v % (PBN / 8))]) = vr[q];
+    }
+    __syncthreads();
+    if (k0 + PBK < K) fetch(k0 + PBK);  // in flight during this slice's MMAs
+#pragma unroll
+    for (int kk = 0; kk < PBK; kk += 16) {
+      wm::fragment<wm::matrix_a, 16, 16, 16, __nv_bfloat16, wm::row_major> a;
+      wm::load_matrix_sync(a, &Xs[warp * 16][kk], PX_LD);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        wm::fragment<wm::matrix_b, 16, 16, 16, __nv_bfloat16, wm::row_major> b;
+        wm::load_matrix_sync(b, &Vs[kk][j * 16], PV_LD);
+        wm::mma_sync(acc[j], a, b, acc[j]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int j = 0; j < 2; ++j) wm::store_matrix_sync(&Cs[warp * 16][j * 16], acc[j], PC_LD, wm::mem_row_major);
+  __syncthreads();
+  for (int e = tid; e < PBM * PBN; e += P_THREADS) {
+    const int64_t gr = row0 + e / PBN, gc = col0 + e % PBN;
+    if (gr < nrows && gc < ncols) Y[gr * ncols + gc] = Cs[e / PBN][e % PBN];
+  }
+#endif
+}
+
 // Compute capability major of the current device, cached per device (the tensor-core path needs sm_80+).
 int device_major() {
   static int major[64] = {0};
@@ -330,6 +416,18 @@ cudaError_t gemm(const std::string& dtX, const void* X, int64_t sXr, int64_t sXc
       return cudaGetLastError();
     });
   });
+}
+
+cudaError_t rows_tc(const void* X, int64_t sXr, int64_t nrows, const void* V, int64_t ncols, int64_t K, float* Y,
+                    cudaStream_t stream) {
+  if (device_major() < 8 || ncols % 8 != 0 || sXr % 8 != 0 ||
+      (reinterpret_cast<uintptr_t>(X) | reinterpret_cast<uintptr_t>(V)) % 16 != 0)
+    return cudaErrorInvalidValue;  // tensor cores (sm_80+) and 16-byte vectors only
+  if (nrows == 0 || ncols == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>((nrows + PBM - 1) / PBM), static_cast<unsigned>((ncols + PBN - 1) / PBN));
+  rows_tc_kernel<<<grid, P_THREADS, 0, stream>>>(static_cast<const __nv_bfloat16*>(X), sXr, nrows,
+                                                 static_cast<const __nv_bfloat16*>(V), ncols, K, Y);
+  return cudaGetLastError();
 }
 
 cudaError_t chunk_outer(const float* A, const float* B, int64_t ra, int64_t rb, const int64_t* start, int64_t C,

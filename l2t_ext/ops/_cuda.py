@@ -56,6 +56,29 @@ def row_project(X: torch.Tensor, idx: torch.Tensor | None, V: torch.Tensor) -> t
     return _gemm(X, X.stride(0), X.stride(1), 0, idx, nrows, V, V.stride(0), 1, V.shape[1], X.shape[1])[0]
 
 
+@functools.cache
+def _major(device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
+def row_project_tc(X: torch.Tensor, idx: torch.Tensor | None, V: torch.Tensor) -> torch.Tensor:
+    """``row_project`` through the tensor-core row kernel (``rows_tc``: 16-byte vector loads, the next K slice in
+    flight during this one's MMAs) where its layout holds: bf16 X with unit column stride and rows a multiple of 8
+    elements apart, V's columns a multiple of 8, 16-byte aligned buffers, sm_80+; ``row_project`` elsewhere. An
+    explicit candidate (``l2t bench``: ``l2t:cuda_rows_tc``), not yet measured on a GPU."""
+    Vb = V.to(torch.bfloat16).contiguous()
+    fits = idx is None and X.dtype == torch.bfloat16 and (X.stride(1) == 1 or X.shape[1] <= 1) \
+        and X.stride(0) % 8 == 0 and Vb.shape[1] % 8 == 0 and X.data_ptr() % 16 == 0 and Vb.data_ptr() % 16 == 0 \
+        and _major(X.device) >= 8
+    if not fits:
+        return row_project(X, idx, V)
+    Y = empty((X.shape[0], Vb.shape[1]), F32, X.device)
+    with torch.cuda.device(X.device):
+        _C_cuda.rows_tc(X.data_ptr(), X.stride(0), X.shape[0], Vb.data_ptr(), Vb.shape[1], X.shape[1], Y.data_ptr(),
+                        _stream(X))
+    return Y
+
+
 def chunk_outer(A: torch.Tensor, B: torch.Tensor, chunk_start: torch.Tensor) -> torch.Tensor:
     C = chunk_start.numel() - 1
     P = empty((C, A.shape[1], B.shape[1]), F32, A.device)
@@ -108,15 +131,17 @@ def fisher_accumulate(G: torch.Tensor, F_in: torch.Tensor | None, decay: float |
 CHUNKED = _plan.Chunked(CHUNK, row_project, chunk_outer, segment_sum, acc=F32)
 
 
-def segment_grad_outer(X, D, seg, num_segments: int, U, V, nsplit: int | None = None) -> torch.Tensor:
+def segment_grad_outer(X, D, seg, num_segments: int, U, V, nsplit: int | None = None,
+                       project=None) -> torch.Tensor:
     """Two passes on the span plan (``_plan``): project every token (two GEMMs, (T, r) float32 intermediates),
     then one block per (segment, part of its token span, 1024 outputs) adds its part's outer products in token
     order, and the parts are summed in a fixed order. No sort and nothing read back to the host (the chunked
     plan it replaced sorted the tokens and read its chunk count back: two synchronisations per call).
-    ``nsplit`` overrides the parts per span (tests)."""
+    ``nsplit`` overrides the parts per span (tests); ``project`` the projection GEMM (default ``row_project``)."""
     T, S = seg.numel(), num_segments
-    A = row_project(D, None, U)  # (T, r) float32
-    B = row_project(X, None, V)  # (T, r') float32
+    project = project or row_project
+    A = project(D, None, U)  # (T, r) float32
+    B = project(X, None, V)  # (T, r') float32
     first, last = _plan.segment_spans(seg, S)
     nsplit = nsplit or _plan.pieces(T, S, _sm_count(X.device))
     seg = seg.contiguous()
