@@ -206,11 +206,12 @@ SPAN_PARTS = {"triton_fused": ("_triton", "segment_grad_outer_fused", TRITON_DEV
               "cuda": ("_cuda", "segment_grad_outer", "cuda"), "cuda_rows_tc": ("_cuda", "segment_grad_outer", "cuda")}
 
 
-@pytest.mark.parametrize("impl", [pytest.param("triton_fused", marks=needs_triton),
-                                  *(pytest.param(i, marks=needs_cuda) for i in ("cuda", "cuda_rows_tc"))])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("nsplit", [1, 2, 7])
 @pytest.mark.parametrize("layout", ["contiguous", "interleaved"])
+@pytest.mark.parametrize("impl", [pytest.param("triton_fused", marks=needs_triton),  # ids lead with the backend
+                                  *(pytest.param(i, marks=needs_cuda, id=i.replace("_", "-", 1))
+                                    for i in ("cuda", "cuda_rows_tc"))])
 def test_span_parts_match_bruteforce(impl, dtype, nsplit, layout):
     """Triton's fused kernel and the CUDA backend cut each segment's token span into nsplit parts: every split, both
     layouts (contiguous episodes: the fast path; interleaved ids: the general one), r above one 64-wide tile (and
