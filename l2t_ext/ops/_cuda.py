@@ -136,7 +136,8 @@ def segment_grad_outer(X, D, seg, num_segments: int, U, V, nsplit: int | None = 
     """Two passes on the span plan (``_plan``): project every token (two GEMMs, (T, r) float32 intermediates),
     then one block per (segment, part of its token span, 1024 outputs) adds its part's outer products in token
     order, and the parts are summed in a fixed order. No sort and nothing read back to the host (the chunked
-    plan it replaced sorted the tokens and read its chunk count back: two synchronisations per call).
+    plan it replaced sorted the tokens and synchronised three times per call: ``nonzero``, ``bincount``'s size, the
+    chunk count).
     ``nsplit`` overrides the parts per span (tests); ``project`` the projection GEMM (default ``row_project``)."""
     T, S = seg.numel(), num_segments
     project = project or row_project

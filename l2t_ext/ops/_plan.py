@@ -6,7 +6,7 @@ then the backend's three building blocks.
 Tokens with ``seg >= 0`` are stably sorted by segment; each segment's run is cut into chunks of at most
 ``chunk`` tokens. Kernels then reduce each chunk to one partial (r, r) block and each segment sums its
 chunks in order, so the result is deterministic (no float atomics) and long segments still spread over
-many threads. The plan reads its chunk count back to the host (on a GPU: a synchronisation).
+many threads. Building the plan reads sizes back to the host (on a GPU: three synchronisations).
 
 The span plan, shared by the GPU backends' ``segment_grad_outer`` (no sort, nothing read back to the host): each
 segment's token span [first, last] (``segment_spans``), cut into ``pieces`` equal parts; a kernel reduces each
@@ -45,7 +45,8 @@ def segment_plan(seg: torch.Tensor, num_segments: int, chunk: int):
 
 def segment_spans(seg: torch.Tensor, num_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(first (S,), last (S,)) int64 token index of each segment; an empty segment has first = T > last = -1.
-    Tokens with seg < 0 belong to no segment. Integer min/max reductions: the same result in any order."""
+    Tokens with seg < 0 belong to no segment; ids must be < S. Integer min/max reductions: the same result in any
+    order."""
     T, S = seg.numel(), num_segments
     pos = torch.arange(T, device=seg.device)
     bins = torch.where(seg >= 0, seg, S)  # masked tokens go to an extra bin that is dropped
