@@ -3,6 +3,7 @@ the in-kernel sketch matrix being the same on every backend."""
 
 from __future__ import annotations
 
+import _cases
 import pytest
 import torch
 from _cases import BF16, F32, F64, cases, exact_cases, rel_err
@@ -120,6 +121,34 @@ def test_project_matches_float64(backend, device, dtype, tol, shape):
         assert rel_err(out, ref) <= tol * rel_err(bf, ref) + 1e-6
     else:
         assert rel_err(out, ref) <= tol
+
+
+def test_project_rows_plan_is_the_segment_plan_of_one_segment_without_reading_back():
+    from l2t_ext.ops import _plan
+
+    for n, chunk in ((0, 4), (1, 4), (8, 4), (9, 4), (513, 128)):
+        got = _plan.rows_plan(n, chunk, "cpu")
+        want = _plan.segment_plan(torch.zeros(n, dtype=torch.int64), 1, chunk)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), (n, chunk)
+    assert [t.shape for t in _plan.rows_plan(513, 128, "meta")] == [(513,), (6,), (2,)]  # a host read raises on meta
+
+
+@pytest.mark.skipif(not any(b in ("cuda", "triton") and d == "cuda" for b, d, _ in _cases._combos()),
+                    reason="needs a GPU backend")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_project_on_a_gpu_does_not_synchronise(backend):
+    if not any(b == backend and d == "cuda" for b, d, _ in _cases._combos()):
+        pytest.skip(f"{backend} not runnable on the GPU here")
+    M = torch.randn(3, 300, 200, device="cuda")
+    U, V = torch.randn(3, 300, 8, device="cuda"), torch.randn(200, 16, device="cuda")
+    want = ops.project(M, U, V, backend=backend)
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        got = ops.project(M, U, V, backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(got, want) and rel_err(got, U.double().mT @ M.double() @ V.double()) <= 2e-5
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [

@@ -6,7 +6,8 @@ then the backend's three building blocks.
 Tokens with ``seg >= 0`` are stably sorted by segment; each segment's run is cut into chunks of at most
 ``chunk`` tokens. Kernels then reduce each chunk to one partial (r, r) block and each segment sums its
 chunks in order, so the result is deterministic (no float atomics) and long segments still spread over
-many threads. Building the plan reads sizes back to the host (on a GPU: three synchronisations).
+many threads. Building the plan reads sizes back to the host (on a GPU: three synchronisations); ``project``'s
+plan of rows in order (``rows_plan``) is built from sizes the host knows.
 
 The span plan, shared by the GPU backends' ``segment_grad_outer`` (no sort, nothing read back to the host): each
 segment's token span [first, last] (``segment_spans``), cut into ``pieces`` equal parts; a kernel reduces each
@@ -62,8 +63,12 @@ def pieces(T: int, S: int, sm_count: int) -> int:
 
 
 def rows_plan(n: int, chunk: int, device):
-    """Plan for one segment holding rows 0..n-1 (used by ``project``)."""
-    return segment_plan(torch.zeros(n, dtype=torch.int64, device=device), 1, chunk)
+    """``segment_plan`` of one segment holding rows 0..n-1 (used by ``project``): rows in order, chunks of ``chunk``
+    rows, the last one shorter. Its sizes are known on the host, so nothing is sorted or read back."""
+    C = -(-n // chunk)
+    order = torch.arange(n, device=device)
+    chunk_start = (torch.arange(C + 1, device=device) * chunk).clamp_(max=n)
+    return order, chunk_start, torch.arange(2, device=device) * C
 
 
 @dataclasses.dataclass(frozen=True)
