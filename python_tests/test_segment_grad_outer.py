@@ -203,7 +203,7 @@ needs_cuda = pytest.mark.skipif(not any(b == "cuda" for b, _, _ in _cases._combo
                                 reason="cuda backend not runnable here (no GPU or not built with CUDA)")
 # the kernels that cut each segment's token span into parts: (module under l2t_ext.ops, function, device)
 SPAN_PARTS = {"triton_fused": ("_triton", "segment_grad_outer_fused", TRITON_DEV),
-              "cuda": ("_cuda", "segment_grad_outer", "cuda"), "cuda_rows_tc": ("_cuda", "segment_grad_outer", "cuda")}
+              "cuda": ("_cuda", "segment_grad_outer", "cuda"), "cuda_generic": ("_cuda", "segment_grad_outer", "cuda")}
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
@@ -211,7 +211,7 @@ SPAN_PARTS = {"triton_fused": ("_triton", "segment_grad_outer_fused", TRITON_DEV
 @pytest.mark.parametrize("layout", ["contiguous", "interleaved"])
 @pytest.mark.parametrize("impl", [pytest.param("triton_fused", marks=needs_triton),  # ids lead with the backend
                                   *(pytest.param(i, marks=needs_cuda, id=i.replace("_", "-", 1))
-                                    for i in ("cuda", "cuda_rows_tc"))])
+                                    for i in ("cuda", "cuda_generic"))])
 def test_span_parts_match_bruteforce(impl, dtype, nsplit, layout):
     """Triton's fused kernel and the CUDA backend cut each segment's token span into nsplit parts: every split, both
     layouts (contiguous episodes: the fast path; interleaved ids: the general one), r above one 64-wide tile (and
@@ -221,8 +221,8 @@ def test_span_parts_match_bruteforce(impl, dtype, nsplit, layout):
     module, name, dev = SPAN_PARTS[impl]
     mod = importlib.import_module(f"l2t_ext.ops.{module}")
     fn = getattr(mod, name)
-    if impl == "cuda_rows_tc":  # the vectorised tensor-core projections (bf16; float32 falls back to row_project)
-        fn = functools.partial(fn, project=mod.row_project_tc)
+    if impl == "cuda_generic":  # the span plan on the generic GEMM (the default: bf16 rows on rows_tc)
+        fn = functools.partial(fn, project=mod.row_project)
     T, n, m, r, S = 203, 37, 29, 70, 9
     X, D, seg, U, V = make(T, n, m, r, S, dtype, dev, seed=11)
     if layout == "contiguous":

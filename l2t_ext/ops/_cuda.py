@@ -64,13 +64,13 @@ def _major(device) -> int:
 def row_project_tc(X: torch.Tensor, idx: torch.Tensor | None, V: torch.Tensor) -> torch.Tensor:
     """``row_project`` through the tensor-core row kernel (``rows_tc``: 16-byte vector loads, the next K slice in
     flight during this one's MMAs) where its layout holds: bf16 X with unit column stride and rows a multiple of 8
-    elements apart, V's columns a multiple of 8, 16-byte aligned buffers, sm_80+; ``row_project`` elsewhere. An
-    explicit candidate (``l2t bench``: ``l2t:cuda_rows_tc``), not yet measured on a GPU."""
-    Vb = V.to(torch.bfloat16).contiguous()
+    elements apart, V's columns a multiple of 8, 16-byte aligned buffers, sm_80+; ``row_project`` elsewhere. The
+    projections of ``segment_grad_outer``; not yet run on a GPU (``l2t bench``: ``l2t:cuda_direct`` against
+    ``l2t:cuda_generic``, the same plan on ``row_project``)."""
     fits = idx is None and X.dtype == torch.bfloat16 and (X.stride(1) == 1 or X.shape[1] <= 1) \
-        and X.stride(0) % 8 == 0 and Vb.shape[1] % 8 == 0 and X.data_ptr() % 16 == 0 and Vb.data_ptr() % 16 == 0 \
-        and _major(X.device) >= 8
-    if not fits:
+        and X.stride(0) % 8 == 0 and X.data_ptr() % 16 == 0 and V.shape[1] % 8 == 0 and _major(X.device) >= 8
+    Vb = V.to(torch.bfloat16).contiguous() if fits else None
+    if not fits or Vb.data_ptr() % 16:
         return row_project(X, idx, V)
     Y = empty((X.shape[0], Vb.shape[1]), F32, X.device)
     with torch.cuda.device(X.device):
@@ -138,9 +138,9 @@ def segment_grad_outer(X, D, seg, num_segments: int, U, V, nsplit: int | None = 
     order, and the parts are summed in a fixed order. No sort and nothing read back to the host (the chunked
     plan it replaced sorted the tokens and synchronised three times per call: ``nonzero``, ``bincount``'s size, the
     chunk count).
-    ``nsplit`` overrides the parts per span (tests); ``project`` the projection GEMM (default ``row_project``)."""
+    ``nsplit`` overrides the parts per span (tests); ``project`` the projection GEMM (default ``row_project_tc``)."""
     T, S = seg.numel(), num_segments
-    project = project or row_project
+    project = project or row_project_tc
     A = project(D, None, U)  # (T, r) float32
     B = project(X, None, V)  # (T, r') float32
     first, last = _plan.segment_spans(seg, S)

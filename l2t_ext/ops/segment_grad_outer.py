@@ -36,7 +36,8 @@ MAX_OUTPUT_BYTES = 4 * 2**30
 def auto_order(device: torch.device) -> tuple[str, ...]:
     """Fastest first, measured by ``l2t bench`` (benchmarks/README.md): on CPU (2-core AMD EPYC) the C++ kernel
     beats torch; on an H100 Triton's single-pass kernel is 3.2-4.5x ``torch_best`` called directly (bf16, both
-    measured sizes), and the CUDA C++ backend (bf16 GEMMs on tensor cores) measured 0.17-0.34x ``torch_best``."""
+    measured sizes), and the CUDA C++ backend (bf16 GEMMs on tensor cores) measured 0.17-0.34x ``torch_best`` on the
+    chunked plan it has since left (its span plan is not measured yet)."""
     return ("cpu", "torch") if device.type == "cpu" else ("triton", "torch", "cuda")
 
 
