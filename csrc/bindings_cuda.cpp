@@ -48,9 +48,10 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "rows_tc",
-      [](uintptr_t X, int64_t sXr, int64_t nrows, uintptr_t V, int64_t ncols, int64_t K, uintptr_t Y,
-         uintptr_t stream) {
-        check(l2t::cuda::rows_tc(P<const void>(X), sXr, nrows, P<const void>(V), ncols, K, P<float>(Y), S(stream)),
+      [](uintptr_t X, int64_t sXr, int64_t sXz, int64_t nrows, uintptr_t V, int64_t sVr, bool v_t, int64_t ncols,
+         int64_t K, int64_t kchunk, int64_t nz, bool split, uintptr_t Y, uintptr_t stream) {
+        check(l2t::cuda::rows_tc(P<const void>(X), sXr, sXz, nrows, P<const void>(V), sVr, v_t, ncols, K, kchunk, nz,
+                                 split, P<float>(Y), S(stream)),
               "rows_tc");
       },
       py::call_guard<py::gil_scoped_release>());

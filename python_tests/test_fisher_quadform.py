@@ -93,6 +93,33 @@ def test_triton_fused_quadform_over_k_splits(dtype, nz):
     assert rel_err(_triton.fisher_quadform_implicit(delta.to(dev), grads.to(dev), 0.3), ref_i) <= tol  # split-K
 
 
+@pytest.mark.skipif(not any(b == "cuda" for b, _, _ in _cases._combos()), reason="cuda backend not runnable here")
+@pytest.mark.parametrize("size", [(3, 8, 5), (37, 1000, 3), (64, 4104, 70)], ids=lambda s: "M{}_p{}_N{}".format(*s))
+def test_cuda_bf16_quadforms_on_the_vectorised_kernel(size, monkeypatch):
+    """bf16 quadforms with p a multiple of 8 run their split-K GEMM on rows_tc (V in its transposed layout): the same
+    values as on the generic kernel, within bf16's error of the float64 forms, bitwise repeatable."""
+    from l2t_ext.ops import _cuda
+
+    calls = []
+    real = _cuda._C_cuda.rows_tc
+    monkeypatch.setattr(_cuda._C_cuda, "rows_tc", lambda *a: calls.append(a) or real(*a))
+    M, p, N = size
+    delta = torch.randn(M, p, dtype=torch.float64).bfloat16()
+    grads = torch.randn(N, p, dtype=torch.float64).bfloat16()
+    A = torch.randn(p, p, dtype=torch.float64).bfloat16() if p <= 1000 else None
+    for kw, ref in ((dict(grads=grads.cuda()), explicit_ref(delta, grads, 0.3)),
+                    *(((dict(fisher=A.cuda()), torch.einsum("mp,pq,mq->m", delta.double(), A.double(), delta.double())
+                        + 0.3 * delta.double().square().sum(1)),) if A is not None else ())):
+        calls.clear()
+        with ops.poison():
+            q = ops.fisher_quadform(delta.cuda(), damping=0.3, backend="cuda", **kw)
+        assert len(calls) == 1 and calls[0][6]  # v_t: V is the transposed operand
+        with _cuda.generic_gemm():
+            q_generic = ops.fisher_quadform(delta.cuda(), damping=0.3, backend="cuda", **kw)
+        assert len(calls) == 1 and rel_err(q, ref) <= 1e-4 and rel_err(q, q_generic) <= 1e-5
+        assert torch.equal(q, ops.fisher_quadform(delta.cuda(), damping=0.3, backend="cuda", **kw))
+
+
 @pytest.mark.parametrize("backend,device,dtype,tol", cases({F64: 5e-12, F32: 1e-4}))
 @pytest.mark.parametrize("N,p", [(1, 1), (7, 37), (64, 130)])
 def test_fisher_accumulate_build_and_ema(backend, device, dtype, tol, N, p):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import _cases
 import pytest
 import torch
@@ -222,7 +220,7 @@ def test_span_parts_match_bruteforce(impl, dtype, nsplit, layout):
     mod = importlib.import_module(f"l2t_ext.ops.{module}")
     fn = getattr(mod, name)
     if impl == "cuda_generic":  # the span plan on the generic GEMM (the default: bf16 rows on rows_tc)
-        fn = functools.partial(fn, project=mod.row_project)
+        fn = _generic_gemm(mod, fn)
     T, n, m, r, S = 203, 37, 29, 70, 9
     X, D, seg, U, V = make(T, n, m, r, S, dtype, dev, seed=11)
     if layout == "contiguous":
@@ -258,29 +256,51 @@ def test_span_plan_finds_each_segment_span_without_reading_back():
     assert [_plan.pieces(T, S, 132) for T, S in ((4096, 64), (16384, 64), (203, 9), (10, 3))] == [2, 8, 1, 1]
 
 
+def _generic_gemm(cuda_module, fn):
+    def run(*a, **k):
+        with cuda_module.generic_gemm():
+            return fn(*a, **k)
+    return run
+
+
 @needs_cuda
 @pytest.mark.parametrize("shape", [(1, 1, 8), (64, 64, 32), (203, 150, 40), (130, 37, 16), (96, 8, 72)],
                          ids=lambda s: "rows{}_K{}_cols{}".format(*s))
 def test_cuda_tensor_core_row_kernel_matches_float64(shape, monkeypatch):
-    """rows_tc: row and K tails (K not a multiple of 8 or of the 64-deep slice), more than one 32-wide column tile,
-    a strided X whose rows stay 16-byte aligned; a layout it cannot take falls back to row_project."""
+    """rows_tc through the backend's GEMM: row and K tails (K not a multiple of 8 or of the 64-deep slice), more than
+    one 32-wide column tile, a strided X whose rows stay 16-byte aligned, V in both layouts, K split into chunks;
+    a layout it cannot take (misaligned rows) runs on the generic kernel with the same values."""
     from l2t_ext.ops import _cuda
 
-    fallback = []
-    real = _cuda.row_project
-    monkeypatch.setattr(_cuda, "row_project", lambda *a: fallback.append(1) or real(*a))
+    calls = []
+    real = _cuda._C_cuda.rows_tc
+    monkeypatch.setattr(_cuda._C_cuda, "rows_tc", lambda *a: calls.append(a) or real(*a))
     nrows, K, ncols = shape
     g = torch.Generator(device="cuda").manual_seed(nrows + K)
     stride = -(-K // 8) * 8 + 8 * (K % 2)  # a multiple of 8, sometimes with a gap after each row
     X = torch.randn(nrows, stride, device="cuda", generator=g).bfloat16()[:, :K]
     V = torch.randn(K, ncols, device="cuda", generator=g).bfloat16()
+    Vt = V.T.contiguous()  # V(l, c) = Vt[c, l]: the quadform's layout
     want = X.double() @ V.double()
-    with ops.poison():
-        got = _cuda.row_project_tc(X, None, V)
-    assert not fallback and got.dtype == F32 and rel_err(got, want) <= 1e-5
-    assert torch.equal(got, _cuda.row_project_tc(X, None, V))
+    for Vop, sVk, sVc in ((V, ncols, 1), (Vt, 1, K if K % 8 == 0 else None)):
+        if sVc is None:  # Vt's rows are not 16-byte aligned: pad them
+            Vt = torch.zeros(ncols, stride, device="cuda", dtype=torch.bfloat16)
+            Vt[:, :K] = V.T
+            Vop, sVc = Vt, stride
+        for nz, kchunk in ((1, 0), (3, 8 * -(-K // 24))):
+            calls.clear()
+            with ops.poison():
+                Y = _cuda._gemm(X, X.stride(0), 1, 0, None, nrows, Vop, sVk, sVc, ncols, K, nz=nz, split=nz > 1,
+                                kchunk=kchunk)
+            assert len(calls) == 1 and rel_err(Y.sum(0), want) <= 1e-5, (sVk, nz)
+            with _cuda.generic_gemm():
+                assert rel_err(_cuda._gemm(X, X.stride(0), 1, 0, None, nrows, Vop, sVk, sVc, ncols, K, nz=nz,
+                                           split=nz > 1, kchunk=kchunk).sum(0), want) <= 1e-5
+            assert len(calls) == 1
+    calls.clear()
     odd = torch.randn(nrows, K + 1, device="cuda", generator=g).bfloat16()[:, 1:]  # misaligned rows
-    assert rel_err(_cuda.row_project_tc(odd, None, V), odd.double() @ V.double()) <= 1e-5 and fallback
+    assert rel_err(_cuda.row_project(odd, None, V), odd.double() @ V.double()) <= 1e-5 and not calls
+    assert torch.equal(_cuda.row_project(X, None, V), _cuda.row_project(X, None, V)) and len(calls) == 2
 
 
 @needs_cuda

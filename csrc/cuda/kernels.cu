@@ -171,57 +171,75 @@ __global__ void __launch_bounds__(TC_THREADS) gemm_tc_kernel(const __nv_bfloat16
 #endif
 }
 
-// Tensor-core row projection for segment_grad_outer's GEMMs in their common layout: Y (nrows, ncols) fp32 = X V
-// with X bf16 row-major (unit column stride, 16-byte aligned rows: row stride a multiple of 8 elements) and V
-// (K, ncols) bf16 contiguous, ncols a multiple of 8, both 16-byte aligned (the launcher's caller checks). 64 x 32
-// outputs per block of 4 warps (one 16-row strip each: two 16x16x16 WMMA fragments, fp32 accumulation in a fixed
-// order); 64-deep K slices move as 16-byte vectors through registers, the next slice's loads in flight during this
-// slice's MMAs (gemm_tc_kernel loads one bf16 at a time, through any strides and a row index).
+// Tensor-core GEMM for bf16 operands whose reduction dimension is unit-stride in X (the projections of
+// segment_grad_outer and project, the Fisher quadform's split-K GEMM): same contract as gemm_kernel without idx,
+// alpha, beta and the sketch. X rows have unit column stride and start 16 bytes apart (sXr, sXz multiples of 8
+// elements); V is stored row-major either as (K, ncols) (VT false: V(l, c) = V[l * sVr + c], ncols a multiple
+// of 8) or as its transpose (ncols, K) (VT true: V(l, c) = V[c * sVr + l]); both buffers 16-byte aligned and
+// split chunks multiples of 8 (the launcher checks). 64 x 32 outputs per block of 4 warps (one 16-row strip each:
+// two 16x16x16 WMMA fragments, fp32 accumulation in a fixed order); 64-deep K slices move as 16-byte vectors
+// through registers, the next slice's loads in flight during this slice's MMAs (gemm_tc_kernel loads one bf16 at a
+// time, through any strides and a row index).
 constexpr int PBM = 64, PBN = 32, PBK = 64, P_THREADS = 128;
 constexpr int PX_LD = PBK + 8, PV_LD = PBN + 8, PC_LD = PBN + 4;  // 16-byte rows, 32-byte fragment alignment
 constexpr int PXV = PBM * PBK / 8 / P_THREADS, PVV = PBK * PBN / 8 / P_THREADS;  // vectors per thread per slice
 
-// 8 bf16 from p, the first at column k of a row with K columns; columns >= K read as zero
-__device__ __forceinline__ uint4 load8(const __nv_bfloat16* p, int64_t k, int64_t K) {
-  if (k + 8 <= K) return *reinterpret_cast<const uint4*>(p);
+// 8 bf16 from p, the first at column k of a row that ends at column k_end; columns >= k_end read as zero
+__device__ __forceinline__ uint4 load8(const __nv_bfloat16* p, int64_t k, int64_t k_end) {
+  if (k + 8 <= k_end) return *reinterpret_cast<const uint4*>(p);
   uint4 out = make_uint4(0u, 0u, 0u, 0u);
   __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&out);
   for (int i = 0; i < 8; ++i)
-    if (k + i < K) o[i] = p[i];
+    if (k + i < k_end) o[i] = p[i];
   return out;
 }
 
+template <bool VT>
 __global__ void __launch_bounds__(P_THREADS) rows_tc_kernel(const __nv_bfloat16* __restrict__ X, int64_t sXr,
-                                                             int64_t nrows, const __nv_bfloat16* __restrict__ V,
-                                                             int64_t ncols, int64_t K, float* __restrict__ Y) {
+                                                             int64_t sXz, int64_t nrows,
+                                                             const __nv_bfloat16* __restrict__ V, int64_t sVr,
+                                                             int64_t ncols, int64_t K, int64_t kchunk, bool split,
+                                                             float* __restrict__ Y) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   namespace wm = nvcuda::wmma;
+  constexpr int V_ROWS = VT ? PBN : PBK, V_LD = VT ? PX_LD : PV_LD;  // VT: [column][k], else [k][column]
   __shared__ __align__(32) __nv_bfloat16 Xs[PBM][PX_LD];
-  __shared__ __align__(32) __nv_bfloat16 Vs[PBK][PV_LD];
+  __shared__ __align__(32) __nv_bfloat16 Vs[V_ROWS][V_LD];
   __shared__ __align__(32) float Cs[PBM][PC_LD];
   const int tid = threadIdx.x, warp = tid / 32;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * PBM, col0 = static_cast<int64_t>(blockIdx.y) * PBN;
+  const int64_t z = blockIdx.z;
+  const __nv_bfloat16* Xz = X + (split ? 0 : z * sXz);
+  const int64_t k_begin = split ? z * kchunk : 0;
+  const int64_t k_end = split ? min(K, k_begin + kchunk) : K;
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
   uint4 xr[PXV], vr[PVV];
-  auto fetch = [&](int64_t k0) {  // vector v of the X slice: row v / 8, columns 8 (v % 8)..; of V: row v / 4
+  // vector v of the X slice: row v / 8, columns 8 (v % 8)..; of V: VT column v / 8, k 8 (v % 8)..; else k v / 4,
+  // columns 8 (v % 4)..
+  auto fetch = [&](int64_t k0) {
 #pragma unroll
     for (int q = 0; q < PXV; ++q) {
       const int v = tid + q * P_THREADS;
       const int64_t gr = row0 + v / (PBK / 8), k = k0 + 8 * (v % (PBK / 8));
-      xr[q] = (gr < nrows && k < K) ? load8(X + gr * sXr + k, k, K) : zero;
+      xr[q] = (gr < nrows && k < k_end) ? load8(Xz + gr * sXr + k, k, k_end) : zero;
     }
 #pragma unroll
     for (int q = 0; q < PVV; ++q) {
       const int v = tid + q * P_THREADS;
-      const int64_t gl = k0 + v / (PBN / 8), gc = col0 + 8 * (v % (PBN / 8));
-      vr[q] = (gl < K && gc < ncols) ? *reinterpret_cast<const uint4*>(V + gl * ncols + gc) : zero;
+      if constexpr (VT) {
+        const int64_t gc = col0 + v / (PBK / 8), k = k0 + 8 * (v % (PBK / 8));
+        vr[q] = (gc < ncols && k < k_end) ? load8(V + gc * sVr + k, k, k_end) : zero;
+      } else {
+        const int64_t gl = k0 + v / (PBN / 8), gc = col0 + 8 * (v % (PBN / 8));
+        vr[q] = (gl < k_end && gc < ncols) ? *reinterpret_cast<const uint4*>(V + gl * sVr + gc) : zero;
+      }
     }
   };
   wm::fragment<wm::accumulator, 16, 16, 16, float> acc[2];
 #pragma unroll
   for (int j = 0; j < 2; ++j) wm::fill_fragment(acc[j], 0.f);
-  if (K > 0) fetch(0);
-  for (int64_t k0 = 0; k0 < K; k0 += PBK) {
+  if (k_begin < k_end) fetch(k_begin);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += PBK) {
 #pragma unroll
     for (int q = 0; q < PXV; ++q) {
       const int v = tid + q * P_THREADS;
@@ -230,19 +248,26 @@ __global__ void __launch_bounds__(P_THREADS) rows_tc_kernel(const __nv_bfloat16*
 #pragma unroll
     for (int q = 0; q < PVV; ++q) {
       const int v = tid + q * P_THREADS;
-      *reinterpret_cast<uint4*>(&Vs[v / (PBN / 8)][8 * (v % (PBN / 8))]) = vr[q];
+      constexpr int PER_ROW = VT ? PBK / 8 : PBN / 8;
+      *reinterpret_cast<uint4*>(&Vs[v / PER_ROW][8 * (v % PER_ROW)]) = vr[q];
     }
     __syncthreads();
-    if (k0 + PBK < K) fetch(k0 + PBK);  // in flight during this slice's MMAs
+    if (k0 + PBK < k_end) fetch(k0 + PBK);  // in flight during this slice's MMAs
 #pragma unroll
     for (int kk = 0; kk < PBK; kk += 16) {
       wm::fragment<wm::matrix_a, 16, 16, 16, __nv_bfloat16, wm::row_major> a;
       wm::load_matrix_sync(a, &Xs[warp * 16][kk], PX_LD);
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        wm::fragment<wm::matrix_b, 16, 16, 16, __nv_bfloat16, wm::row_major> b;
-        wm::load_matrix_sync(b, &Vs[kk][j * 16], PV_LD);
-        wm::mma_sync(acc[j], a, b, acc[j]);
+        if constexpr (VT) {
+          wm::fragment<wm::matrix_b, 16, 16, 16, __nv_bfloat16, wm::col_major> b;
+          wm::load_matrix_sync(b, &Vs[j * 16][kk], V_LD);
+          wm::mma_sync(acc[j], a, b, acc[j]);
+        } else {
+          wm::fragment<wm::matrix_b, 16, 16, 16, __nv_bfloat16, wm::row_major> b;
+          wm::load_matrix_sync(b, &Vs[kk][j * 16], V_LD);
+          wm::mma_sync(acc[j], a, b, acc[j]);
+        }
       }
     }
     __syncthreads();
@@ -250,9 +275,10 @@ __global__ void __launch_bounds__(P_THREADS) rows_tc_kernel(const __nv_bfloat16*
 #pragma unroll
   for (int j = 0; j < 2; ++j) wm::store_matrix_sync(&Cs[warp * 16][j * 16], acc[j], PC_LD, wm::mem_row_major);
   __syncthreads();
+  float* Yz = Y + z * nrows * ncols;
   for (int e = tid; e < PBM * PBN; e += P_THREADS) {
     const int64_t gr = row0 + e / PBN, gc = col0 + e % PBN;
-    if (gr < nrows && gc < ncols) Y[gr * ncols + gc] = Cs[e / PBN][e % PBN];
+    if (gr < nrows && gc < ncols) Yz[gr * ncols + gc] = Cs[e / PBN][e % PBN];
   }
 #endif
 }
@@ -418,15 +444,21 @@ cudaError_t gemm(const std::string& dtX, const void* X, int64_t sXr, int64_t sXc
   });
 }
 
-cudaError_t rows_tc(const void* X, int64_t sXr, int64_t nrows, const void* V, int64_t ncols, int64_t K, float* Y,
-                    cudaStream_t stream) {
-  if (device_major() < 8 || ncols % 8 != 0 || sXr % 8 != 0 ||
-      (reinterpret_cast<uintptr_t>(X) | reinterpret_cast<uintptr_t>(V)) % 16 != 0)
-    return cudaErrorInvalidValue;  // tensor cores (sm_80+) and 16-byte vectors only
-  if (nrows == 0 || ncols == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>((nrows + PBM - 1) / PBM), static_cast<unsigned>((ncols + PBN - 1) / PBN));
-  rows_tc_kernel<<<grid, P_THREADS, 0, stream>>>(static_cast<const __nv_bfloat16*>(X), sXr, nrows,
-                                                 static_cast<const __nv_bfloat16*>(V), ncols, K, Y);
+cudaError_t rows_tc(const void* X, int64_t sXr, int64_t sXz, int64_t nrows, const void* V, int64_t sVr, bool v_t,
+                    int64_t ncols, int64_t K, int64_t kchunk, int64_t nz, bool split, float* Y, cudaStream_t stream) {
+  const bool vectors = sXr % 8 == 0 && sXz % 8 == 0 && sVr % 8 == 0 && (!split || kchunk % 8 == 0) &&
+                       (v_t || ncols % 8 == 0) &&
+                       (reinterpret_cast<uintptr_t>(X) | reinterpret_cast<uintptr_t>(V)) % 16 == 0;
+  if (device_major() < 8 || !vectors) return cudaErrorInvalidValue;  // tensor cores (sm_80+), 16-byte vectors
+  if (nrows == 0 || ncols == 0 || nz == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>((nrows + PBM - 1) / PBM), static_cast<unsigned>((ncols + PBN - 1) / PBN),
+                  static_cast<unsigned>(nz));
+  const auto* Xb = static_cast<const __nv_bfloat16*>(X);
+  const auto* Vb = static_cast<const __nv_bfloat16*>(V);
+  if (v_t)
+    rows_tc_kernel<true><<<grid, P_THREADS, 0, stream>>>(Xb, sXr, sXz, nrows, Vb, sVr, ncols, K, kchunk, split, Y);
+  else
+    rows_tc_kernel<false><<<grid, P_THREADS, 0, stream>>>(Xb, sXr, sXz, nrows, Vb, sVr, ncols, K, kchunk, split, Y);
   return cudaGetLastError();
 }
 

@@ -18,10 +18,12 @@ cudaError_t gemm(const std::string& dtX, const void* X, int64_t sXr, int64_t sXc
                  int64_t ncols, int64_t K, int64_t kchunk, int64_t nz, bool split, float alpha, float beta,
                  const float* Yin, float* Y, cudaStream_t stream);
 
-// Y (nrows, ncols) = X[i * sXr + l] V[l * ncols + c] over l < K, bf16 operands on tensor cores (sm_80+), fp32 out;
-// needs sXr and ncols multiples of 8 and 16-byte aligned X and V (cudaErrorInvalidValue otherwise, nothing run)
-cudaError_t rows_tc(const void* X, int64_t sXr, int64_t nrows, const void* V, int64_t ncols, int64_t K, float* Y,
-                    cudaStream_t stream);
+// gemm's contract for bf16 X and V on tensor cores (sm_80+), without idx, alpha, beta or the sketch: X(row_i, l) =
+// X[z * sXz + i * sXr + l] (unit column stride); V(l, c) = V[l * sVr + c], or V[c * sVr + l] when v_t. Needs sXr,
+// sXz and sVr multiples of 8, ncols too unless v_t, kchunk too when split, and 16-byte aligned X and V
+// (cudaErrorInvalidValue otherwise, nothing run).
+cudaError_t rows_tc(const void* X, int64_t sXr, int64_t sXz, int64_t nrows, const void* V, int64_t sVr, bool v_t,
+                    int64_t ncols, int64_t K, int64_t kchunk, int64_t nz, bool split, float* Y, cudaStream_t stream);
 
 // P[c] (ra, rb) = sum_{i in [start[c], start[c+1])} A[i] outer B[i]
 cudaError_t chunk_outer(const float* A, const float* B, int64_t ra, int64_t rb, const int64_t* start, int64_t C,

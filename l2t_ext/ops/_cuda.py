@@ -5,11 +5,13 @@ Invariants: inputs are float32 or bfloat16 CUDA tensors on one device; accumulat
 are float32; every launch goes on ``torch.cuda.current_stream()`` of the inputs' device, so the kernels
 order correctly with surrounding torch work without any synchronisation. X/D/W/delta/grads/fisher are read
 through their strides; small operands (U, V) are converted to contiguous float32 (bfloat16 when X is bfloat16).
-bf16 x bf16 GEMMs run on tensor cores (WMMA) on sm_80+, everything else on the fp32 CUDA-core kernel.
+bf16 x bf16 GEMMs run on tensor cores (WMMA) on sm_80+: on the vectorised ``rows_tc`` kernel where the operands'
+layout allows (``_rows_tc_layout``), else on the generic one; everything else on the fp32 CUDA-core kernel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -32,16 +34,57 @@ def _stream(t: torch.Tensor) -> int:
 
 
 def _gemm(X, sXr, sXc, sXz, idx, nrows, V, sVk, sVc, ncols, K, *, nz=1, split=False, kchunk=0, seed=0,
-          alpha=1.0, beta=0.0, Yin=None, out=None, ref=None):
-    """out[z] (nrows, ncols) = alpha * X(rows) @ V + beta * Yin  (see csrc/cuda/kernels.h)."""
-    ref = X if ref is None else ref
-    Y = out if out is not None else empty((nz, nrows, ncols), F32, ref.device)
-    with torch.cuda.device(ref.device):
-        _C_cuda.gemm(_dt(X), X.data_ptr(), sXr, sXc, sXz, idx.data_ptr() if idx is not None else 0, nrows,
-                     _dt(V) if V is not None else "float32", V.data_ptr() if V is not None else 0, sVk, sVc, seed,
-                     ncols, K, kchunk or K, nz, split, alpha, beta, Yin.data_ptr() if Yin is not None else 0,
-                     Y.data_ptr(), _stream(ref))
+          alpha=1.0, beta=0.0, Yin=None):
+    """Y[z] (nrows, ncols) = alpha * X(rows) @ V + beta * Yin  (see csrc/cuda/kernels.h): on ``rows_tc`` where the
+    layout allows (``_rows_tc_layout``), else on the generic kernels."""
+    Y = empty((nz, nrows, ncols), F32, X.device)
+    tc = _rows_tc_layout(X, sXr, sXc, sXz, idx, V, sVk, sVc, ncols, split, kchunk, alpha, beta, Yin)
+    with torch.cuda.device(X.device):
+        if tc is not None:
+            _C_cuda.rows_tc(X.data_ptr(), sXr, sXz, nrows, V.data_ptr(), *tc, ncols, K, kchunk or K, nz, split,
+                            Y.data_ptr(), _stream(X))
+        else:
+            _C_cuda.gemm(_dt(X), X.data_ptr(), sXr, sXc, sXz, idx.data_ptr() if idx is not None else 0, nrows,
+                         _dt(V) if V is not None else "float32", V.data_ptr() if V is not None else 0, sVk, sVc,
+                         seed, ncols, K, kchunk or K, nz, split, alpha, beta,
+                         Yin.data_ptr() if Yin is not None else 0, Y.data_ptr(), _stream(X))
     return Y
+
+
+_GENERIC_ONLY = False  # set by generic_gemm()
+
+
+@contextlib.contextmanager
+def generic_gemm():
+    """Within this block every GEMM runs on the generic kernels (one element per load, through any strides), never
+    on ``rows_tc``: the A/B of ``l2t bench`` (``l2t:cuda_generic``) and of the tests."""
+    global _GENERIC_ONLY
+    old, _GENERIC_ONLY = _GENERIC_ONLY, True
+    try:
+        yield
+    finally:
+        _GENERIC_ONLY = old
+
+
+@functools.cache
+def _major(device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
+def _rows_tc_layout(X, sXr, sXc, sXz, idx, V, sVk, sVc, ncols, split, kchunk, alpha, beta, Yin):
+    """(sVr, v_t) for ``rows_tc`` when it can run this GEMM, else None: bf16 X and V on sm_80+, X unit-stride along
+    K and its rows 16-byte aligned, V unit-stride along one dimension with 16-byte aligned rows (V (K, ncols):
+    ncols a multiple of 8), K chunks multiples of 8; no row index, alpha, beta or sketch (the generic kernels'
+    extras). The segment_grad_outer projections, ``project`` and the quadforms' split-K GEMMs in bf16 qualify."""
+    if _GENERIC_ONLY or idx is not None or V is None or Yin is not None or alpha != 1.0 or beta != 0.0 \
+            or X.dtype != torch.bfloat16 or V.dtype != torch.bfloat16 or sXc != 1:
+        return None
+    sVr, v_t = (sVk, False) if sVc == 1 and ncols % 8 == 0 else (sVc, True)
+    if v_t and sVk != 1:
+        return None
+    aligned = sXr % 8 == 0 and sXz % 8 == 0 and sVr % 8 == 0 and (not split or kchunk % 8 == 0) \
+        and X.data_ptr() % 16 == 0 and V.data_ptr() % 16 == 0
+    return (sVr, v_t) if aligned and _major(X.device) >= 8 else None
 
 
 def rsvd_sketch(W: torch.Tensor, k: int, seed: int) -> torch.Tensor:
@@ -54,29 +97,6 @@ def row_project(X: torch.Tensor, idx: torch.Tensor | None, V: torch.Tensor) -> t
     V = V.to(torch.bfloat16 if X.dtype == torch.bfloat16 else F32).contiguous()
     nrows = idx.numel() if idx is not None else X.shape[0]
     return _gemm(X, X.stride(0), X.stride(1), 0, idx, nrows, V, V.stride(0), 1, V.shape[1], X.shape[1])[0]
-
-
-@functools.cache
-def _major(device) -> int:
-    return torch.cuda.get_device_capability(device)[0]
-
-
-def row_project_tc(X: torch.Tensor, idx: torch.Tensor | None, V: torch.Tensor) -> torch.Tensor:
-    """``row_project`` through the tensor-core row kernel (``rows_tc``: 16-byte vector loads, the next K slice in
-    flight during this one's MMAs) where its layout holds: bf16 X with unit column stride and rows a multiple of 8
-    elements apart, V's columns a multiple of 8, 16-byte aligned buffers, sm_80+; ``row_project`` elsewhere. The
-    projections of ``segment_grad_outer``; not yet run on a GPU (``l2t bench``: ``l2t:cuda_direct`` against
-    ``l2t:cuda_generic``, the same plan on ``row_project``)."""
-    fits = idx is None and X.dtype == torch.bfloat16 and (X.stride(1) == 1 or X.shape[1] <= 1) \
-        and X.stride(0) % 8 == 0 and X.data_ptr() % 16 == 0 and V.shape[1] % 8 == 0 and _major(X.device) >= 8
-    Vb = V.to(torch.bfloat16).contiguous() if fits else None
-    if not fits or Vb.data_ptr() % 16:
-        return row_project(X, idx, V)
-    Y = empty((X.shape[0], Vb.shape[1]), F32, X.device)
-    with torch.cuda.device(X.device):
-        _C_cuda.rows_tc(X.data_ptr(), X.stride(0), X.shape[0], Vb.data_ptr(), Vb.shape[1], X.shape[1], Y.data_ptr(),
-                        _stream(X))
-    return Y
 
 
 def chunk_outer(A: torch.Tensor, B: torch.Tensor, chunk_start: torch.Tensor) -> torch.Tensor:
@@ -131,18 +151,16 @@ def fisher_accumulate(G: torch.Tensor, F_in: torch.Tensor | None, decay: float |
 CHUNKED = _plan.Chunked(CHUNK, row_project, chunk_outer, segment_sum, acc=F32)
 
 
-def segment_grad_outer(X, D, seg, num_segments: int, U, V, nsplit: int | None = None,
-                       project=None) -> torch.Tensor:
+def segment_grad_outer(X, D, seg, num_segments: int, U, V, nsplit: int | None = None) -> torch.Tensor:
     """Two passes on the span plan (``_plan``): project every token (two GEMMs, (T, r) float32 intermediates),
     then one block per (segment, part of its token span, 1024 outputs) adds its part's outer products in token
     order, and the parts are summed in a fixed order. No sort and nothing read back to the host (the chunked
     plan it replaced sorted the tokens and synchronised three times per call: ``nonzero``, ``bincount``'s size, the
-    chunk count).
-    ``nsplit`` overrides the parts per span (tests); ``project`` the projection GEMM (default ``row_project_tc``)."""
+    chunk count). bf16 projections of rows with unit column stride run on ``rows_tc``.
+    ``nsplit`` overrides the parts per span (tests)."""
     T, S = seg.numel(), num_segments
-    project = project or row_project_tc
-    A = project(D, None, U)  # (T, r) float32
-    B = project(X, None, V)  # (T, r') float32
+    A = row_project(D, None, U)  # (T, r) float32
+    B = row_project(X, None, V)  # (T, r') float32
     first, last = _plan.segment_spans(seg, S)
     nsplit = nsplit or _plan.pieces(T, S, _sm_count(X.device))
     seg = seg.contiguous()
