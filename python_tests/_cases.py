@@ -52,3 +52,13 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
         return float("inf")
     den = ref64.norm().item()
     return (out64 - ref64).norm().item() / (den if den > 0 else 1.0)
+
+
+def without_sync(fn):
+    """fn() with CUDA's sync debug mode at "error" (any host synchronisation inside raises), after the GPU is idle."""
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        return fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

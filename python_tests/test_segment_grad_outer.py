@@ -5,7 +5,7 @@ from __future__ import annotations
 import _cases
 import pytest
 import torch
-from _cases import BF16, F32, F64, HAS_GPU, cases, exact_cases, rel_err
+from _cases import BF16, F32, F64, HAS_GPU, cases, exact_cases, rel_err, without_sync
 
 from l2t_ext import ops
 
@@ -162,12 +162,7 @@ def test_triton_call_waits_for_the_id_check_only():
     while the kernels are still running (the read used to wait for them), with the same result."""
     X, D, seg, U, V = make(4096, 256, 256, 16, 64, BF16, "cuda", seed=9)
     ops.segment_grad_outer(X, D, seg, 64, U, V, backend="triton", check_ids=False)  # autotunes (synchronises)
-    torch.cuda.synchronize()
-    try:
-        torch.cuda.set_sync_debug_mode("error")
-        unchecked = ops.segment_grad_outer(X, D, seg, 64, U, V, backend="triton", check_ids=False)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    unchecked = without_sync(lambda: ops.segment_grad_outer(X, D, seg, 64, U, V, backend="triton", check_ids=False))
     assert torch.equal(unchecked, ops.segment_grad_outer(X, D, seg, 64, U, V, backend="triton"))
     g = torch.Generator(device="cuda").manual_seed(10)  # ~0.5 GB of X and D: the kernels run for a while
     T, n = 32768, 4096
@@ -307,13 +302,8 @@ def test_cuda_tensor_core_row_kernel_matches_float64(shape, monkeypatch):
 def test_cuda_unchecked_call_does_not_synchronise():
     X, D, seg, U, V = make(4096, 256, 256, 16, 64, BF16, "cuda", seed=9)
     want = ops.segment_grad_outer(X, D, seg, 64, U, V, backend="cuda")
-    torch.cuda.synchronize()
-    try:
-        torch.cuda.set_sync_debug_mode("error")
-        got = ops.segment_grad_outer(X, D, seg, 64, U, V, backend="cuda", check_ids=False)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    assert torch.equal(got, want)
+    assert torch.equal(without_sync(lambda: ops.segment_grad_outer(X, D, seg, 64, U, V, backend="cuda",
+                                                                   check_ids=False)), want)
 
 
 @needs_triton
