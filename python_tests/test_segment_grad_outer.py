@@ -365,6 +365,22 @@ def test_triton_backend_path_by_dtype_and_size(dtype, monkeypatch):
         assert taken == [path] and rel_err(out.cpu(), want) <= tol
 
 
+@pytest.mark.skipif(_cases._backend._C is None, reason="the C++ CPU kernels are not built")
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+def test_cpu_row_projection_for_every_rank(dtype):
+    """The C++ projection covers r with panels of two SIMD registers, one, half of one, then single columns: every
+    r from 1 to 40 (each mix of panel widths), a strided X, rows not a multiple of the 4-row block."""
+    from l2t_ext.ops import _cpu
+
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(37, 2 * 29, generator=g, dtype=torch.float64)[:, ::2]  # column stride 2
+    for r in range(1, 41):
+        V = torch.randn(29, r, generator=g, dtype=torch.float64)
+        with ops.poison():
+            Y = _cpu.row_project(X.to(dtype), None, V.to(dtype))
+        assert Y.shape == (37, r) and rel_err(Y, X @ V) <= (1e-14 if dtype == F64 else 1e-6), r
+
+
 def test_int32_seg_and_auto_backend_agree():
     X, D, seg, U, V = make(50, 8, 8, 3, 4, torch.float32, "cpu", seed=2)
     a = ops.segment_grad_outer(X, D, seg.int(), 4, U, V)

@@ -56,6 +56,18 @@ static inline void rows_times_panel(const T* const* xr, int64_t sXc, int64_t K, 
     for (int j = 0; j < W; ++j) out[u][j] = acc[u][j];
 }
 
+// Columns c0.. of rows i0..i0+nb of Y = X V in panels of w columns while w of them are left; returns the next column.
+template <typename T, int RB, int w>
+static inline int64_t panels(const T* const* xr, int64_t sXc, int64_t K, const T* V, int64_t r, T* Y, int64_t i0,
+                             int64_t nb, int64_t c0) {
+  T* out[RB];
+  for (; c0 + w <= r; c0 += w) {
+    for (int u = 0; u < RB; ++u) out[u] = Y + (i0 + std::min<int64_t>(u, nb - 1)) * r + c0;
+    rows_times_panel<T, RB, w>(xr, sXc, K, V + c0, r, out, nb);
+  }
+  return c0;
+}
+
 template <typename T>
 void row_project(const T* X, int64_t sXr, int64_t sXc, const int64_t* idx, int64_t nrows, int64_t ncols,
                  const T* V, int64_t r, T* Y) {
@@ -70,19 +82,13 @@ void row_project(const T* X, int64_t sXr, int64_t sXc, const int64_t* idx, int64
       const int64_t i = i0 + std::min(u, nb - 1);  // pad a short block by repeating its last row
       xr[u] = X + (idx ? idx[i] : i) * sXr;
     }
+    // panels of two SIMD registers, then one, half of one, then single columns: any r stays on the panel kernel
+    // (r = 8 in float32 used to fall to a scalar loop over strided V columns, ~20x slower)
     int64_t c0 = 0;
-    T* out[RB];
-    for (; c0 + W <= r; c0 += W) {
-      for (int u = 0; u < RB; ++u) out[u] = Y + (i0 + std::min<int64_t>(u, nb - 1)) * r + c0;
-      rows_times_panel<T, RB, W>(xr, sXc, ncols, V + c0, r, out, nb);
-    }
-    for (; c0 < r; ++c0) {  // remainder columns (r not a multiple of W)
-      for (int64_t u = 0; u < nb; ++u) {
-        T s = 0;
-        for (int64_t c = 0; c < ncols; ++c) s += xr[u][c * sXc] * V[c * r + c0];
-        Y[(i0 + u) * r + c0] = s;
-      }
-    }
+    c0 = panels<T, RB, W>(xr, sXc, ncols, V, r, Y, i0, nb, c0);
+    c0 = panels<T, RB, W / 2>(xr, sXc, ncols, V, r, Y, i0, nb, c0);
+    c0 = panels<T, RB, W / 4>(xr, sXc, ncols, V, r, Y, i0, nb, c0);
+    panels<T, RB, 1>(xr, sXc, ncols, V, r, Y, i0, nb, c0);
   }
 }
 

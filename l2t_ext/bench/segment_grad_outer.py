@@ -16,8 +16,10 @@ def cases(quick: bool, device: str) -> list[Case]:
     shapes = [(4096, 1024, 1024, 16, 64)]
     if device == "cuda":
         shapes += [(16384, 4096, 4096, 32, 64)] if quick else [(4096, 1536, 1536, 32, 64), (16384, 4096, 4096, 32, 64)]
-    elif not quick:
-        shapes += [(4096, 1536, 1536, 32, 64), (16384, 1536, 1536, 32, 64), (16384, 4096, 4096, 32, 64)]
+    else:  # rank 8: the tiny-arith preset's and the TRL trainer's default (a rank below the 16-wide SIMD panel)
+        shapes += [(4096, 1024, 1024, 8, 64)]
+        if not quick:
+            shapes += [(4096, 1536, 1536, 32, 64), (16384, 1536, 1536, 32, 64), (16384, 4096, 4096, 32, 64)]
     out = []
     for T, n, m, r, S in shapes:
         p = dict(T=T, n=n, m=m, r=r, S=S)
