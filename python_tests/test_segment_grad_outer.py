@@ -215,7 +215,7 @@ def test_span_parts_match_bruteforce(impl, dtype, nsplit, layout):
     mod = importlib.import_module(f"l2t_ext.ops.{module}")
     fn = getattr(mod, name)
     if impl == "cuda_generic":  # the span plan on the generic GEMM (the default: bf16 rows on rows_tc)
-        fn = _generic_gemm(mod, fn)
+        fn = mod.generic_gemm()(fn)
     T, n, m, r, S = 203, 37, 29, 70, 9
     X, D, seg, U, V = make(T, n, m, r, S, dtype, dev, seed=11)
     if layout == "contiguous":
@@ -249,13 +249,6 @@ def test_span_plan_finds_each_segment_span_without_reading_back():
     first, last = _plan.segment_spans(seg.to("meta"), 6)
     assert first.shape == last.shape == (6,)
     assert [_plan.pieces(T, S, 132) for T, S in ((4096, 64), (16384, 64), (203, 9), (10, 3))] == [2, 8, 1, 1]
-
-
-def _generic_gemm(cuda_module, fn):
-    def run(*a, **k):
-        with cuda_module.generic_gemm():
-            return fn(*a, **k)
-    return run
 
 
 @needs_cuda

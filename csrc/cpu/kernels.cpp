@@ -83,7 +83,7 @@ void row_project(const T* X, int64_t sXr, int64_t sXc, const int64_t* idx, int64
       xr[u] = X + (idx ? idx[i] : i) * sXr;
     }
     // panels of two SIMD registers, then one, half of one, then single columns: any r stays on the panel kernel
-    // (r = 8 in float32 used to fall to a scalar loop over strided V columns, ~20x slower)
+    // (r = 8 in float32 used to fall to a scalar loop over strided V columns, 12-21x slower)
     int64_t c0 = 0;
     c0 = panels<T, RB, W>(xr, sXc, ncols, V, r, Y, i0, nb, c0);
     c0 = panels<T, RB, W / 2>(xr, sXc, ncols, V, r, Y, i0, nb, c0);

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from l2t_ext import ops
@@ -50,18 +52,14 @@ def est_bytes(impl: str, params: dict, dtype: torch.dtype) -> int:
 
 
 def impls(device: str, l2t_backends: list[str]) -> list[Impl]:
-    out = [Impl(f"l2t:{b}", "l2t",
-                lambda inp, b=b: ops.fisher_quadform(inp["delta"], grads=inp["grads"], damping=inp["damping"],
-                                                     backend=b))
-           for b in l2t_backends]
+    def op(inp, backend):
+        return ops.fisher_quadform(inp["delta"], grads=inp["grads"], damping=inp["damping"], backend=backend)
+
+    out = [Impl(f"l2t:{b}", "l2t", functools.partial(op, backend=b)) for b in l2t_backends]
     if "cuda" in l2t_backends:  # the cuda backend with every GEMM on its generic kernel: rows_tc's share (bf16)
         from l2t_ext.ops import _cuda
 
-        def generic(inp):
-            with _cuda.generic_gemm():
-                return ops.fisher_quadform(inp["delta"], grads=inp["grads"], damping=inp["damping"], backend="cuda")
-
-        out.append(Impl("l2t:cuda_generic", "l2t", generic))
+        out.append(Impl("l2t:cuda_generic", "l2t", _cuda.generic_gemm()(functools.partial(op, backend="cuda"))))
     if "triton" in l2t_backends:  # Triton called directly (no op layer): the backend's split-K path, and the
         from l2t_ext.ops import _triton  # fused-epilogue kernel (not the backend's path: slower on an H100)
 

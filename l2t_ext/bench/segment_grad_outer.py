@@ -109,16 +109,10 @@ def impls(device: str, l2t_backends: list[str]) -> list[Impl]:
         # called directly: the backend's path (the span plan; bf16 projections on the vectorised tensor-core row
         # kernel), the same plan on the generic GEMM, and the chunked plan with the generic GEMM it replaced (a
         # sort of the tokens, gathered rows, three host synchronisations): what the plan and the kernel each bring
-        def generic(fn):
-            def run(inp):
-                with _cuda.generic_gemm():
-                    return fn(inp)
-            return run
-
+        chunked = functools.partial(_plan.chunked_segment_grad_outer, _cuda.CHUNKED)
         out += [Impl("l2t:cuda_direct", "l2t", direct(_cuda.segment_grad_outer)),
-                Impl("l2t:cuda_generic", "l2t", generic(direct(_cuda.segment_grad_outer))),
-                Impl("l2t:cuda_chunked", "l2t", generic(direct(functools.partial(_plan.chunked_segment_grad_outer,
-                                                                                 _cuda.CHUNKED))))]
+                Impl("l2t:cuda_generic", "l2t", _cuda.generic_gemm()(direct(_cuda.segment_grad_outer))),
+                Impl("l2t:cuda_chunked", "l2t", _cuda.generic_gemm()(direct(chunked)))]
     if "triton" in l2t_backends:
         from l2t_ext.ops import _triton
 

@@ -56,8 +56,9 @@ _GENERIC_ONLY = False  # set by generic_gemm()
 
 @contextlib.contextmanager
 def generic_gemm():
-    """Within this block every GEMM runs on the generic kernels (one element per load, through any strides), never
-    on ``rows_tc``: the A/B of ``l2t bench`` (``l2t:cuda_generic``) and of the tests."""
+    """Within this block (or around a function it decorates: ``generic_gemm()(fn)``) every GEMM runs on the generic
+    kernels (one element per load, through any strides), never on ``rows_tc``: the A/B of ``l2t bench``
+    (``l2t:cuda_generic``) and of the tests."""
     global _GENERIC_ONLY
     old, _GENERIC_ONLY = _GENERIC_ONLY, True
     try:
